@@ -1,0 +1,77 @@
+"""``evo`` command line: parsing only; the work is done by run.py and friends.
+
+Bad input (a missing file, an unknown key, an invalid value) prints one paragraph naming the culprit
+and exits with status 2; set ``EVO_DEBUG=1`` to see the traceback as well.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: same shape and exit status as ours
+        self.print_usage(sys.stderr)
+        raise SystemExit(f"evo: error: {message}")
+
+
+def _train(args) -> None:
+    from evo import config, run
+    exp = config.apply_overrides(config.load(args.experiment), args.set)
+    run.run(exp)
+
+
+def _tokenize(args) -> None:
+    from evo.data import tokenize
+    summary = tokenize.tokenize(args.inputs, args.out, tokenizer=args.tokenizer, field=args.field,
+                                add_bos=args.bos, add_eos=args.eos, workers=args.workers,
+                                progress=not args.quiet)
+    print(summary)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evo", description="evo: LLM training as pure functions.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train an experiment file")
+    t.add_argument("experiment", help="an experiment file (Python) that defines `experiment`")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field by dotted key, e.g. --set plan.tp=2 --set steps=10")
+    t.set_defaults(fn=_train)
+
+    k = sub.add_parser("tokenize", help="tokenize JSONL or text files into evo/InternEvo .bin files")
+    k.add_argument("inputs", nargs="+", help=".jsonl files (one document per line) or text files")
+    k.add_argument("--out", required=True, help="output folder")
+    k.add_argument("--tokenizer", default="byte",
+                   help="'byte', an HF tokenizers .json file, or a sentencepiece .model file")
+    k.add_argument("--field", default="text", help="JSONL field holding the text")
+    k.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS to every document")
+    k.add_argument("--eos", action="store_true", help="append the tokenizer's EOS to every document")
+    k.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
+    k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.set_defaults(fn=_tokenize)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from evo.config import ConfigError
+    from evo.data import DataError
+    try:
+        args.fn(args)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("EVO_DEBUG"):
+            traceback.print_exc()
+        msg = str(e).strip() or type(e).__name__
+        print(f"evo: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evo: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Pure building blocks of a decoder-only transformer. Weights are passed in; nothing is stored.
+
+Weight matrices are stored ``[in, out]`` and applied as ``x @ w`` (the JAX convention), so the first
+logical axis of a weight is always its input dimension.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, returned in x's dtype. ``x [..., d]``, ``weight [d]``."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: "dict | None" = None) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]`` fp32, with LLaMA-3 frequency scaling when given.
+
+    ``scaling``: ``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_max_position_embeddings`` (the LLaMA-3.1 rule: long wavelengths divided by
+    ``factor``, short ones kept, a smooth blend between).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``positions [batch, seq]`` → cos, sin ``[batch, seq, 1, head_dim]`` (halves repeated)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)[..., None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention (as HF LLaMA). ``x [batch, seq, heads, head_dim]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``w2(silu(x w1) * (x w3))``: w1 is the gate, w3 the up projection, w2 the down projection."""
+    return (F.silu(x @ w1) * (x @ w3)) @ w2

@@ -1,0 +1,159 @@
+"""The training step as a pure function: ``state, metrics = step(state, batch)``.
+
+A batch holds one optimizer step's data, every tensor with a leading ``micro_num`` dimension:
+
+- ``tokens`` int64 ``[micro_num, T]`` (one packed row per micro-batch, documents delimited by
+  ``cu_seqlens``) or ``[micro_num, batch, seq]`` (every row its own sequence);
+- ``labels`` int64, same shape; ``-100`` contributes no loss;
+- optional ``positions`` int64, same shape; optional ``cu_seqlens`` int ``[micro_num, K]``
+  (boundaries over each micro-batch's tokens, right-padded by repeating the last value).
+
+The loss is the mean over every labelled token of the whole batch, so ``micro_num`` micro-batches
+give the same loss and update as one batch ``micro_num`` times larger.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from evo import optim, tree
+from evo.models import llama
+
+IGNORE = -100
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes: a pytree for optree, torch.func and checkpoints."""
+    step: torch.Tensor                 # 0-dim int64: optimizer steps taken
+    params: dict[str, torch.Tensor]    # fp32 master weights
+    opt_state: optim.AdamState
+
+
+def init_state(params: dict[str, torch.Tensor], optimizer: optim.AdamW) -> TrainState:
+    return TrainState(torch.zeros((), dtype=torch.int64), params, optimizer.init(params))
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy, in fp32 or wider, over labelled tokens and how many there were (0-dim
+    tensors). ``logits [..., vocab]`` any float dtype, ``labels [...]`` with ``-100`` ignored."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat if flat.dtype == torch.float64 else flat.float()
+    labels = labels.reshape(-1)
+    loss = F.cross_entropy(flat, labels, ignore_index=IGNORE, reduction="sum")
+    return loss, (labels != IGNORE).sum()
+
+
+def micro_batches(batch: dict[str, torch.Tensor]):
+    """Yield ``(tokens [b, s], labels, positions | None, cu_seqlens | None)`` per micro-batch."""
+    tokens = batch["tokens"]
+    for i in range(tokens.shape[0]):
+        t, lab = tokens[i], batch["labels"][i]
+        pos = batch["positions"][i] if "positions" in batch else None
+        cu = batch["cu_seqlens"][i] if "cu_seqlens" in batch else None
+        if t.dim() == 1:
+            t, lab = t[None], lab[None]
+            pos = pos[None] if pos is not None else None
+        yield t, lab, pos, cu
+
+
+def valid_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["labels"] != IGNORE).sum()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step of ``model`` with ``optimizer``; call it as ``step(state, batch)``.
+
+    ``compute_dtype``: the dtype of the forward and backward (the master weights, fp32 in training,
+    are cast to it once per step; gradients are accumulated in the master weights' dtype). ``remat``: fraction of layers recomputed in
+    backward. ``donate``: the state passed in may be updated in place and must not be used again
+    (like ``jax.jit(donate_argnums=0)``); the default leaves it untouched.
+    """
+    model: llama.Config
+    optimizer: optim.AdamW
+    compute_dtype: torch.dtype = torch.float32
+    remat: float = 0.0
+    attention: str = "auto"
+    donate: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.remat <= 1.0:
+            raise ValueError(f"Step.remat must be a fraction in [0, 1], got {self.remat!r}")
+        if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"Step.compute_dtype must be float32, bfloat16, float16 or float64, got "
+                             f"{self.compute_dtype}")
+
+    def loss_sum(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
+                 cu_seqlens=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss and labelled-token count of one micro-batch: a pure function of params."""
+        logits = llama.apply(self.model, params, tokens, positions, cu_seqlens, remat=self.remat,
+                             attention=self.attention)
+        return cross_entropy_sum(logits, labels)
+
+    def grads(self, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+              normalizer: torch.Tensor | None = None
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Gradients of the batch's mean loss in the master weights' dtype, and the loss (0-dim).
+
+        ``normalizer``: the number of labelled tokens the mean divides by (default: this batch's);
+        a data-parallel step passes the global count so that summing gradients over ranks gives the
+        gradient of the global mean.
+        """
+        n = valid_tokens(batch) if normalizer is None else normalizer
+        scale = 1.0 / n.clamp(min=1).to(torch.float32)
+        leaves = {k: v.detach().to(self.compute_dtype).requires_grad_(True)
+                  for k, v in params.items()}
+        names, inputs = list(leaves), list(leaves.values())
+        acc: list[torch.Tensor] | None = None
+        masters = [params[k].dtype for k in names]
+        total = torch.zeros((), dtype=torch.promote_types(torch.float32, self.compute_dtype))
+        for tokens, labels, positions, cu in micro_batches(batch):
+            loss, _ = self.loss_sum(leaves, tokens, labels, positions, cu)
+            loss = loss * scale
+            g = torch.autograd.grad(loss, inputs, allow_unused=True)
+            g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs)]
+            g = [gi.to(dt) for gi, dt in zip(g, masters)]
+            if acc is None:
+                acc = g
+            else:
+                torch._foreach_add_(acc, g)
+            total = total + loss.detach()
+        assert acc is not None, "a batch needs at least one micro-batch"
+        return dict(zip(names, acc)), total
+
+    def apply_grads(self, state: TrainState, grads: dict[str, torch.Tensor]
+                    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        params, opt_state, info = self.optimizer.update(grads, state.opt_state, state.params,
+                                                        state.step, inplace=self.donate)
+        return TrainState(state.step + 1, params, opt_state), info
+
+    def __call__(self, state: TrainState, batch: dict[str, torch.Tensor]
+                 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        grads, loss = self.grads(state.params, batch)
+        new_state, info = self.apply_grads(state, grads)
+        metrics = {"loss": loss, "grad_norm": info["grad_norm"], "lr": info["lr"],
+                   "skipped": info["skipped"], "tokens": torch.tensor(batch["tokens"].numel()),
+                   "valid_tokens": valid_tokens(batch)}
+        return new_state, metrics
+
+
+@torch.no_grad()
+def evaluate(model: llama.Config, params: dict[str, torch.Tensor],
+             batch: dict[str, torch.Tensor], *, compute_dtype: torch.dtype = torch.float32,
+             attention: str = "auto") -> dict[str, torch.Tensor]:
+    """Summed loss, labelled-token count and correct next-token predictions over a batch."""
+    cp = tree.cast(params, compute_dtype)
+    loss = torch.zeros((), dtype=torch.float32)
+    count = torch.zeros((), dtype=torch.int64)
+    correct = torch.zeros((), dtype=torch.int64)
+    for tokens, labels, positions, cu in micro_batches(batch):
+        logits = llama.apply(model, cp, tokens, positions, cu, attention=attention)
+        ls, n = cross_entropy_sum(logits, labels)
+        mask = labels != IGNORE
+        loss, count = loss + ls, count + n
+        correct = correct + ((logits.argmax(-1) == labels) & mask).sum()
+    return {"loss_sum": loss, "count": count, "correct": correct}

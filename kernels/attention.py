@@ -1,0 +1,76 @@
+"""Causal attention over packed documents: one pure op, several implementations.
+
+The op: ``attention(q, k, v, cu_seqlens=None)`` with
+
+- ``q`` ``[batch, seq, heads, head_dim]``, ``k`` and ``v`` ``[batch, seq, kv_heads, head_dim]``
+  (grouped-query attention: ``heads`` is a multiple of ``kv_heads``; query head ``h`` reads kv head
+  ``h // (heads // kv_heads)``);
+- ``cu_seqlens`` ``None`` (every row is one causal sequence) or int ``[n_docs + 1]``: document
+  boundaries over the ``batch * seq`` tokens taken in row-major order, starting at 0 and ending at
+  ``batch * seq``. A token attends only to earlier tokens of its own document.
+
+Returns ``[batch, seq, heads, head_dim]`` in q's dtype. ``reference`` is the definition (fp32-exact
+on CPU); faster backends plug in through ``BACKENDS`` and are tested against it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Document index of every token: int64 ``[total]`` from boundaries ``[n_docs + 1]``."""
+    marks = torch.zeros(total + 1, dtype=torch.int64, device=cu_seqlens.device)
+    marks.index_add_(0, cu_seqlens[1:-1].long(), torch.ones_like(cu_seqlens[1:-1], dtype=torch.int64))
+    return marks[:total].cumsum(0)
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of every token inside its document (restarting at 0): int64 ``[total]``."""
+    seg = segment_ids(cu_seqlens, total)
+    starts = cu_seqlens.long()[seg]
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def document_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Boolean ``[total, total]``: True where query i may attend key j (same document, j <= i)."""
+    seg = segment_ids(cu_seqlens, total)
+    idx = torch.arange(total, device=cu_seqlens.device)
+    return (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA with a causal (or block-diagonal causal) mask. Runs everywhere, with gradients."""
+    b, s, h, d = q.shape
+    if cu_seqlens is None:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=h != k.shape[2])
+        return out.transpose(1, 2)
+    total = b * s
+    mask = document_causal_mask(cu_seqlens, total)
+    qf, kf, vf = (t.reshape(1, total, t.shape[2], d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, enable_gqa=h != k.shape[2])
+    return out.transpose(1, 2).reshape(b, s, h, d)
+
+
+# name -> implementation; each takes and returns what `reference` does.
+BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": reference}
+
+
+def choose_backend(q: torch.Tensor, backend: str = "auto") -> Callable[..., torch.Tensor]:
+    """The implementation for these inputs: ``backend`` by name, or the best available for "auto"."""
+    if backend == "auto":
+        return BACKENDS["reference"]
+    try:
+        return BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"attention backend {backend!r} is unknown; choose one of "
+                         f"{['auto', *BACKENDS]}") from None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              cu_seqlens: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    return choose_backend(q, backend)(q, k, v, cu_seqlens)
