@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -195,7 +194,8 @@ def save_hf(cfg: llama.Config, params: dict[str, torch.Tensor], out_dir: str | o
                          "it")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()                       # (not tempfile.mkdtemp: its 0700 mode would stick)
     try:
         written = [tmp / CONFIG_FILE]
         written[0].write_text(json.dumps(config_to_hf(cfg, dtype=saved_dtype), indent=2) + "\n")
@@ -316,7 +316,7 @@ def load_hf(path: str | os.PathLike, *, layout: str = "auto", dtype: torch.dtype
     # The names and shapes the config expects, from the one name map (meta tensors: no memory).
     expected = llama.export_params(cfg, llama.init(cfg, device="meta"), layout)
     state: dict[str, torch.Tensor] = {}
-    for name, want in expected.items():
+    for name in expected:
         if name not in where:
             raise ValueError(f"{listing}: tensor {name!r} is missing (layout {layout!r})")
     by_file: dict[Path, list[str]] = {}

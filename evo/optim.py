@@ -174,12 +174,12 @@ def _at(value: float | Schedule, t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------- clipping
 
 
-def clip_by_global_norm(grads: list[Tensor], clip_norm: float, *,
-                        inplace: bool = False) -> tuple[list[Tensor], Tensor]:
+def clip_by_global_norm(grads: list[Tensor], clip_norm: float, *, inplace: bool = False,
+                        norm: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
     """Grads scaled by min(1, clip_norm / (norm + 1e-6)) exactly as
     ``torch.nn.utils.clip_grad_norm_``; returns them and their global L2 norm before clipping
-    (0-dim fp32)."""
-    norm = tree.global_norm(grads)
+    (0-dim fp32). ``norm``: the norm when already known (e.g. summed over sharded grads)."""
+    norm = tree.global_norm(grads) if norm is None else norm
     scale = torch.clamp(clip_norm / (norm + 1e-6), max=1.0)
     if inplace:
         torch._foreach_mul_(grads, scale)
@@ -259,7 +259,7 @@ class AdamW:
                          skipped=zero.clone())
 
     def update(self, grads: dict[str, Tensor], state: AdamState, params: dict[str, Tensor],
-               step: Step, *, inplace: bool = False
+               step: Step, *, inplace: bool = False, grad_norm: Tensor | None = None
                ) -> tuple[dict[str, Tensor], AdamState, dict[str, Tensor]]:
         """One AdamW step; returns ``(new_params, new_state, info)``.
 
@@ -273,6 +273,9 @@ class AdamW:
         updates params, mu, nu, count and skipped in place (and clips grads in place) and returns
         the same dicts, with results bitwise equal to ``inplace=False``. A skipped step returns
         the input params and moments themselves.
+
+        ``grad_norm``: the global gradient norm when the caller knows it better than these grads
+        do (a sharded step holds a slice of every gradient and passes the norm over all ranks).
         """
         _check_keys(grads, params)
         device = state.count.device
@@ -281,7 +284,7 @@ class AdamW:
 
         names = list(params)
         g = [grads[k] for k in names]
-        grad_norm = tree.global_norm(g)
+        grad_norm = tree.global_norm(g) if grad_norm is None else grad_norm
         info = {"lr": lr.to(torch.float32), "grad_norm": grad_norm}
         # A python-level branch: it reads the norm back to the host once per step (a device sync,
         # and a graph break under torch.compile), so a skipped step touches no buffer at all.
@@ -292,7 +295,7 @@ class AdamW:
         info["skipped"] = torch.zeros((), dtype=torch.bool, device=device)
 
         if self.clip_norm is not None:
-            g, _ = clip_by_global_norm(g, self.clip_norm, inplace=inplace)
+            g, _ = clip_by_global_norm(g, self.clip_norm, inplace=inplace, norm=grad_norm)
         if not inplace:  # the pure form: run the in-place math below on copies
             params, mu, nu = tree.clone(params), tree.clone(state.mu), tree.clone(state.nu)
         else:

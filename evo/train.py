@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from evo import optim, tree
 from evo.models import llama
+from evo.models.layers import LOCAL, Regions, cross_entropy_sum
 
 IGNORE = -100
 
@@ -34,17 +34,6 @@ class TrainState(NamedTuple):
 
 def init_state(params: dict[str, torch.Tensor], optimizer: optim.AdamW) -> TrainState:
     return TrainState(torch.zeros((), dtype=torch.int64), params, optimizer.init(params))
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy, in fp32 or wider, over labelled tokens and how many there were (0-dim
-    tensors). ``logits [..., vocab]`` any float dtype, ``labels [...]`` with ``-100`` ignored."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    flat = flat if flat.dtype == torch.float64 else flat.float()
-    labels = labels.reshape(-1)
-    loss = F.cross_entropy(flat, labels, ignore_index=IGNORE, reduction="sum")
-    return loss, (labels != IGNORE).sum()
 
 
 def micro_batches(batch: dict[str, torch.Tensor]):
@@ -88,20 +77,21 @@ class Step:
                              f"{self.compute_dtype}")
 
     def loss_sum(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
-                 cu_seqlens=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 cu_seqlens=None, regions: Regions = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss and labelled-token count of one micro-batch: a pure function of params."""
         logits = llama.apply(self.model, params, tokens, positions, cu_seqlens, remat=self.remat,
-                             attention=self.attention)
-        return cross_entropy_sum(logits, labels)
+                             attention=self.attention, regions=regions)
+        return regions.cross_entropy_sum(logits, labels)
 
     def grads(self, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-              normalizer: torch.Tensor | None = None
+              normalizer: torch.Tensor | None = None, regions: Regions = LOCAL
               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Gradients of the batch's mean loss in the master weights' dtype, and the loss (0-dim).
 
         ``normalizer``: the number of labelled tokens the mean divides by (default: this batch's);
         a data-parallel step passes the global count so that summing gradients over ranks gives the
-        gradient of the global mean.
+        gradient of the global mean. ``regions``: the parallel layout's hooks (see
+        ``evo.models.layers.Regions``).
         """
         n = valid_tokens(batch) if normalizer is None else normalizer
         scale = 1.0 / n.clamp(min=1).to(torch.float32)
@@ -112,7 +102,7 @@ class Step:
         masters = [params[k].dtype for k in names]
         total = torch.zeros((), dtype=torch.promote_types(torch.float32, self.compute_dtype))
         for tokens, labels, positions, cu in micro_batches(batch):
-            loss, _ = self.loss_sum(leaves, tokens, labels, positions, cu)
+            loss, _ = self.loss_sum(leaves, tokens, labels, positions, cu, regions)
             loss = loss * scale
             g = torch.autograd.grad(loss, inputs, allow_unused=True)
             g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs)]

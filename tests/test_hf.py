@@ -125,7 +125,7 @@ def test_loss_gradients_match_transformers(name):
     ref_grads = llama.import_params(
         cfg, {n: p.grad for n, p in model.named_parameters()}, "hf", source="transformers grads")
 
-    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
     assert grads.keys() == ref_grads.keys()
     for k in grads:
         scale = ref_grads[k].abs().max().item()

@@ -127,12 +127,12 @@ def test_remat_matches_no_remat(remat):
         assert (a - b).abs().max().item() <= 1e-6
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="torch.utils.checkpoint(use_reentrant=False) relies on saved-tensor "
-                          "hooks, which torch.func.grad rejects; llama.hidden_states would need to "
-                          "skip remat under functorch (see report)")
 def test_remat_under_torch_func_grad():
-    grad(lambda p: lm_loss(CFG, p, tokens((1, 16)), remat=1.0))(random_params())
+    """Under torch.func, remat is skipped (its saved-tensor hooks are rejected): same gradients."""
+    params, tok = random_params(), tokens((1, 16))
+    g1 = grad(lambda p: lm_loss(CFG, p, tok, remat=1.0))(params)
+    g0 = grad(lambda p: lm_loss(CFG, p, tok))(params)
+    assert all(torch.equal(g1[k], g0[k]) for k in g0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,3 +57,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """``w2(silu(x w1) * (x w3))``: w1 is the gate, w3 the up projection, w2 the down projection."""
     return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy, in fp32 or wider, over labelled tokens and how many there were (0-dim
+    tensors). ``logits [..., vocab]`` any float dtype, ``labels [...]``; ``ignore_index`` ignored."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat if flat.dtype == torch.float64 else flat.float()
+    labels = labels.reshape(-1)
+    loss = F.cross_entropy(flat, labels, ignore_index=ignore_index, reduction="sum")
+    return loss, (labels != ignore_index).sum()
+
+
+class Regions:
+    """Where a model's computation may be split, as seen from one device: every hook is the
+    identity here.
+
+    A model marks the places a parallel layout needs to act, and nothing more: ``param`` and
+    ``layer`` fetch weights (a sharded-parameter layout gathers them there), ``embed`` looks up
+    token embeddings, ``enter`` is where replicated activations enter a region whose weights are
+    split on their output dimension, ``exit`` is where partial sums leave it, and
+    ``cross_entropy_sum`` is the loss over the output. The sharding planner supplies another
+    ``Regions`` with collectives in these places; the model never learns about ranks or meshes.
+    """
+    checkpoint_layers = False   # a layout that gathers weights per layer recomputes each layer
+
+    def param(self, params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        return params[name]
+
+    def layer(self, params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+    def embed(self, tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, weight)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def exit(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def cross_entropy_sum(self, logits: torch.Tensor, labels: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        return cross_entropy_sum(logits, labels)
+
+
+LOCAL = Regions()

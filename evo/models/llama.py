@@ -36,7 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 import evo_kernels
 from evo_kernels.attention import positions_from_cu_seqlens
-from evo.models.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from evo.models.layers import (LOCAL, Regions, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq,
+                               swiglu)
 
 
 def _positive_int(obj, name: str) -> None:
@@ -94,8 +95,8 @@ class Config:
         if self.head_dim is not None:
             _positive_int(self, "head_dim")
         if self.dim_per_head % 2:
-            raise ValueError(f"Config: head dim {self.dim_per_head} must be even for rotary "
-                             "embeddings")
+            raise ValueError(f"Config.head_dim: the head dim {self.dim_per_head} must be even for "
+                             "rotary embeddings")
         if not self.rope_theta > 0:
             raise ValueError(f"Config.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.norm_eps > 0:
@@ -208,29 +209,33 @@ def _is_concrete(t: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
-def _block(cfg: Config, p: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor,
-           sin: torch.Tensor, cu_seqlens: torch.Tensor | None, backend: str) -> torch.Tensor:
-    b, s, _ = x.shape
-    kv, r, d = cfg.kv_heads, cfg.q_per_kv, cfg.dim_per_head
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    qkv = (h @ p["attn.wqkv"]).view(b, s, kv, r + 2, d)
-    q = qkv[:, :, :, :r].reshape(b, s, kv * r, d)
+def _layer(cfg: Config, params: dict[str, torch.Tensor], i: int, x: torch.Tensor,
+           cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor | None, backend: str,
+           regions: Regions) -> torch.Tensor:
+    """One decoder layer. ``x [batch, seq, hidden]`` (the sequence may be split by ``regions``);
+    head counts come from the weights' shapes, so a layer runs on a slice of the heads as well."""
+    p = regions.layer(params, f"layers.{i}.")
+    r, d = cfg.q_per_kv, cfg.dim_per_head
+    h = regions.enter(rms_norm(x, p["attn_norm"], cfg.norm_eps))
+    b, s, _ = h.shape
+    qkv = (h @ p["attn.wqkv"]).view(b, s, -1, r + 2, d)
+    q = qkv[:, :, :, :r].flatten(2, 3)
     k, v = qkv[:, :, :, r], qkv[:, :, :, r + 1]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o = evo_kernels.attention(q, k, v, cu_seqlens, backend=backend)
-    x = x + o.reshape(b, s, kv * r * d) @ p["attn.wo"]
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    return x + swiglu(h, p["mlp.w1"], p["mlp.w3"], p["mlp.w2"])
+    x = x + regions.exit(o.flatten(2) @ p["attn.wo"])
+    h = regions.enter(rms_norm(x, p["mlp_norm"], cfg.norm_eps))
+    return x + regions.exit(swiglu(h, p["mlp.w1"], p["mlp.w3"], p["mlp.w2"]))
 
 
 def layer_params(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    prefix = f"layers.{i}."
-    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+    return LOCAL.layer(params, f"layers.{i}.")
 
 
 def hidden_states(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Tensor,
                   positions: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, *,
-                  remat: float = 0.0, attention: str = "auto") -> torch.Tensor:
+                  remat: float = 0.0, attention: str = "auto",
+                  regions: Regions = LOCAL) -> torch.Tensor:
     """The final-norm output ``[batch, seq, hidden]`` in the params' dtype; see ``apply``."""
     if _is_concrete(tokens):
         check_inputs(cfg, tokens, positions, cu_seqlens)
@@ -240,28 +245,30 @@ def hidden_states(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Te
             positions = torch.arange(s, device=tokens.device).expand(b, s)
         else:
             positions = positions_from_cu_seqlens(cu_seqlens, b * s).view(b, s)
-    x = F.embedding(tokens, params["embed"])
+    x = regions.embed(tokens, regions.param(params, "embed"))
     scaling = dataclasses.asdict(cfg.rope_scaling) if cfg.rope_scaling else None
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, scaling),
                             x.dtype)
-    n_remat = math.floor(remat * cfg.num_layers)
+    n_remat = cfg.num_layers if regions.checkpoint_layers else math.floor(remat * cfg.num_layers)
+    if torch._C._functorch.is_functorch_wrapped_tensor(tokens) or \
+            torch._C._functorch.is_functorch_wrapped_tensor(params["norm"]):
+        n_remat = 0  # torch.func transforms reject checkpoint's saved-tensor hooks: store instead
     for i in range(cfg.num_layers):
-        p = layer_params(params, i)
-        if i < n_remat:
-            x = checkpoint(_block, cfg, p, x, cos, sin, cu_seqlens, attention, use_reentrant=False)
-        else:
-            x = _block(cfg, p, x, cos, sin, cu_seqlens, attention)
-    return rms_norm(x, params["norm"], cfg.norm_eps)
+        args = (cfg, params, i, x, cos, sin, cu_seqlens, attention, regions)
+        x = checkpoint(_layer, *args, use_reentrant=False) if i < n_remat else _layer(*args)
+    return rms_norm(x, regions.param(params, "norm"), cfg.norm_eps)
 
 
-def output_weight(cfg: Config, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def output_weight(cfg: Config, params: dict[str, torch.Tensor], regions: Regions = LOCAL
+                  ) -> torch.Tensor:
     """The ``[hidden, vocab]`` output projection (the embedding's transpose when tied)."""
-    return params["embed"].t() if cfg.tie_embeddings else params["lm_head"]
+    return regions.param(params, "embed").t() if cfg.tie_embeddings else \
+        regions.param(params, "lm_head")
 
 
 def apply(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Tensor,
           positions: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, *,
-          remat: float = 0.0, attention: str = "auto") -> torch.Tensor:
+          remat: float = 0.0, attention: str = "auto", regions: Regions = LOCAL) -> torch.Tensor:
     """Logits ``[batch, seq, vocab]`` in the params' dtype.
 
     ``tokens`` int ``[batch, seq]``. ``positions`` int ``[batch, seq]``: rotary positions; by default
@@ -269,10 +276,13 @@ def apply(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Tensor,
     ``cu_seqlens`` int ``[n_docs + 1]``: document boundaries over the ``batch * seq`` tokens in
     row-major order; attention never crosses them. ``remat``: the fraction of layers (the first
     ``floor(remat · num_layers)``) whose activations are recomputed in backward instead of stored.
-    ``attention``: an ``evo_kernels.attention`` backend name, or "auto".
+    ``attention``: an ``evo_kernels.attention`` backend name, or "auto". ``regions``: the parallel
+    layout's hooks (``evo.models.layers.Regions``); under tensor parallelism the logits come back
+    split on the vocabulary.
     """
-    x = hidden_states(cfg, params, tokens, positions, cu_seqlens, remat=remat, attention=attention)
-    return x @ output_weight(cfg, params)
+    x = hidden_states(cfg, params, tokens, positions, cu_seqlens, remat=remat, attention=attention,
+                      regions=regions)
+    return regions.enter(x) @ output_weight(cfg, params, regions)
 
 
 # ---------------------------------------------------------------------------------------------
