@@ -6,7 +6,7 @@ to spread it over processes (``sharding``).
 """
 from evo import data, models, optim, train, tree
 from evo.config import Experiment
-from evo.sharding import Plan
+from evo.sharding import Plan, shard
 
-__all__ = ["Experiment", "Plan", "data", "models", "optim", "train", "tree"]
+__all__ = ["Experiment", "Plan", "data", "models", "optim", "shard", "train", "tree"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Sharding: plans (data) and, on top of them, the planner that distributes a step."""
+"""Sharding: plans (data), meshes, and the planner that distributes a step."""
 from evo.sharding.plan import Plan
+from evo.sharding.planner import shard
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "shard"]

@@ -5,6 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+MESH_AXES = ("tp",)  # the mesh axes a logical axis may map to; data-parallel axes are ZeRO's
+
+# Logical axis -> mesh axis (None: replicated). Weights are [in, out]: splitting an output axis
+# ("qkv", "mlp", "vocab" of the head) makes a column-parallel matmul, splitting an input axis
+# ("heads", "mlp" of w2) a row-parallel one, and "vocab" of the embedding a vocab-parallel lookup.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("vocab", "tp"), ("qkv", "tp"), ("heads", "tp"), ("mlp", "tp"), ("embed", None), ("norm", None))
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -18,6 +26,7 @@ class Plan:
     zero: int = 0
     zero_group: int = -1
     sequence_parallel: bool = False
+    rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES
 
     def __post_init__(self):
         for name in ("dp", "tp", "zero_group"):
@@ -35,6 +44,27 @@ class Plan:
             raise ValueError("plan.sequence_parallel needs plan.tp > 1")
         if self.dp != -1 and self.zero_group != -1 and self.dp % self.zero_group:
             raise ValueError(f"plan.zero_group={self.zero_group} must divide plan.dp={self.dp}")
+        seen = set()
+        for rule in self.rules:
+            if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+                raise ValueError(f"plan.rules: each rule must be (logical_axis, mesh_axis), got "
+                                 f"{rule!r}")
+            if rule[1] is not None and rule[1] not in MESH_AXES:
+                raise ValueError(f"plan.rules: logical axis {rule[0]!r} maps to unknown mesh axis "
+                                 f"{rule[1]!r}; mesh axes are {MESH_AXES} or None")
+            if rule[0] in seen:
+                raise ValueError(f"plan.rules: logical axis {rule[0]!r} has two rules")
+            seen.add(rule[0])
+
+    def mesh_axis(self, logical: str) -> str | None:
+        """The mesh axis a logical axis is split over (None: replicated)."""
+        return dict(self.rules).get(logical)
+
+    @property
+    def world_size(self) -> int:
+        if self.dp == -1:
+            raise ValueError("plan.dp=-1 is resolved against a world size first (Plan.resolve)")
+        return self.dp * self.tp
 
     def resolve(self, world_size: int) -> "Plan":
         """This plan with ``dp`` and ``zero_group`` filled in for ``world_size`` processes."""

@@ -1,0 +1,282 @@
+"""``shard(step, plan, mesh)``: the same train step, distributed.
+
+What each plan does, per step:
+
+- data parallel: every data-parallel rank takes its own micro-batches; the loss is normalised by
+  the global count of labelled tokens, so summing gradients over ranks gives the gradient of the
+  global mean — the single-process step's gradient.
+- ZeRO 0: gradients all-reduced over ``dp``; every rank updates everything.
+  ZeRO 1: gradients all-reduced, each rank updates its shard of the parameters and optimizer
+  state (fp32 master), shards all-gathered back. ZeRO 2: gradients reduce-scattered over the zero
+  group (and all-reduced across replicas). ZeRO 3: parameters stay sharded; each layer's weights
+  are all-gathered just before use, released after, gathered again in backward (the layer is
+  recomputed), and their gradients reduce-scattered. Hybrid ZeRO: ``zero_group < dp``.
+- tensor parallel: weights split by the plan's rules (column-parallel ``wqkv``/``w1``/``w3``/head,
+  row-parallel ``wo``/``w2``, vocab-parallel embedding and cross-entropy, no rank holding full-vocab
+  logits); with sequence parallelism the residual stream between regions is split on the sequence,
+  entered by all-gather and left by reduce-scatter.
+
+The model takes part only through its ``Regions`` hooks (``evo.models.layers``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from evo import train, tree
+from evo.models import llama
+from evo.models.layers import Regions, cross_entropy_sum
+from evo.sharding import comm as C
+from evo.sharding.layout import ParamLayout, model_layouts
+from evo.sharding.mesh import Mesh
+
+
+class ShardedRegions(Regions):
+    """The model's parallel regions under a plan: collectives on the ``tp`` and ``zero`` axes."""
+
+    def __init__(self, comm: C.Comm, mesh: Mesh, layouts: dict[str, ParamLayout]):
+        self.comm, self.layouts = comm, layouts
+        self.plan, self.tp_index = mesh.plan, mesh.coords["tp"]
+        self.sp = mesh.plan.sequence_parallel and mesh.plan.tp > 1
+        self.checkpoint_layers = mesh.plan.zero == 3
+
+    def param(self, params, name):
+        w = params[name]
+        if self.plan.zero < 3:
+            return w
+        rows = self.layouts[name].local_shape[0]
+        return C.gather_from(w, self.comm, "zero", 0)[:rows]
+
+    def layer(self, params, prefix):
+        return {k[len(prefix):]: self.param(params, k) for k in params if k.startswith(prefix)}
+
+    def embed(self, tokens, weight):
+        if self.layouts["embed"].tp_dim == 0 and self.plan.tp > 1:
+            rows = weight.shape[0]
+            local = tokens - self.tp_index * rows
+            outside = (local < 0) | (local >= rows)
+            x = F.embedding(local.masked_fill(outside, 0), weight) * (~outside)[..., None]
+            return C.scatter_to(x, self.comm, "tp", 1) if self.sp else \
+                C.reduce_from(x, self.comm, "tp")
+        x = F.embedding(tokens, weight)
+        return C.split_to(x, self.comm, "tp", 1, self.tp_index) if self.sp else x
+
+    def enter(self, x):
+        return C.gather_from(x, self.comm, "tp", 1) if self.sp else C.copy_to(x, self.comm, "tp")
+
+    def exit(self, x):
+        return C.scatter_to(x, self.comm, "tp", 1) if self.sp else \
+            C.reduce_from(x, self.comm, "tp")
+
+    def cross_entropy_sum(self, logits, labels):
+        head = "embed" if "lm_head" not in self.layouts else "lm_head"
+        split = self.layouts[head].tp_dim == (0 if head == "embed" else 1)
+        if not split or self.plan.tp == 1:
+            return cross_entropy_sum(logits, labels)
+        return vocab_parallel_cross_entropy_sum(logits, labels, self.comm, self.tp_index)
+
+
+def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, comm: C.Comm,
+                                     tp_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over logits split on the vocabulary (``[..., vocab / tp]`` on each rank):
+    a max, a sum of exponentials and the target logit are reduced over ``tp``; no rank forms the
+    full-vocabulary row."""
+    x = logits.reshape(-1, logits.shape[-1])
+    x = x if x.dtype == torch.float64 else x.float()
+    labels = labels.reshape(-1)
+    width = x.shape[-1]
+    m = comm.all_reduce(x.detach().max(-1).values, "tp", op="max")
+    z = x - m[:, None]
+    sum_exp = C.reduce_from(z.exp().sum(-1), comm, "tp")
+    local = labels - tp_index * width
+    mine = (local >= 0) & (local < width)
+    target = z.gather(1, local.clamp(0, width - 1)[:, None]).squeeze(1) * mine
+    target = C.reduce_from(target, comm, "tp")
+    valid = labels != train.IGNORE
+    return ((sum_exp.log() - target) * valid).sum(), valid.sum()
+
+
+# ------------------------------------------------------------------------------ state layout
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
+
+
+def _tp_piece(x: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> torch.Tensor:
+    if layout.tp_dim is None:
+        return x
+    return C.chunk(x, mesh.plan.tp, mesh.coords["tp"], layout.tp_dim)
+
+
+def _zero_shard(x: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> torch.Tensor:
+    n = mesh.plan.zero_group
+    return _pad_rows(x, layout.shard_shape[0] * n).chunk(n)[mesh.coords["zero"]]
+
+
+def shard_params(cfg: llama.Config, params: dict[str, torch.Tensor], mesh: Mesh
+                 ) -> dict[str, torch.Tensor]:
+    """Full (global) params → this rank's pieces: the tensor-parallel piece, and under ZeRO-3
+    its shard."""
+    layouts = model_layouts(mesh.plan, cfg)
+    out = {}
+    for k, lay in layouts.items():
+        x = _tp_piece(params[k], lay, mesh)
+        out[k] = (_zero_shard(x, lay, mesh) if mesh.plan.zero == 3 else x).contiguous().clone()
+    return out
+
+
+def init_params(cfg: llama.Config, seed: int, mesh: Mesh, *, device=None
+                ) -> dict[str, torch.Tensor]:
+    """This rank's pieces of ``llama.init(cfg, seed)``, one parameter at a time: the model is
+    never materialised whole."""
+    layouts = model_layouts(mesh.plan, cfg)
+    out = {}
+    for k, lay in layouts.items():
+        x = _tp_piece(llama.init_param(cfg, k, seed, device=device), lay, mesh)
+        out[k] = (_zero_shard(x, lay, mesh) if mesh.plan.zero == 3 else x).contiguous().clone()
+    return out
+
+
+def _opt_view(params: dict[str, torch.Tensor], layouts, mesh: Mesh) -> dict[str, torch.Tensor]:
+    """What the optimizer of this rank updates: everything (ZeRO 0), the ZeRO shard of the
+    tensor-parallel pieces (ZeRO 1/2), or the stored shards themselves (ZeRO 3)."""
+    if mesh.plan.zero in (0, 3):
+        return params
+    return {k: _zero_shard(v, layouts[k], mesh).clone() for k, v in params.items()}
+
+
+def init_state(cfg: llama.Config, optimizer, params: dict[str, torch.Tensor], mesh: Mesh
+               ) -> train.TrainState:
+    """A sharded TrainState from this rank's ``params`` (``shard_params`` / ``init_params``)."""
+    layouts = model_layouts(mesh.plan, cfg)
+    return train.TrainState(torch.zeros((), dtype=torch.int64, device=_device(params)), params,
+                            optimizer.init(_opt_view(params, layouts, mesh)))
+
+
+def _device(params):
+    return next(iter(params.values())).device
+
+
+def _comm(mesh: Mesh) -> C.Comm:
+    return C.Comm(mesh.groups, mesh.sizes, C.CommLog())
+
+
+def gather_params(cfg: llama.Config, params: dict[str, torch.Tensor], mesh: Mesh
+                  ) -> dict[str, torch.Tensor]:
+    """This rank's pieces → the full global params, on every rank of the mesh (a collective)."""
+    layouts, comm = model_layouts(mesh.plan, cfg), _comm(mesh)
+    out = {}
+    for k, lay in layouts.items():
+        x = params[k]
+        if mesh.plan.zero == 3:
+            x = comm.all_gather(x, "zero")[:lay.local_shape[0]]
+        if lay.tp_dim is not None:
+            x = comm.all_gather(x, "tp", lay.tp_dim)
+        out[k] = x
+    return out
+
+
+# ------------------------------------------------------------------------------------ the step
+
+@dataclass(frozen=True)
+class ShardedStep:
+    """``step`` distributed by ``mesh.plan``; called like the step: ``(state, batch)``, with this
+    rank's state pieces and this data-parallel rank's micro-batches. Metrics gain
+    ``comm_bytes``: bytes handed to each collective kind on each mesh axis during the step."""
+    step: train.Step
+    mesh: Mesh
+
+    @property
+    def plan(self):
+        return self.mesh.plan
+
+    def __call__(self, state: train.TrainState, batch: dict[str, torch.Tensor]):
+        plan, mesh, step = self.mesh.plan, self.mesh, self.step
+        cfg = step.model
+        layouts = model_layouts(plan, cfg)
+        comm = _comm(mesh)
+        if plan.sequence_parallel and plan.tp > 1:
+            per_row = batch["tokens"][0].numel() if batch["tokens"].dim() == 2 else \
+                batch["tokens"].shape[-1]
+            if per_row % plan.tp:
+                raise ValueError(f"plan.sequence_parallel: the sequence length {per_row} must be "
+                                 f"divisible by plan.tp={plan.tp}")
+        regions = ShardedRegions(comm, mesh, layouts)
+
+        n = comm.all_reduce(train.valid_tokens(batch), "dp")
+        grads, loss = step.grads(state.params, batch, normalizer=n, regions=regions)
+        loss = comm.all_reduce(loss, "dp")
+        names = list(grads)
+        if regions.sp:  # norm weights saw only this rank's part of the sequence
+            for k in names:
+                if layouts[k].tp_dim is None:
+                    grads[k] = comm.all_reduce(grads[k], "tp")
+
+        if plan.zero == 0:
+            grads = {k: comm.all_reduce(g, "dp") for k, g in grads.items()}
+        elif plan.zero == 1:
+            grads = {k: _zero_shard(comm.all_reduce(g, "dp"), layouts[k], mesh)
+                     for k, g in grads.items()}
+        elif plan.zero == 2:
+            grads = {k: comm.all_reduce(comm.reduce_scatter(
+                _pad_rows(g, layouts[k].shard_shape[0] * plan.zero_group), "zero"), "replica")
+                for k, g in grads.items()}
+        else:  # ZeRO 3: backward already reduce-scattered each layer's gradients over the group
+            grads = {k: comm.all_reduce(g, "replica") for k, g in grads.items()}
+
+        norm = self._grad_norm(grads, layouts, comm)
+        params = _opt_view(state.params, layouts, mesh)
+        new, opt_state, info = step.optimizer.update(grads, state.opt_state, params, state.step,
+                                                     inplace=step.donate, grad_norm=norm)
+        if plan.zero in (1, 2):
+            full = {}
+            for k, v in new.items():
+                x = comm.all_gather(v, "zero")[:layouts[k].local_shape[0]]
+                full[k] = state.params[k].copy_(x) if step.donate else x
+            new = full
+        metrics = {"loss": loss, "grad_norm": info["grad_norm"], "lr": info["lr"],
+                   "skipped": info["skipped"],
+                   "tokens": comm.all_reduce(torch.tensor(batch["tokens"].numel()), "dp")
+                   if plan.dp > 1 else torch.tensor(batch["tokens"].numel()),
+                   "valid_tokens": n, "comm_bytes": dict(comm.log.bytes)}
+        return train.TrainState(state.step + 1, new, opt_state), metrics
+
+    def _grad_norm(self, grads, layouts, comm: C.Comm) -> torch.Tensor:
+        """Global L2 norm: squares of split gradients summed over the ranks holding the pieces."""
+        split = [g for k, g in grads.items() if layouts[k].tp_dim is not None]
+        whole = [g for k, g in grads.items() if layouts[k].tp_dim is None]
+        sq = lambda gs: tree.global_norm(gs) ** 2 if gs else torch.zeros(())  # noqa: E731
+        sq_split, sq_whole = sq(split), sq(whole)
+        if self.plan.zero > 0:
+            sq_split = comm.all_reduce(sq_split, "zero")
+            sq_whole = comm.all_reduce(sq_whole, "zero")
+        sq_split = comm.all_reduce(sq_split, "tp")
+        return (sq_split + sq_whole).sqrt()
+
+
+def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
+    """The step distributed by ``plan`` over ``mesh`` (default: built from the process group)."""
+    from evo.sharding.mesh import build_mesh
+    mesh = mesh or build_mesh(plan)
+    if mesh.plan != plan.resolve(mesh.plan.world_size):
+        raise ValueError(f"shard: the mesh was built for {mesh.plan}, not {plan}")
+    model_layouts(mesh.plan, step.model)  # validate the plan against the model up front
+    return ShardedStep(step, mesh)
+
+
+def per_rank_bytes(cfg: llama.Config, plan, dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Bytes one rank holds for params, grads and AdamW state (two moments) under a resolved
+    plan — arithmetic on shapes only."""
+    layouts = model_layouts(plan, cfg)
+    size = torch.empty((), dtype=dtype).element_size()
+    local = sum(math.prod(l.local_shape) for l in layouts.values()) * size
+    shard = sum(math.prod(l.shard_shape) for l in layouts.values()) * size
+    params = shard if plan.zero == 3 else local
+    grads = shard if plan.zero >= 2 else local
+    opt = 2 * (shard if plan.zero >= 1 else local)
+    return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}
