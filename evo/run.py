@@ -1,16 +1,21 @@
 """The training loop: experiment → state → steps → metrics. No argument parsing (that is cli.py)."""
 from __future__ import annotations
 
+import datetime
+import io
 import math
 import os
 import sys
 from typing import IO
 
 import torch
+import torch.distributed as dist
 
-from evo import data, generate, monitor, train, tree
-from evo.config import ConfigError, Experiment
+from evo import data, generate, monitor, train
+from evo.config import Experiment
 from evo.models import llama
+from evo.sharding import planner, shard
+from evo.sharding.mesh import build_mesh
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -46,22 +51,52 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _distributed(world: int, device_type: str) -> None:
+    """Join the process group torchrun (or slurm) describes in the environment."""
+    if dist.is_initialized():
+        return
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("EVO_DIST_TIMEOUT", "300")))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+
+
 def run(exp: Experiment, *, device: str | None = None, stream: IO[str] | None = None) -> dict:
-    """Train ``exp`` and return a summary: final metrics, evaluations, and the sample if asked."""
+    """Train ``exp`` and return a summary: final metrics, evaluations, and the sample if asked.
+
+    One process, or every process of a ``torchrun`` / slurm launch: the world size comes from the
+    environment (``WORLD_SIZE`` or ``SLURM_NPROCS``) and the plan distributes the step. Rank 0
+    writes metrics and progress; the others stay quiet.
+    """
     stream = stream or sys.stderr
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = exp.plan.resolve(world)
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NPROCS", "1")))
+    exp.plan.resolve(world)  # a plan that does not fit the world fails before anything starts
+    planner.model_layouts(exp.plan.resolve(world), exp.model)
+    cuda = torch.cuda.is_available() and device != "cpu"
     if world > 1:
-        raise ConfigError(f"this run has {world} processes, but distributing a step over several "
-                          "processes needs the sharding planner, which evo does not have yet; "
-                          "run with one process")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _distributed(world, "cuda" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(device or (f"cuda:{local}" if cuda else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        return _train(exp, device, stream)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
+    mesh = build_mesh(exp.plan)
+    plan, lead = mesh.plan, mesh.rank == 0
     opt = exp.optimizer.with_total_steps(exp.steps)
-    params = llama.init(exp.model, seed=exp.seed, device=device)
-    state = train.init_state(params, opt)
-    step_fn = train.Step(exp.model, opt, compute_dtype=_dtype(exp.compute_dtype), remat=exp.remat,
-                         attention=exp.attention, donate=True)
-    loader = data.Loader(exp.data, vocab_size=exp.model.vocab_size, dp_rank=0, dp_size=plan.dp)
+    state = planner.init_state(exp.model, opt,
+                               planner.init_params(exp.model, exp.seed, mesh, device=device), mesh)
+    step_fn = shard(train.Step(exp.model, opt, compute_dtype=_dtype(exp.compute_dtype),
+                               remat=exp.remat, attention=exp.attention, donate=True), plan, mesh)
+    loader = data.Loader(exp.data, vocab_size=exp.model.vocab_size, dp_rank=mesh.coords["dp"],
+                         dp_size=plan.dp)
     valid = {}
     if exp.data.valid_folder:
         valid = {name: list(b)[:exp.eval_batches] for name, b in data.eval_batches(
@@ -69,52 +104,64 @@ def run(exp: Experiment, *, device: str | None = None, stream: IO[str] | None = 
             vocab_size=exp.model.vocab_size, max_batches=exp.eval_batches).items()}
 
     os.makedirs(exp.run_dir, exist_ok=True)
-    metrics_out = monitor.JsonlWriter(os.path.join(exp.run_dir, "metrics.jsonl"))
-    eval_out = monitor.JsonlWriter(os.path.join(exp.run_dir, "eval.jsonl"))
+    quiet = io.StringIO()
+    metrics_out = monitor.JsonlWriter(os.path.join(exp.run_dir, "metrics.jsonl")) if lead else None
+    eval_out = monitor.JsonlWriter(os.path.join(exp.run_dir, "eval.jsonl")) if lead else None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     speed = monitor.Throughput(
         monitor.flops_per_token(non_embedding_params(exp.model), exp.model.num_layers,
                                 exp.model.hidden_size, exp.data.seq_len),
-        monitor.peak_tflops(device_name))
-    progress = monitor.Progress(exp.steps, every=exp.log_every, stream=stream)
-    progress.message(f"evo: {exp.steps} steps of {tree.num_elements(params) / 1e6:.2f}M params "
-                     f"on {device_name or device.type}, plan {plan}")
+        monitor.peak_tflops(device_name), devices=plan.world_size)
+    progress = monitor.Progress(exp.steps, every=exp.log_every, stream=stream if lead else quiet)
+    n_params = sum(math.prod(s.shape) for s in llama.param_specs(exp.model).values())
+    progress.message(f"evo: {exp.steps} steps of {n_params / 1e6:.2f}M params on "
+                     f"{plan.world_size} × {device_name or device.type}, plan {plan}")
+
+    def full_params():
+        return planner.gather_params(exp.model, state.params, mesh)
 
     def run_eval(step: int) -> dict:
-        results = evaluate_sets(exp, state.params, valid, device)
+        results = evaluate_sets(exp, full_params(), valid, device)
         for name, r in results.items():
-            eval_out.write({"step": step, "set": name, **r})
+            if lead:
+                eval_out.write({"step": step, "set": name, **r})
             progress.message(f"eval step {step} [{name}]  loss {r['loss']:.4f}  "
                              f"ppl {r['perplexity']:.2f}  acc {r['accuracy']:.3f}")
         return results
 
     evals = {0: run_eval(0)} if valid else {}
-    tokens_seen, record = 0, {}
+    record = {}
+    tokens_seen = 0
     try:
         for i in range(exp.steps):
             batch = _to(next(loader), device)
             state, m = step_fn(state, batch)
+            comm_bytes = m.pop("comm_bytes")
             m = {k: v.item() for k, v in m.items()}
             tokens_seen += int(m["tokens"])
             record = {"step": i + 1, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
                       "tokens": tokens_seen, **speed.tick(int(m["tokens"])),
-                      "skipped": int(state.opt_state.skipped)}
-            metrics_out.write(record)
+                      "skipped": int(state.opt_state.skipped), "comm_bytes": comm_bytes}
+            if lead:
+                metrics_out.write(record)
             progress.update(record)
             if valid and exp.eval_every and (i + 1) % exp.eval_every == 0:
                 evals[i + 1] = run_eval(i + 1)
         if valid and exp.steps not in evals:
             evals[exp.steps] = run_eval(exp.steps)
     finally:
-        metrics_out.close()
-        eval_out.close()
+        for w in (metrics_out, eval_out):
+            if w is not None:
+                w.close()
 
     summary = {"final": record, "eval": evals, "plan": plan}
     if exp.sample_prompt is not None:
-        tok = data.load_tokenizer(exp.tokenizer)
-        new = generate.sample(exp.model, state.params, tok.encode(exp.sample_prompt),
-                              exp.sample_tokens, temperature=exp.sample_temperature,
-                              seed=exp.seed, stop_token=tok.eos_id)
-        summary["sample"] = exp.sample_prompt + tok.decode(new)
-        progress.message("sample:\n" + summary["sample"])
+        params = full_params()
+        if lead:
+            tok = data.load_tokenizer(exp.tokenizer)
+            new = generate.sample(exp.model, params, tok.encode(exp.sample_prompt),
+                                  exp.sample_tokens, temperature=exp.sample_temperature,
+                                  seed=exp.seed, stop_token=tok.eos_id)
+            summary["sample"] = exp.sample_prompt + tok.decode(new)
+            progress.message("sample:\n" + summary["sample"])
     return summary
