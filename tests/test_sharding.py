@@ -121,3 +121,13 @@ def test_per_rank_bytes_arithmetic():
     assert single == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n, "total": 16 * n}
     z3 = planner.per_rank_bytes(cfg, Plan(dp=64, zero=3).resolve(64))
     assert z3["total"] <= single["total"] / 64 * 1.05
+
+
+def test_measured_comm_bytes_equal_the_analytic_model(sweep):
+    from sweep_worker import CFG, GLOBAL_MICRO, PLANS, T
+    for name, plan, world in PLANS:
+        resolved = plan.resolve(world)
+        expected = planner.expected_comm_bytes(CFG, resolved, micro_num=GLOBAL_MICRO // resolved.dp,
+                                                tokens_per_micro=T)
+        for measured in sweep["plans"][name]["comm_bytes"]:
+            assert measured == expected, (name, measured, expected)

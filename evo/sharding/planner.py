@@ -280,3 +280,84 @@ def per_rank_bytes(cfg: llama.Config, plan, dtype: torch.dtype = torch.float32) 
     grads = shard if plan.zero >= 2 else local
     opt = 2 * (shard if plan.zero >= 1 else local)
     return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}
+
+
+def expected_comm_bytes(cfg: llama.Config, plan, *, micro_num: int, tokens_per_micro: int,
+                        compute_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Bytes one rank hands to each collective (``"{kind}/{axis}"``) in one step of a resolved
+    ``plan``: the analytic model the step's measured ``comm_bytes`` must equal.
+
+    Counts what ``ShardedStep`` does: per micro-batch, the tensor-parallel region crossings of
+    forward and backward (and of the layer recomputation under ZeRO-3) and the ZeRO-3 weight
+    gathers and gradient reduce-scatters; per step, the gradient synchronisation, the norm and the
+    loss and token counts.
+    """
+    from collections import Counter
+    layouts = model_layouts(plan, cfg)
+    act = torch.empty((), dtype=compute_dtype).element_size()
+    master = 4
+    sizes = {"tp": plan.tp, "dp": plan.dp, "zero": plan.zero_group,
+             "replica": plan.dp // plan.zero_group}
+    out: Counter = Counter()
+
+    def add(kind, axis, nbytes, times=1):
+        if sizes[axis] > 1 and times:
+            out[f"{kind}/{axis}"] += nbytes * times
+
+    local = {k: math.prod(l.local_shape) for k, l in layouts.items()}
+    shard = {k: math.prod(l.shard_shape) for k, l in layouts.items()}
+    padded = {k: shard[k] * plan.zero_group for k in layouts}
+    sp = plan.sequence_parallel and plan.tp > 1
+    M, T, H, L = micro_num, tokens_per_micro, cfg.hidden_size, cfg.num_layers
+
+    # Tensor-parallel regions, per micro-batch.
+    full_act, split_act = T * H * act, T * H * act // plan.tp
+    # ZeRO-3 recomputes each layer in backward; recomputation stops at the last tensor backward
+    # needs, so it skips the layer's final exit (the MLP's).
+    layers_fwd = 2 if plan.zero == 3 else 1
+    n_enter = 2 * L * layers_fwd + 1                  # + the head's enter
+    n_exit = 2 * L + (L if plan.zero == 3 else 0)
+    if sp:
+        add("all_gather", "tp", split_act, M * n_enter)                 # enter: gather sequence
+        add("reduce_scatter", "tp", full_act, M * (n_exit + 1))         # exits + embedding
+        add("reduce_scatter", "tp", full_act, M * (2 * L + 1))          # backward of the enters
+        add("all_gather", "tp", split_act, M * (2 * L + 1))             # backward of the exits
+    else:
+        add("all_reduce", "tp", full_act, M * (n_exit + 1))             # exits + embedding
+        add("all_reduce", "tp", full_act, M * (2 * L + 1))              # backward of the enters
+    add("all_reduce", "tp", T * 4, M * 3)                               # vocab-parallel CE
+
+    # ZeRO-3 weight gathers (in the compute dtype) and gradient reduce-scatters.
+    if plan.zero == 3:
+        for k in layouts:
+            uses = 1
+            if k.startswith("layers."):
+                uses = layers_fwd
+            elif k == "embed" and cfg.tie_embeddings:
+                uses = 2
+            add("all_gather", "zero", shard[k] * act, M * uses)
+            add("reduce_scatter", "zero", padded[k] * act, M * (2 if k == "embed" and
+                                                               cfg.tie_embeddings else 1))
+
+    # Gradient synchronisation (master dtype).
+    grads_local = sum(local.values()) * master
+    grads_shard = sum(shard.values()) * master
+    if plan.zero in (0, 1):
+        add("all_reduce", "dp", grads_local)
+    elif plan.zero == 2:
+        add("reduce_scatter", "zero", sum(padded.values()) * master)
+        add("all_reduce", "replica", grads_shard)
+    else:
+        add("all_reduce", "replica", grads_shard)
+    if plan.zero in (1, 2):
+        add("all_gather", "zero", grads_shard)                           # updated shards back
+    if sp:                                                               # norm weights' grads
+        add("all_reduce", "tp", sum((shard if plan.zero == 3 else local)[k]
+                                    for k, l in layouts.items() if l.tp_dim is None) * master)
+
+    # Scalars: labelled-token count (int64), loss, token count (int64), norm squares.
+    add("all_reduce", "dp", 8 + master + 8)
+    if plan.zero > 0:
+        add("all_reduce", "zero", 2 * master)
+    add("all_reduce", "tp", master)
+    return dict(out)
