@@ -59,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from evo.config import ConfigError
     from evo.data import DataError
+    from evo.run import DistributedFailure
     try:
         args.fn(args)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ValueError, FileNotFoundError, DistributedFailure) as e:
         if os.environ.get("EVO_DEBUG"):
             traceback.print_exc()
         msg = str(e).strip() or type(e).__name__

@@ -51,6 +51,10 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class DistributedFailure(RuntimeError):
+    """A multi-process run lost a peer (or a collective timed out)."""
+
+
 def _distributed(world: int, device_type: str) -> None:
     """Join the process group torchrun (or slurm) describes in the environment."""
     if dist.is_initialized():
@@ -82,6 +86,15 @@ def run(exp: Experiment, *, device: str | None = None, stream: IO[str] | None = 
         torch.cuda.set_device(device)
     try:
         return _train(exp, device, stream)
+    except (RuntimeError, dist.DistError) as e:
+        if world == 1:
+            raise
+        # A peer that died or hung surfaces here as a failed or timed-out collective.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedFailure(
+            f"rank {os.environ.get('RANK', '?')} of {world} stopped: a collective failed or timed "
+            f"out (EVO_DIST_TIMEOUT={os.environ.get('EVO_DIST_TIMEOUT', '300')}s); another process "
+            f"has probably died, and its own log says why. Cause: {first[:300]}") from None
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -150,3 +150,35 @@ def test_torchrun_plan_logs_the_losses_of_one_process(tmp_path):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(rb["loss"]), (ra["loss"], rb["loss"])
         assert ra["tokens"] == rb["tokens"]
     assert "all_gather/zero" in a[0]["comm_bytes"] and "all_reduce/tp" in a[0]["comm_bytes"]
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(exp_file, tmp_path):
+    """Two processes train; once steps are running, rank 1 is killed (SIGKILL). Rank 0 exits
+    non-zero with one message naming what happened within a bounded time instead of hanging."""
+    import signal
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=REPO, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WORLD_SIZE="2", EVO_DIST_TIMEOUT="30", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "evo", "train", exp_file, "--set", "plan.dp=2",
+           "--set", "steps=100000"]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    try:
+        _, err = procs[0].communicate(timeout=90)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0
+    assert "rank 0 of 2 stopped" in err and "Traceback" not in err, err[-2000:]
+    assert time.time() - killed < 60
