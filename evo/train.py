@@ -14,7 +14,7 @@ give the same loss and update as one batch ``micro_num`` times larger.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -23,6 +23,12 @@ from evo.models import llama
 from evo.models.layers import LOCAL, Regions, cross_entropy_sum
 
 IGNORE = -100
+
+
+class GradSink(Protocol):
+    """Takes each parameter's complete gradient as backward produces it (see ``Step.grads``)."""
+    def __call__(self, name: str, grad: torch.Tensor) -> None: ...
+    def finish(self) -> dict[str, torch.Tensor]: ...
 
 
 class TrainState(NamedTuple):
@@ -84,36 +90,47 @@ class Step:
         return regions.cross_entropy_sum(logits, labels)
 
     def grads(self, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-              normalizer: torch.Tensor | None = None, regions: Regions = LOCAL
+              normalizer: torch.Tensor | None = None, regions: Regions = LOCAL,
+              on_ready: "GradSink | None" = None
               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Gradients of the batch's mean loss in the master weights' dtype, and the loss (0-dim).
 
         ``normalizer``: the number of labelled tokens the mean divides by (default: this batch's);
         a data-parallel step passes the global count so that summing gradients over ranks gives the
         gradient of the global mean. ``regions``: the parallel layout's hooks (see
-        ``evo.models.layers.Regions``).
+        ``evo.models.layers.Regions``). ``on_ready``: receives each parameter's complete gradient
+        the moment the last micro-batch's backward produces it (so its reduction can overlap the
+        rest of backward); the gradients returned are then what ``on_ready.finish()`` returns.
         """
         n = valid_tokens(batch) if normalizer is None else normalizer
         scale = 1.0 / n.clamp(min=1).to(torch.float32)
         leaves = {k: v.detach().to(self.compute_dtype).requires_grad_(True)
                   for k, v in params.items()}
         names, inputs = list(leaves), list(leaves.values())
-        acc: list[torch.Tensor] | None = None
-        masters = [params[k].dtype for k in names]
+        acc: dict[str, torch.Tensor] = {}
         total = torch.zeros((), dtype=torch.promote_types(torch.float32, self.compute_dtype))
-        for tokens, labels, positions, cu in micro_batches(batch):
+        n_micro = batch["tokens"].shape[0]
+        for i, (tokens, labels, positions, cu) in enumerate(micro_batches(batch)):
+            hooks = []
+            if on_ready is not None and i == n_micro - 1:
+                def ready(g, k):
+                    g = g.to(params[k].dtype)
+                    on_ready(k, acc[k] + g if k in acc else g)
+                hooks = [x.register_hook(lambda g, k=k: ready(g, k)) for k, x in leaves.items()]
             loss, _ = self.loss_sum(leaves, tokens, labels, positions, cu, regions)
             loss = loss * scale
             g = torch.autograd.grad(loss, inputs, allow_unused=True)
-            g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs)]
-            g = [gi.to(dt) for gi, dt in zip(g, masters)]
-            if acc is None:
-                acc = g
-            else:
-                torch._foreach_add_(acc, g)
             total = total + loss.detach()
-        assert acc is not None, "a batch needs at least one micro-batch"
-        return dict(zip(names, acc)), total
+            if hooks:
+                for h in hooks:
+                    h.remove()
+                return on_ready.finish(), total
+            for k, gi, x in zip(names, g, inputs):
+                gi = torch.zeros_like(x) if gi is None else gi
+                gi = gi.to(params[k].dtype)
+                acc[k] = acc[k].add_(gi) if k in acc else gi
+        assert acc, "a batch needs at least one micro-batch"
+        return acc, total
 
     def apply_grads(self, state: TrainState, grads: dict[str, torch.Tensor]
                     ) -> tuple[TrainState, dict[str, torch.Tensor]]:

@@ -5,6 +5,7 @@ plan of the sweep on a mesh over the first ``plan world size`` ranks, and rank 0
 the largest relative differences of the losses and of the gathered final params, the measured
 communication bytes, and the per-rank state bytes.
 """
+import dataclasses
 import datetime
 import json
 import os
@@ -20,6 +21,11 @@ from evo.sharding.mesh import build_mesh
 
 CFG = llama.Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=4,
                    intermediate_size=48)
+TIED = dataclasses.replace(CFG, tie_embeddings=True)
+
+
+def config_for(name):
+    return TIED if name.endswith("-tied") else CFG
 OPT = optim.adamw(lr=optim.warmup_cosine(peak=1e-3, warmup=1, total_steps=3), weight_decay=0.1,
                   clip_norm=1.0)
 STEPS, GLOBAL_MICRO, T = 3, 4, 32
@@ -36,7 +42,12 @@ PLANS = [
     ("tp4-sp-zero3", Plan(dp=1, tp=4, zero=3, sequence_parallel=True), 4),
     ("dp2-tp2-zero1", Plan(dp=2, tp=2, zero=1), 4),
     ("dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4),
+    ("dp4-zero3-tied", Plan(dp=4, zero=3), 4),
     ("dp2-tp2-zero2-sp", Plan(dp=2, tp=2, zero=2, sequence_parallel=True), 4),
+    # gradient reduction after backward (bucket_mb=0) and in many small buckets during it
+    ("dp2-zero0-unbucketed", Plan(dp=2, zero=0, bucket_mb=0), 2),
+    ("dp2-zero1-buckets", Plan(dp=2, zero=1, bucket_mb=0.01), 2),
+    ("dp4-zero2-group2-buckets", Plan(dp=4, zero=2, zero_group=2, bucket_mb=0.01), 4),
 ]
 
 
@@ -76,23 +87,27 @@ def main(out_path):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     batches = global_batches()
-    params0 = llama.init(CFG, seed=0)
-    step = train.Step(CFG, OPT)
-    ref_state, ref_losses = train.init_state(tree.clone(params0), OPT), []
-    for b in batches:
-        ref_state, m = step(ref_state, b)
-        ref_losses.append(float(m["loss"]))
+    reference = {}
+    for cfg in (CFG, TIED):
+        params0 = llama.init(cfg, seed=0)
+        state, losses = train.init_state(tree.clone(params0), OPT), []
+        for b in batches:
+            state, m = train.Step(cfg, OPT)(state, b)
+            losses.append(float(m["loss"]))
+        reference[cfg] = (params0, state, losses)
 
-    results = {"reference_losses": ref_losses, "plans": {}}
+    results = {"reference_losses": reference[CFG][2], "plans": {}}
     only = os.environ.get("SWEEP_ONLY")
     for name, plan, world in PLANS:
         if only and name not in only.split(","):
             continue
         print(rank, name, flush=True)
+        cfg = config_for(name)
+        params0, ref_state, ref_losses = reference[cfg]
         mesh = build_mesh(plan, ranks=list(range(world)))
         if mesh is not None:
-            sharded = planner.shard(step, plan, mesh)
-            state = planner.init_state(CFG, OPT, planner.shard_params(CFG, params0, mesh), mesh)
+            sharded = planner.shard(train.Step(cfg, OPT), plan, mesh)
+            state = planner.init_state(cfg, OPT, planner.shard_params(cfg, params0, mesh), mesh)
             pieces = {"params": tree.num_bytes(state.params),
                       "optimizer": tree.num_bytes((state.opt_state.mu, state.opt_state.nu))}
             losses, comm = [], []
@@ -100,7 +115,7 @@ def main(out_path):
                 state, m = sharded(state, local_batch(b, mesh.coords["dp"], mesh.plan.dp))
                 losses.append(float(m["loss"]))
                 comm.append(m["comm_bytes"])
-            full = planner.gather_params(CFG, state.params, mesh)
+            full = planner.gather_params(cfg, state.params, mesh)
             if mesh.rank == 0:
                 results["plans"][name] = {
                     "plan": repr(mesh.plan), "world": world, "losses": losses,

@@ -40,7 +40,7 @@ def test_every_plan_equals_one_process(sweep):
     assert set(sweep["plans"]) == {name for name, _, _ in PLANS}
     worst = {}
     for name, r in sweep["plans"].items():
-        assert r["loss_rel"] <= 1e-5, (name, r["losses"], sweep["reference_losses"])
+        assert r["loss_rel"] <= 1e-5, (name, r["losses"])
         assert r["param_norm_rel"] <= 1e-5, (name, r["param_norm_rel"])
         assert r["param_rel"] <= 1e-4, (name, r["param_rel"], r["worst"])
         worst[name] = (r["loss_rel"], r["param_norm_rel"], r["param_rel"])
@@ -124,10 +124,49 @@ def test_per_rank_bytes_arithmetic():
 
 
 def test_measured_comm_bytes_equal_the_analytic_model(sweep):
-    from sweep_worker import CFG, GLOBAL_MICRO, PLANS, T
+    from sweep_worker import GLOBAL_MICRO, PLANS, T, config_for
     for name, plan, world in PLANS:
         resolved = plan.resolve(world)
-        expected = planner.expected_comm_bytes(CFG, resolved, micro_num=GLOBAL_MICRO // resolved.dp,
+        expected = planner.expected_comm_bytes(config_for(name), resolved, micro_num=GLOBAL_MICRO // resolved.dp,
                                                 tokens_per_micro=T)
         for measured in sweep["plans"][name]["comm_bytes"]:
             assert measured == expected, (name, measured, expected)
+
+
+def test_buckets_launch_during_backward(monkeypatch):
+    """A bucket's collective starts as soon as its gradients are in, before backward ends."""
+    from evo.sharding import comm as C
+    cfg = llama.Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                       intermediate_size=48)
+    plan = Plan(dp=2, zero=0, bucket_mb=0.01).resolve(2)
+    layouts = model_layouts(plan, cfg)
+    events = []
+    monkeypatch.setattr(C, "launch_all_reduce", lambda comm, x, axis: events.append(
+        ("launch", x.numel())) or x)
+    monkeypatch.setattr(C, "wait", lambda x: x)
+    sink = planner.BucketedReduction(None, plan, layouts, list(layouts), int(0.01 * 2**20))
+    assert len(sink.buckets) > 2
+    from evo import optim, train
+    step = train.Step(cfg, optim.adamw(lr=1e-3))
+    params = llama.init(cfg)
+    tokens = torch.randint(0, 64, (2, 1, 16))
+    batch = {"tokens": tokens, "labels": tokens}
+    real = sink.__call__
+    sink_calls = []
+
+    def record(name, grad):
+        sink_calls.append(name)
+        events.append(("grad", name))
+        real(name, grad)
+    monkeypatch.setattr(sink, "__call__", record)
+
+    class Sink:
+        __call__ = staticmethod(record)
+        finish = staticmethod(sink.finish)
+    grads, _ = step.grads(params, batch, on_ready=Sink())
+    ref, _ = step.grads(params, batch)
+    assert all(torch.equal(grads[k].reshape(ref[k].shape), ref[k]) for k in ref)
+    first_launch = next(i for i, e in enumerate(events) if e[0] == "launch")
+    last_grad = max(i for i, e in enumerate(events) if e[0] == "grad")
+    assert first_launch < last_grad  # overlapped with the rest of backward
+    assert sorted(sink_calls) == sorted(layouts)

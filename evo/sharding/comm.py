@@ -66,6 +66,23 @@ class Comm:
         return out.movedim(0, dim) if dim else out
 
 
+def launch_all_reduce(comm: Comm, x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Start an all-reduce and return at once; ``wait`` gives the result."""
+    comm.log.add("all_reduce", axis, x)
+    return _c10d.all_reduce(x.contiguous(), "sum", comm.groups[axis].group_name)
+
+
+def launch_reduce_scatter(comm: Comm, x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Start a reduce-scatter along dim 0 and return at once; ``wait`` gives the result."""
+    comm.log.add("reduce_scatter", axis, x)
+    return _c10d.reduce_scatter_tensor(x.contiguous(), "sum", comm.size(axis),
+                                       comm.groups[axis].group_name)
+
+
+def wait(x: torch.Tensor) -> torch.Tensor:
+    return _c10d.wait_tensor(x)
+
+
 def chunk(x: torch.Tensor, n: int, i: int, dim: int = 0) -> torch.Tensor:
     return x.chunk(n, dim)[i] if n > 1 else x
 
@@ -107,9 +124,12 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 
 class _GatherFromRegion(torch.autograd.Function):
-    """Forward all-gather along ``dim``, backward reduce-scatter along it."""
+    """Forward all-gather along ``dim`` (or the result of one started earlier, ``pending``),
+    backward reduce-scatter along it."""
     @staticmethod
-    def forward(x, comm, axis, dim):
+    def forward(x, comm, axis, dim, pending):
+        if pending is not None:
+            return wait(pending)
         return comm.all_gather(x, axis, dim)
 
     @staticmethod
@@ -119,7 +139,7 @@ class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         with torch.no_grad():
-            return ctx.comm.reduce_scatter(g.detach(), ctx.axis, ctx.dim), None, None, None
+            return ctx.comm.reduce_scatter(g.detach(), ctx.axis, ctx.dim), None, None, None, None
 
 
 class _ScatterToRegion(torch.autograd.Function):
@@ -162,8 +182,15 @@ def reduce_from(x, comm: Comm, axis: str):
     return x if comm.size(axis) == 1 else _ReduceFromRegion.apply(x, comm, axis)
 
 
-def gather_from(x, comm: Comm, axis: str, dim: int):
-    return x if comm.size(axis) == 1 else _GatherFromRegion.apply(x, comm, axis, dim)
+def gather_from(x, comm: Comm, axis: str, dim: int, pending: torch.Tensor | None = None):
+    return x if comm.size(axis) == 1 else _GatherFromRegion.apply(x, comm, axis, dim, pending)
+
+
+def launch_all_gather(comm: Comm, x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Start an all-gather along dim 0 and return at once; ``wait`` gives the result."""
+    comm.log.add("all_gather", axis, x)
+    return _c10d.all_gather_into_tensor(x.contiguous(), comm.size(axis),
+                                        comm.groups[axis].group_name)
 
 
 def scatter_to(x, comm: Comm, axis: str, dim: int):

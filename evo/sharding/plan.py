@@ -20,13 +20,16 @@ class Plan:
     tensor-parallel degree. ``zero``: ZeRO stage 0-3 over the data-parallel ranks. ``zero_group``:
     shard the ZeRO state inside groups of this many data-parallel ranks and replicate across groups
     (-1: the whole data-parallel group). ``sequence_parallel``: split norm regions on the sequence
-    inside the tensor-parallel group."""
+    inside the tensor-parallel group. ``rules``: logical axis → mesh axis (None: replicated).
+    ``bucket_mb``: data-parallel gradients are reduced in buckets of this many MiB, each started
+    while backward still runs (0: one collective per parameter after backward)."""
     dp: int = -1
     tp: int = 1
     zero: int = 0
     zero_group: int = -1
     sequence_parallel: bool = False
     rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES
+    bucket_mb: float = 25.0
 
     def __post_init__(self):
         for name in ("dp", "tp", "zero_group"):
@@ -44,6 +47,9 @@ class Plan:
             raise ValueError("plan.sequence_parallel needs plan.tp > 1")
         if self.dp != -1 and self.zero_group != -1 and self.dp % self.zero_group:
             raise ValueError(f"plan.zero_group={self.zero_group} must divide plan.dp={self.dp}")
+        if not isinstance(self.bucket_mb, (int, float)) or isinstance(self.bucket_mb, bool) or \
+                self.bucket_mb < 0:
+            raise ValueError(f"plan.bucket_mb must be a number >= 0, got {self.bucket_mb!r}")
         seen = set()
         for rule in self.rules:
             if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):

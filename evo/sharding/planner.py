@@ -42,18 +42,30 @@ class ShardedRegions(Regions):
         self.plan, self.tp_index = mesh.plan, mesh.coords["tp"]
         self.sp = mesh.plan.sequence_parallel and mesh.plan.tp > 1
         self.checkpoint_layers = mesh.plan.zero == 3
+        # ZeRO-3 prefetch: during a forward pass, layer i+1's gathers start before layer i runs.
+        self.prefetched: dict[str, torch.Tensor] = {}
+        self.in_forward = False
 
     def param(self, params, name):
         w = params[name]
-        if self.plan.zero < 3:
+        if self.plan.zero < 3 or self.comm.size("zero") == 1:
             return w
+        if name == "norm":
+            self.in_forward = False      # the layers are done; recomputation gathers on demand
         rows = self.layouts[name].local_shape[0]
-        return C.gather_from(w, self.comm, "zero", 0)[:rows]
+        return C.gather_from(w, self.comm, "zero", 0, self.prefetched.pop(name, None))[:rows]
 
     def layer(self, params, prefix):
+        if self.plan.zero == 3 and self.in_forward and self.comm.size("zero") > 1:
+            i = int(prefix.split(".")[1])
+            after = f"layers.{i + 1}."
+            for k in params:
+                if k.startswith(after) and k not in self.prefetched:
+                    self.prefetched[k] = C.launch_all_gather(self.comm, params[k].detach(), "zero")
         return {k[len(prefix):]: self.param(params, k) for k in params if k.startswith(prefix)}
 
     def embed(self, tokens, weight):
+        self.in_forward = True  # a forward pass starts: ZeRO-3 prefetching is on until "norm"
         if self.layouts["embed"].tp_dim == 0 and self.plan.tp > 1:
             rows = weight.shape[0]
             local = tokens - self.tp_index * rows
@@ -181,6 +193,78 @@ def gather_params(cfg: llama.Config, params: dict[str, torch.Tensor], mesh: Mesh
     return out
 
 
+# ------------------------------------------------------------------------- gradient buckets
+
+class BucketedReduction:
+    """Data-parallel gradient reduction in buckets, launched during backward.
+
+    Parameters are assigned to buckets of about ``bucket_bytes`` in reverse creation order (the
+    order backward produces them); a bucket's collective starts as soon as its last gradient
+    arrives, while backward goes on. ZeRO 0/1: one all-reduce over ``dp`` per bucket. ZeRO 2: one
+    reduce-scatter over ``zero`` per bucket, each member padded and laid out rank-major so every
+    rank receives exactly its shard of each member, then an all-reduce over ``replica``. The
+    assignment is the same on every rank, so the collectives match.
+    """
+
+    def __init__(self, comm: C.Comm, plan, layouts: dict[str, ParamLayout], names: list[str],
+                 bucket_bytes: int):
+        self.comm, self.plan, self.layouts = comm, plan, layouts
+        self.buckets: list[list[str]] = [[]]
+        size = 0
+        for k in reversed(names):
+            nbytes = math.prod(layouts[k].local_shape) * 4
+            if self.buckets[-1] and size + nbytes > bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(k)
+            size += nbytes
+        self.bucket_of = {k: i for i, b in enumerate(self.buckets) for k in b}
+        self.ready: dict[str, torch.Tensor] = {}
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def __call__(self, name: str, grad: torch.Tensor) -> None:
+        self.ready[name] = grad
+        b = self.bucket_of[name]
+        if all(k in self.ready for k in self.buckets[b]):
+            self._launch(b)
+
+    def _rows(self, k: str) -> int:
+        return self.layouts[k].shard_shape[0] * self.plan.zero_group
+
+    def _launch(self, b: int) -> None:
+        members = [self.ready[k] for k in self.buckets[b]]
+        if self.plan.zero == 2:
+            n = self.plan.zero_group
+            flat = torch.cat([_pad_rows(g, self._rows(k)).reshape(n, -1)
+                              for k, g in zip(self.buckets[b], members)], dim=1)
+            self.pending[b] = C.launch_reduce_scatter(self.comm, flat, "zero")
+        else:
+            self.pending[b] = C.launch_all_reduce(self.comm, torch.cat([g.flatten()
+                                                                       for g in members]), "dp")
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        for b, members in enumerate(self.buckets):  # parameters that got no gradient: zeros
+            if b not in self.pending:
+                for k in members:
+                    if k not in self.ready:
+                        self.ready[k] = torch.zeros(self.layouts[k].local_shape,
+                                                    device=next(iter(self.ready.values())).device)
+                self._launch(b)
+        out = {}
+        for b, members in enumerate(self.buckets):
+            flat = C.wait(self.pending[b]).flatten()
+            if self.plan.zero == 2:
+                flat = self.comm.all_reduce(flat, "replica")
+            offset = 0
+            for k in members:
+                shape = self.layouts[k].shard_shape if self.plan.zero == 2 else \
+                    self.layouts[k].local_shape
+                size = math.prod(shape)
+                out[k] = flat[offset:offset + size].view(shape)
+                offset += size
+        return out
+
+
 # ------------------------------------------------------------------------------------ the step
 
 @dataclass(frozen=True)
@@ -209,7 +293,13 @@ class ShardedStep:
         regions = ShardedRegions(comm, mesh, layouts)
 
         n = comm.all_reduce(train.valid_tokens(batch), "dp")
-        grads, loss = step.grads(state.params, batch, normalizer=n, regions=regions)
+        # Overlap the data-parallel reduction with backward, unless sequence parallelism must
+        # first complete the norm weights' gradients over tp, or ZeRO-3 already reduces them.
+        bucketed = plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and not regions.sp
+        sink = BucketedReduction(comm, plan, layouts, list(layouts),
+                                 int(plan.bucket_mb * 2**20)) if bucketed else None
+        grads, loss = step.grads(state.params, batch, normalizer=n, regions=regions,
+                                 on_ready=sink)
         loss = comm.all_reduce(loss, "dp")
         names = list(grads)
         if regions.sp:  # norm weights saw only this rank's part of the sequence
@@ -217,7 +307,10 @@ class ShardedStep:
                 if layouts[k].tp_dim is None:
                     grads[k] = comm.all_reduce(grads[k], "tp")
 
-        if plan.zero == 0:
+        if bucketed:
+            if plan.zero == 1:
+                grads = {k: _zero_shard(g, layouts[k], mesh) for k, g in grads.items()}
+        elif plan.zero == 0:
             grads = {k: comm.all_reduce(g, "dp") for k, g in grads.items()}
         elif plan.zero == 1:
             grads = {k: _zero_shard(comm.all_reduce(g, "dp"), layouts[k], mesh)
