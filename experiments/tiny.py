@@ -28,4 +28,5 @@ experiment = Experiment(
     tokenizer="byte",
     sample_prompt="def fibonacci(n):\n",
     sample_tokens=160,
+    sample_temperature=0.6,
 )

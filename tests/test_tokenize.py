@@ -160,3 +160,26 @@ def test_stdlib_corpus(tmp_path):
     assert not [n for n in os.listdir(f"{out}/train") if n != "stdlib"]  # no temp folders left
     with pytest.raises(DataError, match="holds a corpus built as"):
         build_stdlib_corpus(out, max_files=41)
+
+
+def test_sentencepiece_model_encodes_like_sentencepiece(tmp_path):
+    """A model trained here by sentencepiece itself: evo's wrapper gives sentencepiece's ids, adds
+    no BOS/EOS unless asked, and `tokenize` writes exactly those ids."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
+    prefix = tmp_path / "sp"
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=60,
+                                   model_type="bpe", minloglevel=2)
+    tok = load_tokenizer(f"{prefix}.model")
+    ref = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+    text = "the lazy fox jumps"
+    assert tok.encode(text) == ref.encode(text)
+    assert tok.vocab_size == ref.get_piece_size()
+    assert tok.decode(tok.encode(text)) == text
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text(json.dumps({"text": text}) + "\n")
+    out = tmp_path / "out"
+    tokenize([str(jsonl)], str(out), tokenizer=f"{prefix}.model", add_eos=True, progress=False)
+    ds = TokenizedDataset(str(out))
+    assert ds[0][0].tolist() == ref.encode(text) + [ref.eos_id()]
