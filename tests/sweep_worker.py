@@ -83,6 +83,24 @@ def norm_rel(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+def func_grad_check(cfg, params, mesh, batch):
+    """torch.func.grad through the plan's collectives equals autograd (evo's autograd.Functions
+    define setup_context): the largest relative difference over this rank's gradients."""
+    from evo.sharding import comm as C
+    from evo.sharding.layout import model_layouts
+    regions = planner.ShardedRegions(C.Comm(mesh.groups, mesh.sizes, C.CommLog()), mesh,
+                                     model_layouts(mesh.plan, cfg))
+    tokens, labels, _, cu = next(train.micro_batches(batch))
+    step = train.Step(cfg, OPT)
+
+    def loss(p):
+        return step.loss_sum(p, tokens, labels, None, cu, regions)[0]
+    g_func = torch.func.grad(loss)(params)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    g_auto = torch.autograd.grad(loss(leaves), list(leaves.values()))
+    return max(rel(g_func[k], g) for k, g in zip(leaves, g_auto))
+
+
 def main(out_path):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
@@ -116,6 +134,8 @@ def main(out_path):
                 losses.append(float(m["loss"]))
                 comm.append(m["comm_bytes"])
             full = planner.gather_params(cfg, state.params, mesh)
+            func_rel = func_grad_check(cfg, state.params, mesh, local_batch(batches[0],
+                                       mesh.coords["dp"], mesh.plan.dp))
             if mesh.rank == 0:
                 results["plans"][name] = {
                     "plan": repr(mesh.plan), "world": world, "losses": losses,
@@ -123,7 +143,7 @@ def main(out_path):
                     "param_rel": max(rel(full[k], ref_state.params[k]) for k in full),
                     "param_norm_rel": max(norm_rel(full[k], ref_state.params[k]) for k in full),
                     "worst": max(full, key=lambda k: rel(full[k], ref_state.params[k])),
-                    "comm_bytes": comm, "state_bytes": pieces}
+                    "comm_bytes": comm, "state_bytes": pieces, "func_grad_rel": func_rel}
         dist.barrier()
     if rank == 0:
         with open(out_path, "w") as f:

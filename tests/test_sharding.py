@@ -43,6 +43,7 @@ def test_every_plan_equals_one_process(sweep):
         assert r["loss_rel"] <= 1e-5, (name, r["losses"])
         assert r["param_norm_rel"] <= 1e-5, (name, r["param_norm_rel"])
         assert r["param_rel"] <= 1e-4, (name, r["param_rel"], r["worst"])
+        assert r["func_grad_rel"] <= 1e-6, (name, r["func_grad_rel"])  # same math, same order
         worst[name] = (r["loss_rel"], r["param_norm_rel"], r["param_rel"])
     print("largest relative differences (loss, params L2, params max):", worst)
 
