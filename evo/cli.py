@@ -31,6 +31,18 @@ def _tokenize(args) -> None:
     print(summary)
 
 
+def _export_hf(args) -> None:
+    from evo import checkpoint
+    src = checkpoint.export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"evo: wrote {args.out} from {src}")
+
+
+def _import_hf(args) -> None:
+    """Train an experiment starting from HF weights: `--set init_from=DIR` spelled as a command."""
+    args.set = [*args.set, f"init_from={args.hf_dir}"]
+    _train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evo", description="evo: LLM training as pure functions.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -40,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field by dotted key, e.g. --set plan.tp=2 --set steps=10")
     t.set_defaults(fn=_train)
+
+    e = sub.add_parser("export-hf", help="write a checkpoint's weights as an HF LLaMA directory")
+    e.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint")
+    e.add_argument("--out", required=True, help="output directory (safetensors + config.json)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    e.set_defaults(fn=_export_hf)
+
+    i = sub.add_parser("import-hf", help="train an experiment starting from HF LLaMA weights")
+    i.add_argument("hf_dir", help="an HF LLaMA or InternLM2 directory")
+    i.add_argument("experiment", help="the experiment to train (its model must match)")
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    i.set_defaults(fn=_import_hf)
 
     k = sub.add_parser("tokenize", help="tokenize JSONL or text files into evo/InternEvo .bin files")
     k.add_argument("inputs", nargs="+", help=".jsonl files (one document per line) or text files")
@@ -59,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from evo.config import ConfigError
     from evo.data import DataError
+    from evo.checkpoint import CheckpointError
     from evo.run import DistributedFailure
     try:
         args.fn(args)
-    except (ConfigError, DataError, ValueError, FileNotFoundError, DistributedFailure) as e:
+    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError,
+            DistributedFailure) as e:
         if os.environ.get("EVO_DEBUG"):
             traceback.print_exc()
         msg = str(e).strip() or type(e).__name__

@@ -32,7 +32,11 @@ class Experiment:
     ``remat``: fraction of layers recomputed in backward. ``eval_every``: steps between validation
     passes over ``data.valid_folder`` (0: only before the first and after the last step).
     ``sample_prompt``: when set, the run ends by printing a sampled continuation of it (needs
-    ``tokenizer``).
+    ``tokenizer``). ``checkpoint_every``: steps between checkpoints under ``RUN_DIR/checkpoints``
+    (0: none); the last ``keep_last`` are kept, and every step that is a multiple of
+    ``keep_every``; ``async_checkpoint`` writes them while training goes on. Re-running the same
+    command resumes from the latest complete checkpoint. ``init_from``: start from these weights
+    (an HF directory or an evo run/checkpoint; parameters only) instead of ``seed``.
     """
     model: llama.Config
     data: data.Packed
@@ -42,6 +46,10 @@ class Experiment:
     seed: int = 0
     run_dir: str = "runs/default"
     checkpoint_every: int = 0
+    keep_last: int = 3
+    keep_every: int = 0
+    async_checkpoint: bool = True
+    init_from: str | None = None
     compute_dtype: str = "float32"
     remat: float = 0.0
     attention: str = "auto"
@@ -63,7 +71,7 @@ class Experiment:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"experiment.{name} must be a positive integer, got {v!r}")
-        for name in ("seed", "checkpoint_every", "eval_every"):
+        for name in ("seed", "checkpoint_every", "eval_every", "keep_last", "keep_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"experiment.{name} must be a non-negative integer, got {v!r}")

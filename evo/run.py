@@ -1,17 +1,22 @@
 """The training loop: experiment → state → steps → metrics. No argument parsing (that is cli.py)."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
+import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 from typing import IO
 
 import torch
 import torch.distributed as dist
 
-from evo import data, generate, monitor, train
+from evo import checkpoint, data, generate, monitor, train
 from evo.config import Experiment
 from evo.models import llama
 from evo.sharding import planner, shard
@@ -100,16 +105,72 @@ def run(exp: Experiment, *, device: str | None = None, stream: IO[str] | None = 
             dist.destroy_process_group()
 
 
+def _keep_records(path: str, last_step: int) -> None:
+    """Drop JSONL records past ``last_step`` (written after the checkpoint a run resumes from)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [x for x in f if x.strip()]
+    kept = []
+    for x in lines:
+        try:
+            if json.loads(x)["step"] <= last_step:
+                kept.append(x)
+        except (json.JSONDecodeError, KeyError):
+            break  # a line cut by a crash, and anything after it
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+
+
+def _stop_request(run_dir: str) -> int:
+    """The step written in ``RUN_DIR/stop`` (InternEvo's stop file), 0 when absent or unreadable."""
+    try:
+        with open(os.path.join(run_dir, "stop")) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _initial_params(exp: Experiment, mesh, device):
+    """Fresh parameters, or those of ``exp.init_from`` (an HF directory or an evo run/checkpoint:
+    parameters only, optimizer fresh)."""
+    if exp.init_from is None:
+        return planner.init_params(exp.model, exp.seed, mesh, device=device)
+    if os.path.isfile(os.path.join(exp.init_from, "config.json")):
+        from evo import hf
+        cfg, params = hf.load_hf(exp.init_from)
+        checkpoint.check_model({"model": dataclasses.asdict(cfg)}, exp.model, exp.init_from)
+        return {k: v.to(device) for k, v in planner.shard_params(exp.model, params, mesh).items()}
+    return checkpoint.load_params(checkpoint.resolve(exp.init_from), exp.model, mesh,
+                                  device=device)
+
+
 def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
     mesh = build_mesh(exp.plan)
     plan, lead = mesh.plan, mesh.rank == 0
+    quiet = io.StringIO()
+    progress = monitor.Progress(exp.steps, every=exp.log_every, stream=stream if lead else quiet)
     opt = exp.optimizer.with_total_steps(exp.steps)
-    state = planner.init_state(exp.model, opt,
-                               planner.init_params(exp.model, exp.seed, mesh, device=device), mesh)
-    step_fn = shard(train.Step(exp.model, opt, compute_dtype=_dtype(exp.compute_dtype),
-                               remat=exp.remat, attention=exp.attention, donate=True), plan, mesh)
     loader = data.Loader(exp.data, vocab_size=exp.model.vocab_size, dp_rank=mesh.coords["dp"],
                          dp_size=plan.dp)
+    ckpt_root = os.path.join(exp.run_dir, "checkpoints")
+    if lead:
+        for path in checkpoint.incomplete_checkpoints(ckpt_root):
+            progress.message(f"evo: skipping incomplete checkpoint {path} (removed)")
+            shutil.rmtree(path, ignore_errors=True)
+    done = checkpoint.complete_checkpoints(ckpt_root)
+    if done:
+        state, loader_state = checkpoint.load_state(done[-1][1], exp.model, opt, mesh,
+                                                    device=device)
+        loader.load_state_dict(loader_state)
+        progress.message(f"evo: resuming from {done[-1][1]} (step {int(state.step)})")
+    else:
+        state = planner.init_state(exp.model, opt, _initial_params(exp, mesh, device), mesh)
+    first = int(state.step)
+    step_fn = shard(train.Step(exp.model, opt, compute_dtype=_dtype(exp.compute_dtype),
+                               remat=exp.remat, attention=exp.attention, donate=True), plan, mesh)
+    saver = checkpoint.Saver(ckpt_root, mesh, keep_last=exp.keep_last,
+                             keep_every=exp.keep_every, asynchronous=exp.async_checkpoint)
     valid = {}
     if exp.data.valid_folder:
         valid = {name: list(b)[:exp.eval_batches] for name, b in data.eval_batches(
@@ -117,15 +178,18 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
             vocab_size=exp.model.vocab_size, max_batches=exp.eval_batches).items()}
 
     os.makedirs(exp.run_dir, exist_ok=True)
-    quiet = io.StringIO()
-    metrics_out = monitor.JsonlWriter(os.path.join(exp.run_dir, "metrics.jsonl")) if lead else None
-    eval_out = monitor.JsonlWriter(os.path.join(exp.run_dir, "eval.jsonl")) if lead else None
+    metrics_path = os.path.join(exp.run_dir, "metrics.jsonl")
+    eval_path = os.path.join(exp.run_dir, "eval.jsonl")
+    if lead:
+        for path in (metrics_path, eval_path):
+            _keep_records(path, first)
+    metrics_out = monitor.JsonlWriter(metrics_path, append=True) if lead else None
+    eval_out = monitor.JsonlWriter(eval_path, append=True) if lead else None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     speed = monitor.Throughput(
         monitor.flops_per_token(non_embedding_params(exp.model), exp.model.num_layers,
                                 exp.model.hidden_size, exp.data.seq_len),
         monitor.peak_tflops(device_name), devices=plan.world_size)
-    progress = monitor.Progress(exp.steps, every=exp.log_every, stream=stream if lead else quiet)
     n_params = sum(math.prod(s.shape) for s in llama.param_specs(exp.model).values())
     progress.message(f"evo: {exp.steps} steps of {n_params / 1e6:.2f}M params on "
                      f"{plan.world_size} × {device_name or device.type}, plan {plan}")
@@ -142,33 +206,52 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
                              f"ppl {r['perplexity']:.2f}  acc {r['accuracy']:.3f}")
         return results
 
-    evals = {0: run_eval(0)} if valid else {}
-    record = {}
-    tokens_seen = 0
+    def save():
+        saver.save(exp.model, state, loader_state=loader.state_dict(),
+                   meta={"experiment": repr(exp)})
+
+    terminated = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True)) \
+        if threading.current_thread() is threading.main_thread() else None
+    evals = {0: run_eval(0)} if valid and first == 0 else {}
+    record, stopped = {}, None
     try:
-        for i in range(exp.steps):
+        for i in range(first, exp.steps):
             batch = _to(next(loader), device)
             state, m = step_fn(state, batch)
             comm_bytes = m.pop("comm_bytes")
             m = {k: v.item() for k, v in m.items()}
-            tokens_seen += int(m["tokens"])
             record = {"step": i + 1, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
-                      "tokens": tokens_seen, **speed.tick(int(m["tokens"])),
+                      "tokens": (i + 1) * int(m["tokens"]),  # every step has the same shape
+                      **speed.tick(int(m["tokens"])),
                       "skipped": int(state.opt_state.skipped), "comm_bytes": comm_bytes}
             if lead:
                 metrics_out.write(record)
             progress.update(record)
             if valid and exp.eval_every and (i + 1) % exp.eval_every == 0:
                 evals[i + 1] = run_eval(i + 1)
-        if valid and exp.steps not in evals:
+            stop = _stop_request(exp.run_dir)
+            if terminated or abs(stop) == i + 1:
+                save()
+                if terminated or stop > 0:
+                    stopped = "SIGTERM" if terminated else f"the stop file ({stop})"
+                    progress.message(f"evo: saved step {i + 1} and stopped, as asked by {stopped}")
+                    break
+            elif exp.checkpoint_every and ((i + 1) % exp.checkpoint_every == 0
+                                          or i + 1 == exp.steps):
+                save()
+        if valid and stopped is None and exp.steps not in evals and first < exp.steps:
             evals[exp.steps] = run_eval(exp.steps)
+        saver.wait()
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         for w in (metrics_out, eval_out):
             if w is not None:
                 w.close()
 
-    summary = {"final": record, "eval": evals, "plan": plan}
-    if exp.sample_prompt is not None:
+    summary = {"final": record, "eval": evals, "plan": plan, "stopped": stopped}
+    if exp.sample_prompt is not None and stopped is None:
         params = full_params()
         if lead:
             tok = data.load_tokenizer(exp.tokenizer)

@@ -1,0 +1,393 @@
+"""Sharded checkpoints of global logical arrays: any plan reads what any plan wrote.
+
+Layout of ``RUN_DIR/checkpoints/step-00001000/``::
+
+    index.json                  what the checkpoint holds (written last: its presence = complete)
+    rank-00003.safetensors      the pieces rank 3 held and no other rank also held
+
+Every array is stored as its *global* logical tensor (``params/layers.0.attn.wqkv``,
+``opt/mu/...``, ``opt/nu/...``) cut into rectangles: each rank writes the rectangles it alone is
+responsible for (a replicated piece is written by one replica), and ``index.json`` lists, per
+array, the global shape and every rectangle's file, offset and size. A reader under any plan asks
+for the rectangle it needs and reads only the overlapping parts of the files (safetensors slices),
+so resharding across tensor-parallel degrees, ZeRO stages and world sizes is the same code path
+as a plain resume.
+
+Saving is atomic: ranks write into ``.tmp-step-N/``; when every rank has written its files and its
+piece list, rank 0 writes ``index.json`` and renames the directory into place. A crash at any
+moment leaves the previous checkpoint intact and the partial one invisible. The write can run in a
+background thread (``async``): the pieces are first copied to host memory, so training goes on
+while files are written, and ranks coordinate through the files alone (no collectives from the
+thread).
+
+The format is plain safetensors + JSON, not ``torch.distributed.checkpoint``: DCP reshards through
+DTensor placements, and evo's layout (tensor-parallel chunks further split by ZeRO on their first
+dimension, with zero padding) is not a DTensor placement; rectangles with global offsets express
+it directly and keep the files readable by anything that reads safetensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from evo import train
+from evo.models import llama
+from evo.sharding.layout import ParamLayout, model_layouts
+from evo.sharding.mesh import Mesh
+
+FORMAT = "evo-checkpoint-1"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message names the file or field."""
+
+
+# ---------------------------------------------------------------------------- geometry
+
+def _rows_range(lay: ParamLayout, plan, zero_index: int) -> tuple[int, int]:
+    rows = lay.local_shape[0]
+    start = zero_index * lay.shard_shape[0]
+    return min(start, rows), min(start + lay.shard_shape[0], rows)
+
+
+def piece_rect(lay: ParamLayout, plan, coords: dict[str, int], sharded: bool
+               ) -> tuple[list[int], list[int]]:
+    """Global (offset, size) of this rank's piece: the tensor-parallel piece, or its ZeRO shard
+    (without padding) when ``sharded``."""
+    offset = [0] * len(lay.shape)
+    size = list(lay.local_shape)
+    if lay.tp_dim is not None:
+        offset[lay.tp_dim] = coords["tp"] * lay.local_shape[lay.tp_dim]
+    if sharded and size:
+        lo, hi = _rows_range(lay, plan, coords["zero"])
+        offset[0] += lo
+        size[0] = hi - lo
+    return offset, size
+
+
+def _stored_pieces(cfg, mesh: Mesh, state: train.TrainState) -> dict[str, tuple]:
+    """Global name -> (tensor piece on host, offset, size) for the pieces this rank writes."""
+    plan, c = mesh.plan, mesh.coords
+    layouts = model_layouts(plan, cfg)
+    out = {}
+    groups = (("params/", state.params, plan.zero == 3),
+              ("opt/mu/", state.opt_state.mu, plan.zero >= 1),
+              ("opt/nu/", state.opt_state.nu, plan.zero >= 1))
+    for prefix, tensors, sharded in groups:
+        writer = c["replica"] == 0 if sharded else c["dp"] == 0   # one copy of each piece
+        if not writer:
+            continue
+        for k, lay in layouts.items():
+            if lay.tp_dim is None and c["tp"] != 0:
+                continue                          # replicated over tp: tp rank 0 writes it
+            offset, size = piece_rect(lay, plan, c, sharded)
+            if size and size[0] == 0:
+                continue
+            t = tensors[k][:size[0]]          # drop ZeRO padding rows
+            out[prefix + k] = (t.detach().to("cpu", copy=True).contiguous(), offset, size)
+    return out
+
+
+# ------------------------------------------------------------------------------- saving
+
+def _step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, "index.json")):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def incomplete_checkpoints(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith(".tmp-") or (_STEP_DIR.match(name) and
+                                        not os.path.isfile(os.path.join(path, "index.json"))):
+            out.append(path)
+    return sorted(out)
+
+
+class Saver:
+    """Writes checkpoints of one run; ``wait()`` before exiting. One per process."""
+
+    def __init__(self, root: str, mesh: Mesh, *, keep_last: int = 3, keep_every: int = 0,
+                 asynchronous: bool = True, poll_timeout: float = 600.0):
+        self.root, self.mesh = root, mesh
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.asynchronous, self.poll_timeout = asynchronous, poll_timeout
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(self, cfg: llama.Config, state: train.TrainState, *, loader_state: dict,
+             meta: dict) -> None:
+        """Start (or, synchronously, do) a checkpoint of ``state`` at its step."""
+        self.wait()
+        step = int(state.step)
+        pieces = _stored_pieces(cfg, self.mesh, state)
+        scalars = {"step": step, "opt_count": int(state.opt_state.count),
+                   "opt_skipped": int(state.opt_state.skipped)}
+        layouts = model_layouts(self.mesh.plan, cfg)
+        shapes = {p + k: list(l.shape) for k, l in layouts.items()
+                  for p in ("params/", "opt/mu/", "opt/nu/")}
+        index = {"format": FORMAT, "scalars": scalars, "loader": loader_state,
+                 "model": dataclasses.asdict(cfg), "plan": repr(self.mesh.plan),
+                 "world_size": self.mesh.plan.world_size, "meta": meta, "shapes": shapes}
+        args = (step, pieces, index)
+        if self.asynchronous:
+            self.thread = threading.Thread(target=self._write_safely, args=args, daemon=False)
+            self.thread.start()
+        else:
+            self._write(*args)
+
+    def _write_safely(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:  # reported by wait()
+            self.error = e
+
+    def _write(self, step: int, pieces: dict, index: dict) -> None:
+        rank, world = self.mesh.rank, self.mesh.plan.world_size
+        tmp = os.path.join(self.root, ".tmp-" + _step_name(step))
+        os.makedirs(tmp, exist_ok=True)
+        fname = f"rank-{rank:05d}.safetensors"
+        tensors = {name: t for name, (t, _, _) in pieces.items()}
+        save_file(tensors, os.path.join(tmp, fname + ".partial"))
+        os.replace(os.path.join(tmp, fname + ".partial"), os.path.join(tmp, fname))
+        listing = {name: {"file": fname, "offset": off, "size": size, "dtype": str(t.dtype)}
+                   for name, (t, off, size) in pieces.items()}
+        _write_json(os.path.join(tmp, f"rank-{rank:05d}.json"), listing)
+        if rank != 0:
+            return
+        # Rank 0 waits for every rank's listing, then publishes the checkpoint.
+        deadline = time.time() + self.poll_timeout
+        listings = [os.path.join(tmp, f"rank-{r:05d}.json") for r in range(world)]
+        while not all(os.path.exists(p) for p in listings):
+            if time.time() > deadline:
+                raise TimeoutError(f"checkpoint {tmp}: not every rank wrote its pieces within "
+                                   f"{self.poll_timeout:.0f}s")
+            time.sleep(0.01)
+        tensors_index: dict[str, dict] = {}
+        for p in listings:
+            with open(p) as f:
+                for name, piece in json.load(f).items():
+                    entry = tensors_index.setdefault(name, {"shape": index["shapes"][name],
+                                                           "dtype": piece["dtype"], "pieces": []})
+                    entry["pieces"].append({k: piece[k] for k in ("file", "offset", "size")})
+        for name, entry in tensors_index.items():
+            covered = sum(math.prod(p["size"]) for p in entry["pieces"])
+            if covered != math.prod(entry["shape"]):
+                raise AssertionError(f"checkpoint {tmp}: {name} covers {covered} of "
+                                     f"{math.prod(entry['shape'])} elements")
+        index = {k: v for k, v in index.items() if k != "shapes"} | {"tensors": tensors_index}
+        _write_json(os.path.join(tmp, "index.json"), index)
+        final = os.path.join(self.root, _step_name(step))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self._prune()
+
+    def _prune(self) -> None:
+        done = complete_checkpoints(self.root)
+        keep = {s for s, _ in done[-self.keep_last:]} if self.keep_last > 0 else \
+            {s for s, _ in done}
+        if self.keep_every:
+            keep |= {s for s, _ in done if s % self.keep_every == 0}
+        for s, path in done:
+            if s not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".partial", "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".partial", path)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------- loading
+
+def read_index(path: str) -> dict:
+    """The index of the checkpoint directory ``path``; CheckpointError naming what is wrong."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a checkpoint directory (it does not exist)")
+    index_path = os.path.join(path, "index.json")
+    if not os.path.isfile(index_path):
+        raise CheckpointError(f"{path}: not a complete evo checkpoint (no index.json)")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index_path}: unreadable checkpoint index ({e})") from None
+    if index.get("format") != FORMAT:
+        raise CheckpointError(f"{index_path}: format {index.get('format')!r}, expected {FORMAT!r}")
+    return index
+
+
+def model_config(index: dict, path: str = "checkpoint") -> llama.Config:
+    d = dict(index["model"])
+    if d.get("rope_scaling"):
+        d["rope_scaling"] = llama.RopeScaling(**d["rope_scaling"])
+    try:
+        return llama.Config(**d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: model config in index.json is invalid ({e})") from None
+
+
+class _Reader:
+    """Reads rectangles of global arrays from a checkpoint's files."""
+
+    def __init__(self, path: str, index: dict):
+        self.path, self.index, self.files = path, index, {}
+
+    def _open(self, name: str):
+        if name not in self.files:
+            fpath = os.path.join(self.path, name)
+            if not os.path.isfile(fpath):
+                raise CheckpointError(f"{fpath}: shard file is missing")
+            try:
+                self.files[name] = safe_open(fpath, framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{fpath}: unreadable shard ({e})") from None
+        return self.files[name]
+
+    def read(self, name: str, offset: list[int], size: list[int]) -> torch.Tensor:
+        entry = self.index["tensors"].get(name)
+        if entry is None:
+            raise CheckpointError(f"{self.path}: the checkpoint has no array {name!r}")
+        if len(entry["shape"]) != len(size):
+            raise CheckpointError(f"{self.path}: {name!r} has shape {entry['shape']}")
+        out = torch.zeros(size, dtype=getattr(torch, entry["dtype"].split(".")[-1]))
+        for piece in entry["pieces"]:
+            lo = [max(a, b) for a, b in zip(offset, piece["offset"])]
+            hi = [min(a + s, b + t) for a, s, b, t in zip(offset, size, piece["offset"],
+                                                        piece["size"])]
+            if any(h <= l for h, l in zip(hi, lo)):
+                continue
+            f = self._open(piece["file"])
+            src = tuple(slice(l - p, h - p) for l, h, p in zip(lo, hi, piece["offset"]))
+            dst = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offset))
+            try:
+                out[dst] = f.get_slice(name)[src]
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{os.path.join(self.path, piece['file'])}: cannot read "
+                                      f"{name!r} ({e})") from None
+        return out
+
+
+def check_model(index: dict, cfg: llama.Config, path: str) -> None:
+    saved = index["model"]
+    mine = dataclasses.asdict(cfg)
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "intermediate_size", "head_dim", "tie_embeddings"):
+        if saved.get(field) != mine.get(field):
+            raise CheckpointError(f"{path}: saved for model.{field}={saved.get(field)!r}, but "
+                                  f"this run has model.{field}={mine.get(field)!r}")
+
+
+def load_params(path: str, cfg: llama.Config, mesh: Mesh, *, device=None
+                ) -> dict[str, torch.Tensor]:
+    """This rank's parameter pieces under ``mesh.plan``, from a checkpoint of any plan."""
+    index = read_index(path)
+    check_model(index, cfg, path)
+    return _load_group(_Reader(path, index), "params/", cfg, mesh, mesh.plan.zero == 3, device)
+
+
+def _load_group(reader: _Reader, prefix: str, cfg, mesh: Mesh, sharded: bool, device):
+    plan, c = mesh.plan, mesh.coords
+    out = {}
+    for k, lay in model_layouts(plan, cfg).items():
+        offset, size = piece_rect(lay, plan, c, sharded)
+        t = reader.read(prefix + k, offset, size)
+        if sharded and t.shape[0] < lay.shard_shape[0]:  # restore ZeRO padding rows
+            t = torch.cat([t, t.new_zeros((lay.shard_shape[0] - t.shape[0], *t.shape[1:]))])
+        out[k] = t.to(device) if device is not None else t
+    return out
+
+
+def load_state(path: str, cfg: llama.Config, optimizer, mesh: Mesh, *, device=None
+               ) -> tuple[train.TrainState, dict]:
+    """The sharded TrainState for ``mesh.plan`` and the saved loader state."""
+    index = read_index(path)
+    check_model(index, cfg, path)
+    reader = _Reader(path, index)
+    plan = mesh.plan
+    params = _load_group(reader, "params/", cfg, mesh, plan.zero == 3, device)
+    mu = _load_group(reader, "opt/mu/", cfg, mesh, plan.zero >= 1, device)
+    nu = _load_group(reader, "opt/nu/", cfg, mesh, plan.zero >= 1, device)
+    s = index["scalars"]
+    dev = next(iter(params.values())).device
+    opt = optimizer.init(mu)._replace(
+        mu=mu, nu=nu, count=torch.tensor(s["opt_count"], dtype=torch.int64, device=dev),
+        skipped=torch.tensor(s["opt_skipped"], dtype=torch.int64, device=dev))
+    state = train.TrainState(torch.tensor(s["step"], dtype=torch.int64, device=dev), params, opt)
+    return state, index.get("loader") or {}
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory from a run directory (its latest complete checkpoint), a
+    ``checkpoints`` directory, or a checkpoint directory itself."""
+    if os.path.isfile(os.path.join(path, "index.json")):
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        done = complete_checkpoints(root)
+        if done:
+            return done[-1][1]
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such run or checkpoint directory")
+    raise CheckpointError(f"{path}: holds no complete evo checkpoint")
+
+
+def export_hf(path: str, out_dir: str, *, dtype: torch.dtype | None = None,
+              overwrite: bool = False) -> str:
+    """Write the params of a checkpoint (saved by any plan) as an HF LLaMA directory."""
+    from evo import hf
+    from evo.sharding.plan import Plan
+    ckpt = resolve(path)
+    index = read_index(ckpt)
+    cfg = model_config(index, ckpt)
+    params = load_params(ckpt, cfg, Mesh(Plan().resolve(1), 0))
+    hf.save_hf(cfg, params, out_dir, dtype=dtype, overwrite=overwrite)
+    return ckpt

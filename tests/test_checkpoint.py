@@ -1,0 +1,216 @@
+"""Checkpoints: crash-safe auto-resume, loading under another plan, HF export, bad input.
+
+Resume after `kill -9` is compared bitwise (CPU, fp32: the same ops in the same order on the same
+numbers). Continuing under another plan is compared at 1e-5 relative (fp32; another plan sums
+partial results in another order). HF export at 1e-4 (fp32 logits, as tests/test_hf.py).
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from evo import checkpoint, train
+from evo.models import llama
+from evo.sharding import Plan
+from evo.sharding.mesh import Mesh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+EXPERIMENT = textwrap.dedent("""
+    from evo import Experiment, Plan, data, models, optim
+    experiment = Experiment(
+        model=models.llama.Config(vocab_size=64, hidden_size=64, num_layers=3, num_heads=4,
+                                  num_kv_heads=2, intermediate_size=96),
+        data=data.Packed(folder=None, seq_len=64, micro_batch=2, micro_num=2, seed=5),
+        optimizer=optim.adamw(lr=optim.warmup_cosine(peak=3e-3, warmup=3, floor=3e-4)),
+        steps=STEPS, checkpoint_every=EVERY, run_dir=RUN_DIR,
+    )
+""")
+
+
+def write_experiment(tmp_path, steps, every, run_dir):
+    path = tmp_path / f"exp_{steps}_{every}.py"
+    path.write_text(EXPERIMENT.replace("STEPS", str(steps)).replace("EVERY", str(every))
+                    .replace("RUN_DIR", repr(str(run_dir))))
+    return str(path)
+
+
+def env(**kw):
+    return dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **kw)
+
+
+def evo_train(exp, *sets, nproc=1, check=True):
+    extra = [a for s in sets for a in ("--set", s)]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "evo", "train", exp, *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(nproc), "-m", "evo", "train", exp, *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def records(run_dir):
+    out = []
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        r = json.loads(line)
+        out.append((r["step"], r["loss"], r["grad_norm"], r["lr"], r["tokens"], r["skipped"]))
+    return out
+
+
+def test_kill_9_then_rerun_is_bitwise_the_uninterrupted_run(tmp_path):
+    steps = 24
+    ref_dir = tmp_path / "ref"
+    evo_train(write_experiment(tmp_path, steps, 3, ref_dir))
+    reference = records(ref_dir)
+    assert [r[0] for r in reference] == list(range(1, steps + 1))
+    rng = random.Random(0)
+    kills = sorted(rng.sample(range(1, steps - 1), 5))  # kill once this many steps are logged
+    for k in kills:
+        run_dir = tmp_path / f"run{k}"
+        exp = write_experiment(tmp_path, steps, 3, run_dir)
+        p = subprocess.Popen([sys.executable, "-m", "evo", "train", exp], env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            if metrics.exists() and metrics.read_text().count("\n") >= k:
+                break
+            time.sleep(0.005)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        r = evo_train(exp)
+        assert records(run_dir) == reference, f"killed after {k} steps"
+        if k >= 3:
+            assert "resuming from" in r.stderr
+    print("killed after steps", kills)
+
+
+def test_save_by_4_processes_continue_on_1_and_on_tp2(tmp_path):
+    """dp2×tp2 ZeRO-3 on 4 processes saves at step 2 (stop file); 1 process and tp2 on 2 processes
+    continue; their steps 3-4 equal the uninterrupted 4-process run within 1e-5."""
+    plan4 = ["plan.dp=2", "plan.tp=2", "plan.zero=3", "data.micro_num=1"]
+    full_dir = tmp_path / "full"
+    evo_train(write_experiment(tmp_path, 4, 0, full_dir), *plan4, nproc=4)
+    full = records(full_dir)
+
+    saved = tmp_path / "saved"
+    os.makedirs(saved)
+    (saved / "stop").write_text("2")
+    evo_train(write_experiment(tmp_path, 4, 0, saved), *plan4, nproc=4)
+    assert [r[0] for r in records(saved)] == [1, 2]
+    (saved / "stop").unlink()
+    for name, sets, nproc in (("one", ["data.micro_num=2"], 1),
+                              ("tp2", ["plan.tp=2", "data.micro_num=2"], 2)):
+        run_dir = tmp_path / name
+        shutil.copytree(saved, run_dir)
+        r = evo_train(write_experiment(tmp_path, 4, 0, run_dir), *sets, nproc=nproc)
+        assert "resuming from" in r.stderr
+        got = records(run_dir)
+        assert [x[0] for x in got] == [1, 2, 3, 4]
+        for a, b in zip(got[2:], full[2:]):
+            assert abs(a[1] - b[1]) <= 1e-5 * abs(b[1]), (name, a, b)
+
+
+def test_export_hf_from_a_sharded_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run_dir = tmp_path / "run"
+    evo_train(write_experiment(tmp_path, 4, 2, run_dir), "plan.tp=2", "plan.zero=3",
+              "data.micro_num=2", nproc=2)
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "evo", "export-hf", str(run_dir), "--out", str(out)],
+                       capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    ckpt = checkpoint.resolve(str(run_dir))
+    cfg = checkpoint.model_config(checkpoint.read_index(ckpt))
+    params = checkpoint.load_params(ckpt, cfg, Mesh(Plan().resolve(1), 0))
+    model = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(tokens).logits
+    assert (llama.apply(cfg, params, tokens) - ref).abs().max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    run_dir = tmp / "run"
+    exp = write_experiment(tmp, 4, 2, run_dir)
+    evo_train(exp, "async_checkpoint=false", "steps=4", "keep_last=1")
+    return tmp, run_dir, exp
+
+
+def _copy(saved_run, name):
+    tmp, run_dir, exp = saved_run
+    dst = tmp / name
+    shutil.copytree(run_dir, dst)
+    return dst, checkpoint.resolve(str(dst))
+
+
+def test_missing_shard_names_the_file(saved_run):
+    _, ckpt = _copy(saved_run, "missing")
+    os.remove(os.path.join(ckpt, "rank-00000.safetensors"))
+    cfg = checkpoint.model_config(checkpoint.read_index(ckpt))
+    with pytest.raises(checkpoint.CheckpointError, match="rank-00000.safetensors: shard file is missing"):
+        checkpoint.load_params(ckpt, cfg, Mesh(Plan().resolve(1), 0))
+
+
+def test_truncated_shard_names_the_file(saved_run):
+    _, ckpt = _copy(saved_run, "truncated")
+    path = os.path.join(ckpt, "rank-00000.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    cfg = checkpoint.model_config(checkpoint.read_index(ckpt))
+    with pytest.raises(checkpoint.CheckpointError, match="rank-00000.safetensors"):
+        checkpoint.load_params(ckpt, cfg, Mesh(Plan().resolve(1), 0))
+
+
+def test_checkpoint_of_another_model_shape(saved_run):
+    tmp, run_dir, _ = saved_run
+    other = tmp / "other_exp.py"
+    other.write_text(open(write_experiment(tmp, 4, 2, run_dir)).read()
+                     .replace("hidden_size=64", "hidden_size=32"))
+    r = subprocess.run([sys.executable, "-m", "evo", "train", str(other)], capture_output=True,
+                       text=True, env=env(), timeout=300)
+    assert r.returncode != 0 and "model.hidden_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_not_a_checkpoint_directory(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="no complete evo checkpoint"):
+        checkpoint.resolve(str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError, match="not a complete evo checkpoint"):
+        checkpoint.read_index(str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "evo", "export-hf", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env())
+    assert r.returncode != 0 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_auto_resume_skips_an_incomplete_checkpoint(saved_run):
+    run_dir, ckpt = _copy(saved_run, "incomplete")
+    partial = os.path.join(run_dir, "checkpoints", ".tmp-step-00000004")
+    os.makedirs(partial)
+    open(os.path.join(partial, "rank-00000.safetensors"), "wb").close()
+    exp = write_experiment(saved_run[0], 6, 2, run_dir)
+    r = evo_train(exp)
+    assert "skipping incomplete checkpoint" in r.stderr and "resuming from" in r.stderr
+    assert not os.path.exists(partial)
+    assert [x[0] for x in records(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in checkpoint.complete_checkpoints(os.path.join(run_dir, "checkpoints"))] \
+        == [4, 6]
+
+
+def test_pruning_keeps_last_k_and_every_m(tmp_path):
+    exp = write_experiment(tmp_path, 10, 1, tmp_path / "run")
+    evo_train(exp, "keep_last=2", "keep_every=4", "async_checkpoint=false")
+    steps = [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path / "run" / "checkpoints"))]
+    assert steps == [4, 8, 9, 10]
