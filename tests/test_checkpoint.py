@@ -214,3 +214,77 @@ def test_pruning_keeps_last_k_and_every_m(tmp_path):
     evo_train(exp, "keep_last=2", "keep_every=4", "async_checkpoint=false")
     steps = [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path / "run" / "checkpoints"))]
     assert steps == [4, 8, 9, 10]
+
+
+SLOW_SAVE = """
+import sys, time
+import evo.checkpoint as c
+write = c.save_file
+c.save_file = lambda *a, **k: (time.sleep(0.4), write(*a, **k))[1]
+from evo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_during_a_save(tmp_path):
+    """Saves slowed down (0.4 s) so the kill lands while `.tmp-step-N` is being written: the
+    rerun skips the partial checkpoint and still logs the uninterrupted run's metrics."""
+    steps = 12
+    ref_dir = tmp_path / "ref"
+    evo_train(write_experiment(tmp_path, steps, 3, ref_dir))
+    run_dir = tmp_path / "run"
+    exp = write_experiment(tmp_path, steps, 3, run_dir)
+    p = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "train", exp], env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run_dir / "checkpoints"
+    deadline, seen = time.time() + 120, False
+    while time.time() < deadline and p.poll() is None and not seen:
+        seen = ckpts.exists() and any(n.startswith(".tmp-step-00000006") for n in os.listdir(ckpts))
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert seen
+    r = evo_train(exp)
+    assert "skipping incomplete checkpoint" in r.stderr and "step 3" in r.stderr
+    assert records(run_dir) == records(ref_dir)
+
+
+def test_sigterm_saves_before_exiting(tmp_path):
+    run_dir = tmp_path / "run"
+    exp = write_experiment(tmp_path, 400, 0, run_dir)
+    p = subprocess.Popen([sys.executable, "-m", "evo", "train", exp], env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and "stopped, as asked by SIGTERM" in err
+    done = checkpoint.complete_checkpoints(str(run_dir / "checkpoints"))
+    assert len(done) == 1 and done[0][0] == len(records(run_dir))
+
+
+def test_init_from_a_checkpoint_or_hf_loads_params_only(saved_run, tmp_path):
+    """`init_from` takes the weights (params only: fresh optimizer, step 0) of an evo checkpoint
+    or of an HF directory (`evo import-hf`); the first logged loss equals the loss of those
+    weights computed directly."""
+    _, src_run, exp = saved_run
+    ckpt = checkpoint.resolve(str(src_run))
+    cfg = checkpoint.model_config(checkpoint.read_index(ckpt))
+    params = checkpoint.load_params(ckpt, cfg, Mesh(Plan().resolve(1), 0))
+    from evo import config, data, hf
+    e = config.load(exp)
+    batch = next(data.Loader(e.data, vocab_size=cfg.vocab_size))
+    _, expected = train.Step(cfg, e.optimizer.with_total_steps(e.steps)).grads(params, batch)
+    hf_dir = tmp_path / "hf"
+    hf.save_hf(cfg, params, str(hf_dir))
+    for name, cmd in (("from_ckpt", ["train", exp, "--set", f"init_from={src_run}"]),
+                      ("from_hf", ["import-hf", str(hf_dir), exp])):
+        run_dir = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "evo", *cmd, "--set", f"run_dir={run_dir}",
+                            "--set", "steps=4"], capture_output=True, text=True, env=env(),
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        first = records(run_dir)[0]
+        assert first[0] == 1 and abs(first[1] - float(expected)) <= 1e-6 * float(expected), name
