@@ -288,3 +288,12 @@ def test_init_from_a_checkpoint_or_hf_loads_params_only(saved_run, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         first = records(run_dir)[0]
         assert first[0] == 1 and abs(first[1] - float(expected)) <= 1e-6 * float(expected), name
+
+
+def test_stop_file_with_a_negative_step_saves_and_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    (run_dir / "stop").write_text("-3")
+    evo_train(write_experiment(tmp_path, 5, 0, run_dir))
+    assert [x[0] for x in records(run_dir)] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in checkpoint.complete_checkpoints(str(run_dir / "checkpoints"))] == [3]
