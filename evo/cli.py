@@ -31,6 +31,22 @@ def _tokenize(args) -> None:
     print(summary)
 
 
+def _plan(args) -> None:
+    from evo import config
+    from evo.sharding.simulate import plan_report, simulate
+    exp = config.apply_overrides(config.load(args.experiment), args.set)
+    plans = [exp.plan] + [config.apply_overrides(exp, [f"plan.{kv}" for kv in spec.split(",")
+                                                       if kv]).plan for spec in args.plans]
+    tokens = exp.data.micro_batch * exp.data.seq_len
+    print(f"per rank at world {args.world} ({exp.data.micro_num} micro-batches of {tokens} "
+          f"tokens, bf16 activations, fp32 master):")
+    print(plan_report(exp.model, plans, args.world, micro_num=exp.data.micro_num,
+                      tokens_per_micro=tokens))
+    r = simulate(exp.model, exp.plan, args.world)
+    print(f"checked {r['plan']} on a fake process group of {args.world}: rank 0 holds "
+          f"{r['bytes']['total'] / 2**30:.2f} GiB of params, grads and AdamW state")
+
+
 def _export_hf(args) -> None:
     from evo import checkpoint
     src = checkpoint.export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
@@ -52,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field by dotted key, e.g. --set plan.tp=2 --set steps=10")
     t.set_defaults(fn=_train)
+
+    pl = sub.add_parser("plan", help="per-rank memory and communication of plans at a world size")
+    pl.add_argument("experiment")
+    pl.add_argument("--world", type=int, required=True, help="number of processes")
+    pl.add_argument("--plans", nargs="*", default=[], metavar="dp=8,zero=1",
+                    help="more plans to compare, as plan.KEY=VALUE lists without the prefix")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.set_defaults(fn=_plan)
 
     e = sub.add_parser("export-hf", help="write a checkpoint's weights as an HF LLaMA directory")
     e.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint")
