@@ -85,4 +85,4 @@ def test_evo_plan_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "evo", "plan", str(exp), "--world", "1000"],
                          capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
-    assert bad.returncode != 0 and "world size 1000" in bad.stderr
+    assert bad.returncode != 0 and "plan.zero_group=8 must divide plan.dp=125" in bad.stderr
