@@ -341,6 +341,8 @@ class ShardedStep:
 
     def _grad_norm(self, grads, layouts, comm: C.Comm) -> torch.Tensor:
         """Global L2 norm: squares of split gradients summed over the ranks holding the pieces."""
+        if self.plan.tp == 1 and (self.plan.zero == 0 or self.plan.zero_group == 1):
+            return tree.global_norm(grads)  # every rank holds whole gradients: the plain norm
         split = [g for k, g in grads.items() if layouts[k].tp_dim is not None]
         whole = [g for k, g in grads.items() if layouts[k].tp_dim is None]
         sq = lambda gs: tree.global_norm(gs) ** 2 if gs else torch.zeros(())  # noqa: E731
