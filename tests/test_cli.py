@@ -182,3 +182,15 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(exp_file, tmp_path):
     assert procs[0].returncode != 0
     assert "rank 0 of 2 stopped" in err and "Traceback" not in err, err[-2000:]
     assert time.time() - killed < 60
+
+
+def test_demo_held_out_loss_falls_by_a_third(tmp_path):
+    """The README's demo, as it is: held-out loss falls at least 30 % from its first value and the
+    run ends with a sample."""
+    r = evo("train", "experiments/tiny.py", "--set", f"run_dir={tmp_path / 'tiny'}", cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = [json.loads(x) for x in (tmp_path / "tiny" / "eval.jsonl").read_text().splitlines()]
+    first, last = evals[0], evals[-1]
+    assert first["step"] == 0 and last["step"] == 300
+    assert last["loss"] <= 0.7 * first["loss"], (first["loss"], last["loss"])
+    assert "sample:\ndef fibonacci(n):" in r.stderr
