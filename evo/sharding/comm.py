@@ -14,7 +14,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 _c10d = torch.ops._c10d_functional
 
@@ -79,6 +78,13 @@ def launch_reduce_scatter(comm: Comm, x: torch.Tensor, axis: str) -> torch.Tenso
                                        comm.groups[axis].group_name)
 
 
+def launch_all_gather(comm: Comm, x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Start an all-gather along dim 0 and return at once; ``wait`` gives the result."""
+    comm.log.add("all_gather", axis, x)
+    return _c10d.all_gather_into_tensor(x.contiguous(), comm.size(axis),
+                                        comm.groups[axis].group_name)
+
+
 def wait(x: torch.Tensor) -> torch.Tensor:
     return _c10d.wait_tensor(x)
 
@@ -87,119 +93,66 @@ def chunk(x: torch.Tensor, n: int, i: int, dim: int = 0) -> torch.Tensor:
     return x.chunk(n, dim)[i] if n > 1 else x
 
 
-# -------------------------------------------------------------------------- autograd Functions
-# Each is the conjugate pair of Megatron's parallel regions: what forward does, backward does
-# the transpose of.
+# -------------------------------------------------------------------------- autograd Function
+# Megatron's parallel regions as conjugate pairs: what forward does, backward does the transpose
+# of (identity <-> all-reduce, all-gather <-> reduce-scatter, split <-> all-gather).
 
-class _CopyToRegion(torch.autograd.Function):
-    """Forward identity, backward all-reduce: input replicated over ``axis`` enters a region
-    where each rank computes a different part."""
-    @staticmethod
-    def forward(x, comm, axis):
+def _run(op: str, x: torch.Tensor, comm: Comm, axis: str, dim: int, index: int) -> torch.Tensor:
+    if op == "identity":
         return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.comm, ctx.axis = inputs[1], inputs[2]
-
-    @staticmethod
-    def backward(ctx, g):
-        with torch.no_grad():
-            return ctx.comm.all_reduce(g.detach(), ctx.axis), None, None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    """Forward all-reduce (sum of partial results), backward identity."""
-    @staticmethod
-    def forward(x, comm, axis):
+    if op == "all_reduce":
         return comm.all_reduce(x, axis)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None, None
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    """Forward all-gather along ``dim`` (or the result of one started earlier, ``pending``),
-    backward reduce-scatter along it."""
-    @staticmethod
-    def forward(x, comm, axis, dim, pending):
-        if pending is not None:
-            return wait(pending)
+    if op == "all_gather":
         return comm.all_gather(x, axis, dim)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.comm, ctx.axis, ctx.dim = inputs[1], inputs[2], inputs[3]
-
-    @staticmethod
-    def backward(ctx, g):
-        with torch.no_grad():
-            return ctx.comm.reduce_scatter(g.detach(), ctx.axis, ctx.dim), None, None, None, None
-
-
-class _ScatterToRegion(torch.autograd.Function):
-    """Forward reduce-scatter along ``dim``, backward all-gather along it."""
-    @staticmethod
-    def forward(x, comm, axis, dim):
+    if op == "reduce_scatter":
         return comm.reduce_scatter(x, axis, dim)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.comm, ctx.axis, ctx.dim = inputs[1], inputs[2], inputs[3]
-
-    @staticmethod
-    def backward(ctx, g):
-        with torch.no_grad():
-            return ctx.comm.all_gather(g.detach(), ctx.axis, ctx.dim), None, None, None
-
-
-class _SplitToRegion(torch.autograd.Function):
-    """Forward: keep this rank's chunk along ``dim`` (input replicated); backward all-gather."""
-    @staticmethod
-    def forward(x, comm, axis, dim, index):
+    if op == "split":
         return chunk(x, comm.size(axis), index, dim).contiguous()
+    raise ValueError(f"unknown region op {op!r}")
+
+
+class _Region(torch.autograd.Function):
+    """Forward ``fwd`` over ``axis`` (or the result of a collective started earlier,
+    ``pending``), backward ``bwd``."""
+    @staticmethod
+    def forward(x, comm, axis, dim, index, fwd, bwd, pending):
+        return wait(pending) if pending is not None else _run(fwd, x, comm, axis, dim, index)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.comm, ctx.axis, ctx.dim = inputs[1], inputs[2], inputs[3]
+        _, ctx.comm, ctx.axis, ctx.dim, ctx.index, _, ctx.bwd, _ = inputs
 
     @staticmethod
     def backward(ctx, g):
         with torch.no_grad():
-            return ctx.comm.all_gather(g.detach(), ctx.axis, ctx.dim), None, None, None, None
+            return (_run(ctx.bwd, g.detach(), ctx.comm, ctx.axis, ctx.dim, ctx.index),
+                    *([None] * 7))
+
+
+def _region(x, comm: Comm, axis: str, fwd: str, bwd: str, dim: int = 0, index: int = 0,
+            pending: torch.Tensor | None = None):
+    return x if comm.size(axis) == 1 else _Region.apply(x, comm, axis, dim, index, fwd, bwd,
+                                                        pending)
 
 
 def copy_to(x, comm: Comm, axis: str):
-    return x if comm.size(axis) == 1 else _CopyToRegion.apply(x, comm, axis)
+    """Replicated input enters a region where each rank computes a different part."""
+    return _region(x, comm, axis, "identity", "all_reduce")
 
 
 def reduce_from(x, comm: Comm, axis: str):
-    return x if comm.size(axis) == 1 else _ReduceFromRegion.apply(x, comm, axis)
+    """Partial results leave a region summed."""
+    return _region(x, comm, axis, "all_reduce", "identity")
 
 
 def gather_from(x, comm: Comm, axis: str, dim: int, pending: torch.Tensor | None = None):
-    return x if comm.size(axis) == 1 else _GatherFromRegion.apply(x, comm, axis, dim, pending)
-
-
-def launch_all_gather(comm: Comm, x: torch.Tensor, axis: str) -> torch.Tensor:
-    """Start an all-gather along dim 0 and return at once; ``wait`` gives the result."""
-    comm.log.add("all_gather", axis, x)
-    return _c10d.all_gather_into_tensor(x.contiguous(), comm.size(axis),
-                                        comm.groups[axis].group_name)
+    return _region(x, comm, axis, "all_gather", "reduce_scatter", dim, pending=pending)
 
 
 def scatter_to(x, comm: Comm, axis: str, dim: int):
-    return x if comm.size(axis) == 1 else _ScatterToRegion.apply(x, comm, axis, dim)
+    return _region(x, comm, axis, "reduce_scatter", "all_gather", dim)
 
 
 def split_to(x, comm: Comm, axis: str, dim: int, index: int):
-    return x if comm.size(axis) == 1 else _SplitToRegion.apply(x, comm, axis, dim, index)
-
-
-def process_groups_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """Keep this rank's chunk of a replicated input along ``dim``."""
+    return _region(x, comm, axis, "split", "all_gather", dim, index)
