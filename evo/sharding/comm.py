@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 _c10d = torch.ops._c10d_functional
 
@@ -65,28 +67,46 @@ class Comm:
         return out.movedim(0, dim) if dim else out
 
 
-def launch_all_reduce(comm: Comm, x: torch.Tensor, axis: str) -> torch.Tensor:
-    """Start an all-reduce and return at once; ``wait`` gives the result."""
+class Pending(NamedTuple):
+    """A collective started with ``launch_*``: its output (valid after ``wait``), its work handle,
+    and its input, kept alive until the collective is done."""
+    out: torch.Tensor
+    work: object
+    source: torch.Tensor
+
+
+# torch 2.13 renamed the tensor-in, tensor-out collectives; 2.11 has only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or \
+    dist.reduce_scatter_tensor
+
+
+def launch_all_reduce(comm: Comm, x: torch.Tensor, axis: str) -> Pending:
+    """Start a sum all-reduce, in place on ``x`` (a buffer of the caller's own), and return at
+    once; ``wait`` gives the result."""
     comm.log.add("all_reduce", axis, x)
-    return _c10d.all_reduce(x.contiguous(), "sum", comm.groups[axis].group_name)
+    return Pending(x, dist.all_reduce(x, group=comm.groups[axis], async_op=True), x)
 
 
-def launch_reduce_scatter(comm: Comm, x: torch.Tensor, axis: str) -> torch.Tensor:
+def launch_reduce_scatter(comm: Comm, x: torch.Tensor, axis: str) -> Pending:
     """Start a reduce-scatter along dim 0 and return at once; ``wait`` gives the result."""
     comm.log.add("reduce_scatter", axis, x)
-    return _c10d.reduce_scatter_tensor(x.contiguous(), "sum", comm.size(axis),
-                                       comm.groups[axis].group_name)
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] // comm.size(axis), *x.shape[1:]))
+    return Pending(out, _reduce_scatter_single(out, x, group=comm.groups[axis], async_op=True), x)
 
 
-def launch_all_gather(comm: Comm, x: torch.Tensor, axis: str) -> torch.Tensor:
+def launch_all_gather(comm: Comm, x: torch.Tensor, axis: str) -> Pending:
     """Start an all-gather along dim 0 and return at once; ``wait`` gives the result."""
     comm.log.add("all_gather", axis, x)
-    return _c10d.all_gather_into_tensor(x.contiguous(), comm.size(axis),
-                                        comm.groups[axis].group_name)
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] * comm.size(axis), *x.shape[1:]))
+    return Pending(out, _all_gather_single(out, x, group=comm.groups[axis], async_op=True), x)
 
 
-def wait(x: torch.Tensor) -> torch.Tensor:
-    return _c10d.wait_tensor(x)
+def wait(p: Pending) -> torch.Tensor:
+    p.work.wait()
+    return p.out
 
 
 def chunk(x: torch.Tensor, n: int, i: int, dim: int = 0) -> torch.Tensor:
@@ -130,7 +150,7 @@ class _Region(torch.autograd.Function):
 
 
 def _region(x, comm: Comm, axis: str, fwd: str, bwd: str, dim: int = 0, index: int = 0,
-            pending: torch.Tensor | None = None):
+            pending: Pending | None = None):
     return x if comm.size(axis) == 1 else _Region.apply(x, comm, axis, dim, index, fwd, bwd,
                                                         pending)
 
@@ -145,7 +165,7 @@ def reduce_from(x, comm: Comm, axis: str):
     return _region(x, comm, axis, "all_reduce", "identity")
 
 
-def gather_from(x, comm: Comm, axis: str, dim: int, pending: torch.Tensor | None = None):
+def gather_from(x, comm: Comm, axis: str, dim: int, pending: Pending | None = None):
     return _region(x, comm, axis, "all_gather", "reduce_scatter", dim, pending=pending)
 
 
