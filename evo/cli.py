@@ -19,13 +19,33 @@ class _Parser(argparse.ArgumentParser):
 
 def _train(args) -> None:
     from evo import config, run
-    exp = config.apply_overrides(config.load(args.experiment), args.set)
+    extra = [f"profile={args.profile}"] if getattr(args, "profile", None) else []
+    exp = config.apply_overrides(config.load(args.experiment), [*args.set, *extra])
     run.run(exp)
 
 
+def _generate(args) -> None:
+    import torch
+
+    from evo import generate
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, params, tok = generate.load_for_generation(args.source, args.tokenizer, device=device)
+    params = {k: v.to(getattr(torch, args.dtype)) for k, v in params.items()}
+    prompts = [tok.encode(p) for p in args.prompt]
+    if args.bos and tok.bos_id is not None:
+        prompts = [[tok.bos_id, *p] for p in prompts]
+    outs = generate.generate(cfg, params, prompts, args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed, stop_token=tok.eos_id)
+    for i, (prompt, new) in enumerate(zip(args.prompt, outs)):
+        if len(outs) > 1:
+            print(f"--- [{i}]")
+        print(prompt + tok.decode(new), flush=True)
+
+
 def _tokenize(args) -> None:
-    from evo.data import tokenize
-    summary = tokenize.tokenize(args.inputs, args.out, tokenizer=args.tokenizer, field=args.field,
+    from evo.data.tokenize import tokenize
+    summary = tokenize(args.inputs, args.out, tokenizer=args.tokenizer, field=args.field,
                                 add_bos=args.bos, add_eos=args.eos, workers=args.workers,
                                 progress=not args.quiet)
     print(summary)
@@ -67,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("experiment", help="an experiment file (Python) that defines `experiment`")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field by dotted key, e.g. --set plan.tp=2 --set steps=10")
+    t.add_argument("--profile", metavar="START:END",
+                   help="profile steps START..END (1-based) into RUN_DIR/profile")
     t.set_defaults(fn=_train)
 
     pl = sub.add_parser("plan", help="per-rank memory and communication of plans at a world size")
@@ -88,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("experiment", help="the experiment to train (its model must match)")
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     i.set_defaults(fn=_import_hf)
+
+    g = sub.add_parser("generate", help="continue prompts with a trained model (KV cache)")
+    g.add_argument("source", help="a run directory, an evo checkpoint, or an HF LLaMA directory")
+    g.add_argument("--prompt", action="append", required=True,
+                   help="text to continue; repeat for a batch of prompts")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tokenizer", default=None,
+                   help="override the tokenizer recorded with the run")
+    g.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS to each prompt")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    g.set_defaults(fn=_generate)
 
     k = sub.add_parser("tokenize", help="tokenize JSONL or text files into evo/InternEvo .bin files")
     k.add_argument("inputs", nargs="+", help=".jsonl files (one document per line) or text files")

@@ -37,6 +37,10 @@ class Experiment:
     ``keep_every``; ``async_checkpoint`` writes them while training goes on. Re-running the same
     command resumes from the latest complete checkpoint. ``init_from``: start from these weights
     (an HF directory or an evo run/checkpoint; parameters only) instead of ``seed``.
+    ``tensorboard``: write TensorBoard event files under ``RUN_DIR/tensorboard``.
+    ``alert_webhook``: a URL that receives every alert as a JSON POST. ``peak_tflops``: the
+    device's peak for MFU (default: known from the device name; none on a CPU). ``profile``:
+    ``"START:END"`` profiles steps START through END (1-based) into ``RUN_DIR/profile``.
     """
     model: llama.Config
     data: data.Packed
@@ -60,6 +64,10 @@ class Experiment:
     sample_prompt: str | None = None
     sample_tokens: int = 200
     sample_temperature: float = 0.8
+    tensorboard: bool = True
+    alert_webhook: str | None = None
+    peak_tflops: float | None = None
+    profile: str | None = None
 
     def __post_init__(self):
         for name, typ in (("model", llama.Config), ("data", data.Packed), ("optimizer", optim.AdamW),
@@ -82,8 +90,33 @@ class Experiment:
             raise ConfigError(f"experiment.remat must be a fraction in [0, 1], got {self.remat!r}")
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ConfigError(f"experiment.run_dir must be a non-empty path, got {self.run_dir!r}")
+        if self.peak_tflops is not None and (not isinstance(self.peak_tflops, (int, float))
+                                             or self.peak_tflops <= 0):
+            raise ConfigError(f"experiment.peak_tflops must be a positive number, got "
+                              f"{self.peak_tflops!r}")
+        if self.alert_webhook is not None and not str(self.alert_webhook).startswith(
+                ("http://", "https://")):
+            raise ConfigError(f"experiment.alert_webhook must be an http(s) URL, got "
+                              f"{self.alert_webhook!r}")
+        if self.profile is not None:
+            self.profile_steps()
         if self.sample_prompt is not None and self.tokenizer is None:
             raise ConfigError("experiment.sample_prompt needs experiment.tokenizer to encode it")
+
+
+    def profile_steps(self) -> tuple[int, int] | None:
+        """``profile`` as (first, last) step, 1-based and inclusive."""
+        if self.profile is None:
+            return None
+        a, colon, b = str(self.profile).partition(":")
+        try:
+            first, last = int(a), int(b)
+        except ValueError:
+            first = last = 0
+        if not colon or not 1 <= first <= last:
+            raise ConfigError(f"experiment.profile must be START:END with 1 <= START <= END "
+                              f"(steps, 1-based), got {self.profile!r}")
+        return first, last
 
 
 def load(path: str) -> Experiment:

@@ -1,4 +1,4 @@
-"""Sampling text from a model: a pure function of params, prompt and seed."""
+"""Sampling text from a model: a pure function of params, prompts and seed."""
 from __future__ import annotations
 
 import torch
@@ -28,24 +28,93 @@ def next_token_distribution(logits: torch.Tensor, *, temperature: float = 1.0,
 
 
 @torch.no_grad()
-def sample(cfg: llama.Config, params: dict[str, torch.Tensor], prompt: list[int],
-           max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, seed: int = 0, stop_token: int | None = None) -> list[int]:
-    """Continue ``prompt`` by up to ``max_new_tokens`` tokens; returns only the new tokens.
+def generate(cfg: llama.Config, params: dict[str, torch.Tensor], prompts: list[list[int]],
+             max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, stop_token: int | None = None
+             ) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens (fewer when it samples
+    ``stop_token``); returns only the new tokens of each.
 
-    Recomputes the (at most ``cfg.max_seq_len``) context each step: simple and exact.
+    The prompts are left-padded into one batch and run once through the model; then every new
+    token costs one step over a key/value cache (``llama.decode``). Temperature 0 is greedy. A
+    row's tokens do not depend on the other rows: each row has its own random stream.
     """
-    gen = torch.Generator().manual_seed(seed)
-    device = params["embed"].device
-    tokens = list(prompt)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        ctx = torch.tensor([tokens[-cfg.max_seq_len:]], device=device)
-        logits = llama.apply(cfg, params, ctx)[:, -1]
-        probs = next_token_distribution(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        tok = int(torch.multinomial(probs.cpu(), 1, generator=gen))
-        if tok == stop_token:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the "
+                         f"model's max_seq_len={cfg.max_seq_len}")
+    device, dtype = params["embed"].device, params["embed"].dtype
+    b = len(prompts)
+    gens = [torch.Generator().manual_seed(seed + 1_000_003 * r) for r in range(b)]
+    tokens = torch.zeros(b, longest, dtype=torch.int64, device=device)
+    valid = torch.zeros(b, longest, dtype=torch.bool, device=device)
+    for r, p in enumerate(prompts):
+        tokens[r, longest - len(p):] = torch.tensor(p, device=device)
+        valid[r, longest - len(p):] = True
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    next_pos = positions[:, -1] + 1
+    cache = llama.init_cache(cfg, b, longest + max_new_tokens, dtype=dtype, device=device)
+    logits, cache = llama.decode(cfg, params, tokens, cache, positions=positions, valid=valid)
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    for n in range(max_new_tokens):
+        probs = next_token_distribution(logits[:, -1], temperature=temperature, top_k=top_k,
+                                        top_p=top_p).cpu()
+        new = [int(torch.multinomial(probs[r], 1, generator=gens[r])) for r in range(b)]
+        for r, t in enumerate(new):
+            done[r] = done[r] or t == stop_token
+            if not done[r]:
+                out[r].append(t)
+        if all(done) or n + 1 == max_new_tokens:
             break
-        tokens.append(tok)
-        out.append(tok)
+        step = torch.tensor(new, device=device)[:, None]
+        logits, cache = llama.decode(cfg, params, step, cache, positions=next_pos[:, None])
+        next_pos = next_pos + 1
     return out
+
+
+def sample(cfg: llama.Config, params: dict[str, torch.Tensor], prompt: list[int],
+           max_new_tokens: int, **kwargs) -> list[int]:
+    """One prompt: ``generate`` with a batch of one."""
+    return generate(cfg, params, [prompt], max_new_tokens, **kwargs)[0]
+
+
+def load_for_generation(path: str, tokenizer: str | None = None, *, device=None):
+    """(config, params, tokenizer) from a run directory, an evo checkpoint or an HF directory.
+    The tokenizer is ``tokenizer`` when given, else the one the run was trained with (an HF
+    directory's ``tokenizer.json``)."""
+    import os
+
+    from evo import checkpoint, data
+    from evo.sharding import Plan
+    from evo.sharding.mesh import Mesh
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from evo import hf
+        cfg, params = hf.load_hf(path)
+        found = os.path.join(path, "tokenizer.json")
+        spec = tokenizer or (found if os.path.isfile(found) else None)
+    else:
+        ckpt = checkpoint.resolve(path)
+        index = checkpoint.read_index(ckpt)
+        cfg = checkpoint.model_config(index, ckpt)
+        params = checkpoint.load_params(ckpt, cfg, Mesh(Plan().resolve(1), 0), device=device)
+        spec = tokenizer or index.get("meta", {}).get("tokenizer")
+    if spec is None:
+        raise ValueError(f"{path}: no tokenizer is recorded there; pass --tokenizer "
+                         f"(byte, a tokenizers .json or a sentencepiece .model file)")
+    tok = data.load_tokenizer(spec)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {spec!r} has {tok.vocab_size} tokens but the model's "
+                         f"vocab_size is {cfg.vocab_size}")
+    params = {k: v.to(device) for k, v in params.items()} if device is not None else params
+    return cfg, params, tok

@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from typing import IO
 
 import torch
@@ -168,7 +169,9 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
         state = planner.init_state(exp.model, opt, _initial_params(exp, mesh, device), mesh)
     first = int(state.step)
     step_fn = shard(train.Step(exp.model, opt, compute_dtype=_dtype(exp.compute_dtype),
-                               remat=exp.remat, attention=exp.attention, donate=True), plan, mesh)
+                               remat=exp.remat, attention=exp.attention, donate=True,
+                               sources=len(loader.sources) if len(loader.sources) > 1 else 0),
+                    plan, mesh)
     saver = checkpoint.Saver(ckpt_root, mesh, keep_last=exp.keep_last,
                              keep_every=exp.keep_every, asynchronous=exp.async_checkpoint)
     valid = {}
@@ -185,14 +188,22 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
             _keep_records(path, first)
     metrics_out = monitor.JsonlWriter(metrics_path, append=True) if lead else None
     eval_out = monitor.JsonlWriter(eval_path, append=True) if lead else None
+    board = monitor.TensorBoardWriter(os.path.join(exp.run_dir, "tensorboard"),
+                                      purge_step=first + 1) \
+        if lead and exp.tensorboard else None
+    alerts = monitor.Alerts(os.path.join(exp.run_dir, "alerts.jsonl") if lead else None,
+                            webhook=exp.alert_webhook if lead else None,
+                            log=progress.message, run_dir=exp.run_dir)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     speed = monitor.Throughput(
         monitor.flops_per_token(non_embedding_params(exp.model), exp.model.num_layers,
                                 exp.model.hidden_size, exp.data.seq_len),
-        monitor.peak_tflops(device_name), devices=plan.world_size)
+        exp.peak_tflops or monitor.peak_tflops(device_name), devices=plan.world_size)
     n_params = sum(math.prod(s.shape) for s in llama.param_specs(exp.model).values())
     progress.message(f"evo: {exp.steps} steps of {n_params / 1e6:.2f}M params on "
                      f"{plan.world_size} × {device_name or device.type}, plan {plan}")
+    profiler = monitor.Profiler(exp.profile_steps(), os.path.join(exp.run_dir, "profile"),
+                                rank=mesh.rank, device=device, log=progress.message)
 
     def full_params():
         return planner.gather_params(exp.model, state.params, mesh)
@@ -202,13 +213,15 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
         for name, r in results.items():
             if lead:
                 eval_out.write({"step": step, "set": name, **r})
+                if board:
+                    board.write({"step": step, **r}, group=f"eval/{name}")
             progress.message(f"eval step {step} [{name}]  loss {r['loss']:.4f}  "
                              f"ppl {r['perplexity']:.2f}  acc {r['accuracy']:.3f}")
         return results
 
     def save():
         saver.save(exp.model, state, loader_state=loader.state_dict(),
-                   meta={"experiment": repr(exp)})
+                   meta={"experiment": repr(exp), "tokenizer": exp.tokenizer})
 
     terminated = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True)) \
@@ -217,17 +230,35 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
     record, stopped = {}, None
     try:
         for i in range(first, exp.steps):
+            profiler.before(i + 1)
+            t0 = time.perf_counter()
             batch = _to(next(loader), device)
+            t1 = time.perf_counter()
             state, m = step_fn(state, batch)
-            comm_bytes = m.pop("comm_bytes")
+            comm_bytes, times = m.pop("comm_bytes"), m.pop("time")
+            per_source = {}
+            if "source_tokens" in m:
+                sums, counts = m.pop("source_loss_sum").tolist(), m.pop("source_tokens").tolist()
+                per_source = {"source_loss": {name: sums[j] / counts[j] for j, name in
+                                              enumerate(loader.sources) if counts[j] > 0},
+                              "source_tokens": {name: int(counts[j]) for j, name in
+                                                enumerate(loader.sources) if counts[j] > 0}}
             m = {k: v.item() for k, v in m.items()}
+            t2 = time.perf_counter()
             record = {"step": i + 1, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
                       "tokens": (i + 1) * int(m["tokens"]),  # every step has the same shape
-                      **speed.tick(int(m["tokens"])),
+                      **speed.rate(int(m["tokens"]), t2 - t0), "step_time": t2 - t1,
+                      "time": {"data": t1 - t0, **times},
+                      **monitor.memory_stats(device),
                       "skipped": int(state.opt_state.skipped), "comm_bytes": comm_bytes}
+            record.update(per_source)
             if lead:
                 metrics_out.write(record)
+                if board:
+                    board.write(record)
+            alerts.check(record)
             progress.update(record)
+            profiler.after(i + 1)
             if valid and exp.eval_every and (i + 1) % exp.eval_every == 0:
                 evals[i + 1] = run_eval(i + 1)
             stop = _stop_request(exp.run_dir)
@@ -235,6 +266,9 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
                 save()
                 if terminated or stop > 0:
                     stopped = "SIGTERM" if terminated else f"the stop file ({stop})"
+                    if terminated:
+                        alerts.raise_("sigterm", i + 1, f"SIGTERM at step {i + 1}: saved a "
+                                      f"checkpoint and stopped")
                     progress.message(f"evo: saved step {i + 1} and stopped, as asked by {stopped}")
                     break
             elif exp.checkpoint_every and ((i + 1) % exp.checkpoint_every == 0
@@ -246,11 +280,15 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-        for w in (metrics_out, eval_out):
+        profiler.close()
+        alerts.close()
+        progress.close()
+        for w in (metrics_out, eval_out, board):
             if w is not None:
                 w.close()
 
-    summary = {"final": record, "eval": evals, "plan": plan, "stopped": stopped}
+    summary = {"final": record, "eval": evals, "plan": plan, "stopped": stopped,
+               "alerts": alerts.raised}
     if exp.sample_prompt is not None and stopped is None:
         params = full_params()
         if lead:

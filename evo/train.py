@@ -6,7 +6,9 @@ A batch holds one optimizer step's data, every tensor with a leading ``micro_num
   ``cu_seqlens``) or ``[micro_num, batch, seq]`` (every row its own sequence);
 - ``labels`` int64, same shape; ``-100`` contributes no loss;
 - optional ``positions`` int64, same shape; optional ``cu_seqlens`` int ``[micro_num, K]``
-  (boundaries over each micro-batch's tokens, right-padded by repeating the last value).
+  (boundaries over each micro-batch's tokens, right-padded by repeating the last value);
+- optional ``source`` int64, same shape as ``tokens``: the data source of each token (-1: none),
+  for the per-source loss of a step built with ``sources > 0``.
 
 The loss is the mean over every labelled token of the whole batch, so ``micro_num`` micro-batches
 give the same loss and update as one batch ``micro_num`` times larger.
@@ -66,7 +68,10 @@ class Step:
     ``compute_dtype``: the dtype of the forward and backward (the master weights, fp32 in training,
     are cast to it once per step; gradients are accumulated in the master weights' dtype). ``remat``: fraction of layers recomputed in
     backward. ``donate``: the state passed in may be updated in place and must not be used again
-    (like ``jax.jit(donate_argnums=0)``); the default leaves it untouched.
+    (like ``jax.jit(donate_argnums=0)``); the default leaves it untouched. ``sources``: the number
+    of data sources the batch's ``source`` ids index; when positive, metrics gain
+    ``source_loss_sum`` and ``source_tokens`` (fp32 ``[sources]``: summed loss and labelled tokens
+    of each source).
     """
     model: llama.Config
     optimizer: optim.AdamW
@@ -74,6 +79,7 @@ class Step:
     remat: float = 0.0
     attention: str = "auto"
     donate: bool = False
+    sources: int = 0
 
     def __post_init__(self):
         if not 0.0 <= self.remat <= 1.0:
@@ -82,18 +88,25 @@ class Step:
             raise ValueError(f"Step.compute_dtype must be float32, bfloat16, float16 or float64, got "
                              f"{self.compute_dtype}")
 
+    def token_losses(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
+                     cu_seqlens=None, regions: Regions = LOCAL) -> torch.Tensor:
+        """Loss of every token of one micro-batch, fp32 ``[N]``, 0 where unlabelled."""
+        logits = llama.apply(self.model, params, tokens, positions, cu_seqlens, remat=self.remat,
+                             attention=self.attention, regions=regions)
+        return regions.cross_entropy(logits, labels)
+
     def loss_sum(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
                  cu_seqlens=None, regions: Regions = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss and labelled-token count of one micro-batch: a pure function of params."""
-        logits = llama.apply(self.model, params, tokens, positions, cu_seqlens, remat=self.remat,
-                             attention=self.attention, regions=regions)
-        return regions.cross_entropy_sum(logits, labels)
+        losses = self.token_losses(params, tokens, labels, positions, cu_seqlens, regions)
+        return losses.sum(), (labels != IGNORE).sum()
 
     def grads(self, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
               normalizer: torch.Tensor | None = None, regions: Regions = LOCAL,
               on_ready: "GradSink | None" = None
-              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Gradients of the batch's mean loss in the master weights' dtype, and the loss (0-dim).
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Gradients of the batch's mean loss in the master weights' dtype, and ``{"loss": the
+        mean loss (0-dim)}`` (with ``source_loss_sum`` and ``source_tokens`` when ``sources``).
 
         ``normalizer``: the number of labelled tokens the mean divides by (default: this batch's);
         a data-parallel step passes the global count so that summing gradients over ranks gives the
@@ -109,6 +122,10 @@ class Step:
         names, inputs = list(leaves), list(leaves.values())
         acc: dict[str, torch.Tensor] = {}
         total = torch.zeros((), dtype=torch.promote_types(torch.float32, self.compute_dtype))
+        per_source = self.sources > 0 and "source" in batch
+        if per_source:
+            src_loss = torch.zeros(self.sources, device=batch["tokens"].device)
+            src_tokens = torch.zeros(self.sources, device=batch["tokens"].device)
         n_micro = batch["tokens"].shape[0]
         for i, (tokens, labels, positions, cu) in enumerate(micro_batches(batch)):
             hooks = []
@@ -117,20 +134,29 @@ class Step:
                     g = g.to(params[k].dtype)
                     on_ready(k, acc[k] + g if k in acc else g)
                 hooks = [x.register_hook(lambda g, k=k: ready(g, k)) for k, x in leaves.items()]
-            loss, _ = self.loss_sum(leaves, tokens, labels, positions, cu, regions)
-            loss = loss * scale
+            losses = self.token_losses(leaves, tokens, labels, positions, cu, regions)
+            if per_source:
+                src = batch["source"][i].reshape(-1)
+                keep = ((src >= 0) & (labels.reshape(-1) != IGNORE)).float()
+                src_loss.index_add_(0, src.clamp(min=0), losses.detach().float() * keep)
+                src_tokens.index_add_(0, src.clamp(min=0), keep)
+            loss = losses.sum() * scale
             g = torch.autograd.grad(loss, inputs, allow_unused=True)
             total = total + loss.detach()
             if hooks:
                 for h in hooks:
                     h.remove()
-                return on_ready.finish(), total
+                acc = on_ready.finish()
+                break
             for k, gi, x in zip(names, g, inputs):
                 gi = torch.zeros_like(x) if gi is None else gi
                 gi = gi.to(params[k].dtype)
                 acc[k] = acc[k].add_(gi) if k in acc else gi
         assert acc, "a batch needs at least one micro-batch"
-        return acc, total
+        aux = {"loss": total}
+        if per_source:
+            aux.update(source_loss_sum=src_loss, source_tokens=src_tokens)
+        return acc, aux
 
     def apply_grads(self, state: TrainState, grads: dict[str, torch.Tensor]
                     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
@@ -140,9 +166,9 @@ class Step:
 
     def __call__(self, state: TrainState, batch: dict[str, torch.Tensor]
                  ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        grads, loss = self.grads(state.params, batch)
+        grads, aux = self.grads(state.params, batch)
         new_state, info = self.apply_grads(state, grads)
-        metrics = {"loss": loss, "grad_norm": info["grad_norm"], "lr": info["lr"],
+        metrics = {**aux, "grad_norm": info["grad_norm"], "lr": info["lr"],
                    "skipped": info["skipped"], "tokens": torch.tensor(batch["tokens"].numel()),
                    "valid_tokens": valid_tokens(batch)}
         return new_state, metrics

@@ -74,3 +74,13 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> Callable[..., torc
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               cu_seqlens: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
     return choose_backend(q, backend)(q, k, v, cu_seqlens)
+
+
+def attention_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """Attention of ``q [batch, n, heads, d]`` over ``k``, ``v`` ``[batch, m, kv_heads, d]`` where
+    ``mask [batch, 1, n, m]`` bool allows it (decoding with a KV cache: new queries against every
+    cached key). A query row with no allowed key returns zeros."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2).nan_to_num(0.0)

@@ -29,6 +29,7 @@ def config_for(name):
 OPT = optim.adamw(lr=optim.warmup_cosine(peak=1e-3, warmup=1, total_steps=3), weight_decay=0.1,
                   clip_norm=1.0)
 STEPS, GLOBAL_MICRO, T = 3, 4, 32
+SOURCES = 3  # per-source loss: every token carries a source id in [-1, SOURCES)
 
 # (name, plan, world size)
 PLANS = [
@@ -65,7 +66,8 @@ def global_batches():
             for end in cu[1:]:
                 labels[i, end - 1] = -100
             cus.append(cu)
-        out.append({"tokens": tokens, "labels": labels,
+        source = torch.randint(-1, SOURCES, (GLOBAL_MICRO, T), generator=g)
+        out.append({"tokens": tokens, "labels": labels, "source": source,
                     "cu_seqlens": torch.tensor(cus, dtype=torch.int32)})
     return out
 
@@ -108,11 +110,12 @@ def main(out_path):
     reference = {}
     for cfg in (CFG, TIED):
         params0 = llama.init(cfg, seed=0)
-        state, losses = train.init_state(tree.clone(params0), OPT), []
+        state, losses, sources = train.init_state(tree.clone(params0), OPT), [], []
         for b in batches:
-            state, m = train.Step(cfg, OPT)(state, b)
+            state, m = train.Step(cfg, OPT, sources=SOURCES)(state, b)
             losses.append(float(m["loss"]))
-        reference[cfg] = (params0, state, losses)
+            sources.append(m["source_loss_sum"] / m["source_tokens"])
+        reference[cfg] = (params0, state, losses, sources)
 
     results = {"reference_losses": reference[CFG][2], "plans": {}}
     only = os.environ.get("SWEEP_ONLY")
@@ -121,17 +124,19 @@ def main(out_path):
             continue
         print(rank, name, flush=True)
         cfg = config_for(name)
-        params0, ref_state, ref_losses = reference[cfg]
+        params0, ref_state, ref_losses, ref_sources = reference[cfg]
         mesh = build_mesh(plan, ranks=list(range(world)))
         if mesh is not None:
-            sharded = planner.shard(train.Step(cfg, OPT), plan, mesh)
+            sharded = planner.shard(train.Step(cfg, OPT, sources=SOURCES), plan, mesh)
             state = planner.init_state(cfg, OPT, planner.shard_params(cfg, params0, mesh), mesh)
             pieces = {"params": tree.num_bytes(state.params),
                       "optimizer": tree.num_bytes((state.opt_state.mu, state.opt_state.nu))}
-            losses, comm = [], []
-            for b in batches:
+            losses, comm, source_rel = [], [], 0.0
+            for b, ref_src in zip(batches, ref_sources):
                 state, m = sharded(state, local_batch(b, mesh.coords["dp"], mesh.plan.dp))
                 losses.append(float(m["loss"]))
+                source_rel = max(source_rel, rel(m["source_loss_sum"] / m["source_tokens"],
+                                                 ref_src))
                 comm.append(m["comm_bytes"])
             full = planner.gather_params(cfg, state.params, mesh)
             func_rel = func_grad_check(cfg, state.params, mesh, local_batch(batches[0],
@@ -143,7 +148,8 @@ def main(out_path):
                     "param_rel": max(rel(full[k], ref_state.params[k]) for k in full),
                     "param_norm_rel": max(norm_rel(full[k], ref_state.params[k]) for k in full),
                     "worst": max(full, key=lambda k: rel(full[k], ref_state.params[k])),
-                    "comm_bytes": comm, "state_bytes": pieces, "func_grad_rel": func_rel}
+                    "comm_bytes": comm, "state_bytes": pieces, "func_grad_rel": func_rel,
+                    "source_loss_rel": source_rel}
         dist.barrier()
     if rank == 0:
         with open(out_path, "w") as f:

@@ -276,7 +276,8 @@ def test_init_from_a_checkpoint_or_hf_loads_params_only(saved_run, tmp_path):
     from evo import config, data, hf
     e = config.load(exp)
     batch = next(data.Loader(e.data, vocab_size=cfg.vocab_size))
-    _, expected = train.Step(cfg, e.optimizer.with_total_steps(e.steps)).grads(params, batch)
+    _, aux = train.Step(cfg, e.optimizer.with_total_steps(e.steps)).grads(params, batch)
+    expected = aux["loss"]
     hf_dir = tmp_path / "hf"
     hf.save_hf(cfg, params, str(hf_dir))
     for name, cmd in (("from_ckpt", ["train", exp, "--set", f"init_from={src_run}"]),

@@ -44,6 +44,7 @@ def test_every_plan_equals_one_process(sweep):
         assert r["param_norm_rel"] <= 1e-5, (name, r["param_norm_rel"])
         assert r["param_rel"] <= 1e-4, (name, r["param_rel"], r["worst"])
         assert r["func_grad_rel"] <= 1e-6, (name, r["func_grad_rel"])  # same math, same order
+        assert r["source_loss_rel"] <= 1e-5, (name, r["source_loss_rel"])  # per-source loss
         worst[name] = (r["loss_rel"], r["param_norm_rel"], r["param_rel"])
     print("largest relative differences (loss, params L2, params max):", worst)
 
@@ -125,11 +126,11 @@ def test_per_rank_bytes_arithmetic():
 
 
 def test_measured_comm_bytes_equal_the_analytic_model(sweep):
-    from sweep_worker import GLOBAL_MICRO, PLANS, T, config_for
+    from sweep_worker import GLOBAL_MICRO, PLANS, SOURCES, T, config_for
     for name, plan, world in PLANS:
         resolved = plan.resolve(world)
         expected = planner.expected_comm_bytes(config_for(name), resolved, micro_num=GLOBAL_MICRO // resolved.dp,
-                                                tokens_per_micro=T)
+                                                tokens_per_micro=T, sources=SOURCES)
         for measured in sweep["plans"][name]["comm_bytes"]:
             assert measured == expected, (name, measured, expected)
 

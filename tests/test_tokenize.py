@@ -183,3 +183,27 @@ def test_sentencepiece_model_encodes_like_sentencepiece(tmp_path):
     tokenize([str(jsonl)], str(out), tokenizer=f"{prefix}.model", add_eos=True, progress=False)
     ds = TokenizedDataset(str(out))
     assert ds[0][0].tolist() == ref.encode(text) + [ref.eos_id()]
+
+
+def test_evo_tokenize_command(tmp_path):
+    """The command line writes what the function writes; a bad line is one error naming it."""
+    import subprocess
+    import sys
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "first"}\n{"text": "second document"}\n')
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+
+    def evo(*args):
+        return subprocess.run([sys.executable, "-m", "evo", "tokenize", *args], capture_output=True,
+                              text=True, env=env, timeout=120)
+    r = evo(str(src), "--out", str(tmp_path / "cli"), "--eos", "--quiet")
+    assert r.returncode == 0, r.stderr
+    tokenize([str(src)], str(tmp_path / "fn"), add_eos=True, progress=False)
+    names = sorted(os.listdir(tmp_path / "fn"))
+    assert names == sorted(os.listdir(tmp_path / "cli"))
+    for n in names:
+        assert (tmp_path / "fn" / n).read_bytes() == (tmp_path / "cli" / n).read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    r = evo(str(bad), "--out", str(tmp_path / "bad"), "--quiet")
+    assert r.returncode == 2 and "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr

@@ -59,15 +59,21 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
     return (F.silu(x @ w1) * (x @ w3)) @ w2
 
 
+def cross_entropy_tokens(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+                         ) -> torch.Tensor:
+    """Cross-entropy of every token, in fp32 or wider, 0 where the label is ``ignore_index``:
+    ``[N]`` for ``logits [..., vocab]`` (any float dtype) and ``labels [...]`` (N elements)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = flat if flat.dtype == torch.float64 else flat.float()
+    return F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction="none")
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy, in fp32 or wider, over labelled tokens and how many there were (0-dim
     tensors). ``logits [..., vocab]`` any float dtype, ``labels [...]``; ``ignore_index`` ignored."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    flat = flat if flat.dtype == torch.float64 else flat.float()
-    labels = labels.reshape(-1)
-    loss = F.cross_entropy(flat, labels, ignore_index=ignore_index, reduction="sum")
-    return loss, (labels != ignore_index).sum()
+    return (cross_entropy_tokens(logits, labels, ignore_index).sum(),
+            (labels != ignore_index).sum())
 
 
 class Regions:
@@ -78,7 +84,7 @@ class Regions:
     ``layer`` fetch weights (a sharded-parameter layout gathers them there), ``embed`` looks up
     token embeddings, ``enter`` is where replicated activations enter a region whose weights are
     split on their output dimension, ``exit`` is where partial sums leave it, and
-    ``cross_entropy_sum`` is the loss over the output. The sharding planner supplies another
+    ``cross_entropy`` is the per-token loss over the output. The sharding planner supplies another
     ``Regions`` with collectives in these places; the model never learns about ranks or meshes.
     """
     checkpoint_layers = False   # a layout that gathers weights per layer recomputes each layer
@@ -98,9 +104,8 @@ class Regions:
     def exit(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def cross_entropy_sum(self, logits: torch.Tensor, labels: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        return cross_entropy_sum(logits, labels)
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_tokens(logits, labels)
 
 
 LOCAL = Regions()

@@ -209,11 +209,21 @@ def _is_concrete(t: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+class _Attend:
+    """Attention of layer ``i`` over packed documents (training and evaluation)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor | None, backend: str):
+        self.cu_seqlens, self.backend = cu_seqlens, backend
+
+    def __call__(self, i: int, q, k, v):
+        return evo_kernels.attention(q, k, v, self.cu_seqlens, backend=self.backend)
+
+
 def _layer(cfg: Config, params: dict[str, torch.Tensor], i: int, x: torch.Tensor,
-           cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor | None, backend: str,
-           regions: Regions) -> torch.Tensor:
+           cos: torch.Tensor, sin: torch.Tensor, attend, regions: Regions) -> torch.Tensor:
     """One decoder layer. ``x [batch, seq, hidden]`` (the sequence may be split by ``regions``);
-    head counts come from the weights' shapes, so a layer runs on a slice of the heads as well."""
+    head counts come from the weights' shapes, so a layer runs on a slice of the heads as well.
+    ``attend(i, q, k, v)``: the attention of layer ``i`` (``_Attend``, or a KV cache's)."""
     p = regions.layer(params, f"layers.{i}.")
     r, d = cfg.q_per_kv, cfg.dim_per_head
     h = regions.enter(rms_norm(x, p["attn_norm"], cfg.norm_eps))
@@ -222,7 +232,7 @@ def _layer(cfg: Config, params: dict[str, torch.Tensor], i: int, x: torch.Tensor
     q = qkv[:, :, :, :r].flatten(2, 3)
     k, v = qkv[:, :, :, r], qkv[:, :, :, r + 1]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = evo_kernels.attention(q, k, v, cu_seqlens, backend=backend)
+    o = attend(i, q, k, v)
     x = x + regions.exit(o.flatten(2) @ p["attn.wo"])
     h = regions.enter(rms_norm(x, p["mlp_norm"], cfg.norm_eps))
     return x + regions.exit(swiglu(h, p["mlp.w1"], p["mlp.w3"], p["mlp.w2"]))
@@ -253,8 +263,9 @@ def hidden_states(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Te
     if torch._C._functorch.is_functorch_wrapped_tensor(tokens) or \
             torch._C._functorch.is_functorch_wrapped_tensor(params["norm"]):
         n_remat = 0  # torch.func transforms reject checkpoint's saved-tensor hooks: store instead
+    attend = _Attend(cu_seqlens, attention)
     for i in range(cfg.num_layers):
-        args = (cfg, params, i, x, cos, sin, cu_seqlens, attention, regions)
+        args = (cfg, params, i, x, cos, sin, attend, regions)
         x = checkpoint(_layer, *args, use_reentrant=False) if i < n_remat else _layer(*args)
     return rms_norm(x, regions.param(params, "norm"), cfg.norm_eps)
 
@@ -283,6 +294,79 @@ def apply(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Tensor,
     x = hidden_states(cfg, params, tokens, positions, cu_seqlens, remat=remat, attention=attention,
                       regions=regions)
     return regions.enter(x) @ output_weight(cfg, params, regions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Incremental decoding with a key/value cache.
+
+class KVCache(NamedTuple):
+    """Keys and values of the tokens seen so far: ``k``, ``v`` ``[layers, batch, capacity,
+    kv_heads, head_dim]``, of which the first ``length`` slots are written; ``valid [batch,
+    capacity]`` bool marks the slots holding real tokens (False for a shorter prompt's padding)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    length: int
+
+
+def init_cache(cfg: Config, batch: int, capacity: int, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> KVCache:
+    shape = (cfg.num_layers, batch, capacity, cfg.kv_heads, cfg.dim_per_head)
+    return KVCache(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(batch, capacity, dtype=torch.bool, device=device), 0)
+
+
+class _CachedAttend:
+    """Writes each layer's new keys and values into the cache at ``start`` and attends over
+    everything written so far: causal, and only to valid slots."""
+
+    def __init__(self, cache: KVCache, start: int, n: int):
+        self.cache, self.start, self.end = cache, start, start + n
+        q_idx = torch.arange(start, start + n, device=cache.k.device)
+        k_idx = torch.arange(self.end, device=cache.k.device)
+        causal = k_idx[None, :] <= q_idx[:, None]                          # [n, end]
+        self.mask = causal[None, None] & cache.valid[:, None, None, :self.end]   # [b, 1, n, end]
+
+    def __call__(self, i: int, q, k, v):
+        c = self.cache
+        c.k[i, :, self.start:self.end] = k
+        c.v[i, :, self.start:self.end] = v
+        return evo_kernels.attention_with_mask(q, c.k[i, :, :self.end], c.v[i, :, :self.end],
+                                               self.mask)
+
+
+@torch.no_grad()
+def decode(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Tensor, cache: KVCache,
+           *, positions: torch.Tensor | None = None, valid: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, KVCache]:
+    """Logits ``[batch, n, vocab]`` of ``tokens [batch, n]`` following the cached ones, and the
+    cache holding them too. The cache is donated: its tensors are written in place.
+
+    ``positions`` (default: continuing from ``cache.length``) are the rotary positions; ``valid``
+    ``[batch, n]`` bool (default all True) marks which of the new tokens are real, so prompts of
+    different lengths can be left-padded into one batch. Equal to ``apply`` on the whole sequence
+    (fp32 to rounding).
+    """
+    if _is_concrete(tokens):
+        check_inputs(cfg, tokens, positions)
+    b, n = tokens.shape
+    start = cache.length
+    if start + n > cache.k.shape[2]:
+        raise ValueError(f"the KV cache holds {cache.k.shape[2]} tokens; {start} are written and "
+                         f"{n} more do not fit")
+    if positions is None:
+        positions = torch.arange(start, start + n, device=tokens.device).expand(b, n)
+    cache.valid[:, start:start + n] = True if valid is None else valid
+    x = F.embedding(tokens, params["embed"])
+    scaling = dataclasses.asdict(cfg.rope_scaling) if cfg.rope_scaling else None
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, scaling),
+                            x.dtype)
+    attend = _CachedAttend(cache, start, n)
+    for i in range(cfg.num_layers):
+        x = _layer(cfg, params, i, x, cos, sin, attend, LOCAL)
+    x = rms_norm(x, params["norm"], cfg.norm_eps)
+    return x @ output_weight(cfg, params), cache._replace(length=start + n)
 
 
 # ---------------------------------------------------------------------------------------------

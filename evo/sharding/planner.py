@@ -21,6 +21,7 @@ The model takes part only through its ``Regions`` hooks (``evo.models.layers``).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from evo import train, tree
 from evo.models import llama
-from evo.models.layers import Regions, cross_entropy_sum
+from evo.models.layers import Regions, cross_entropy_tokens
 from evo.sharding import comm as C
 from evo.sharding.layout import ParamLayout, model_layouts
 from evo.sharding.mesh import Mesh
@@ -83,19 +84,19 @@ class ShardedRegions(Regions):
         return C.scatter_to(x, self.comm, "tp", 1) if self.sp else \
             C.reduce_from(x, self.comm, "tp")
 
-    def cross_entropy_sum(self, logits, labels):
+    def cross_entropy(self, logits, labels):
         head = "embed" if "lm_head" not in self.layouts else "lm_head"
         split = self.layouts[head].tp_dim == (0 if head == "embed" else 1)
         if not split or self.plan.tp == 1:
-            return cross_entropy_sum(logits, labels)
-        return vocab_parallel_cross_entropy_sum(logits, labels, self.comm, self.tp_index)
+            return cross_entropy_tokens(logits, labels)
+        return vocab_parallel_cross_entropy(logits, labels, self.comm, self.tp_index)
 
 
-def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, comm: C.Comm,
-                                     tp_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, comm: C.Comm,
+                                 tp_index: int) -> torch.Tensor:
     """Cross-entropy over logits split on the vocabulary (``[..., vocab / tp]`` on each rank):
     a max, a sum of exponentials and the target logit are reduced over ``tp``; no rank forms the
-    full-vocabulary row."""
+    full-vocabulary row. Returns every token's loss ``[N]`` (0 where ignored), on every rank."""
     x = logits.reshape(-1, logits.shape[-1])
     x = x if x.dtype == torch.float64 else x.float()
     labels = labels.reshape(-1)
@@ -107,8 +108,7 @@ def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
     mine = (local >= 0) & (local < width)
     target = z.gather(1, local.clamp(0, width - 1)[:, None]).squeeze(1) * mine
     target = C.reduce_from(target, comm, "tp")
-    valid = labels != train.IGNORE
-    return ((sum_exp.log() - target) * valid).sum(), valid.sum()
+    return (sum_exp.log() - target) * (labels != train.IGNORE)
 
 
 # ------------------------------------------------------------------------------ state layout
@@ -267,11 +267,33 @@ class BucketedReduction:
 
 # ------------------------------------------------------------------------------------ the step
 
+class _Clock:
+    """Wall time between laps, waiting for the device first so that each lap holds its own work
+    (on a CPU the work is done when the call returns)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.sync()
+        self.last = time.perf_counter()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def lap(self) -> float:
+        self.sync()
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        return dt
+
+
 @dataclass(frozen=True)
 class ShardedStep:
     """``step`` distributed by ``mesh.plan``; called like the step: ``(state, batch)``, with this
     rank's state pieces and this data-parallel rank's micro-batches. Metrics gain
-    ``comm_bytes``: bytes handed to each collective kind on each mesh axis during the step."""
+    ``comm_bytes``: bytes handed to each collective kind on each mesh axis during the step, and
+    ``time``: seconds of ``forward_backward`` (with the collectives it overlaps), ``comm`` (the
+    gradient reductions and ZeRO gathers after it) and ``optimizer`` (norm and update)."""
     step: train.Step
     mesh: Mesh
 
@@ -298,9 +320,13 @@ class ShardedStep:
         bucketed = plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and not regions.sp
         sink = BucketedReduction(comm, plan, layouts, list(layouts),
                                  int(plan.bucket_mb * 2**20)) if bucketed else None
-        grads, loss = step.grads(state.params, batch, normalizer=n, regions=regions,
-                                 on_ready=sink)
-        loss = comm.all_reduce(loss, "dp")
+        clock = _Clock(batch["tokens"].device)
+        grads, aux = step.grads(state.params, batch, normalizer=n, regions=regions,
+                                on_ready=sink)
+        t_backward = clock.lap()
+        loss = comm.all_reduce(aux["loss"], "dp")
+        sources = {k: comm.all_reduce(aux[k], "dp")
+                   for k in ("source_loss_sum", "source_tokens") if k in aux}
         names = list(grads)
         if regions.sp:  # norm weights saw only this rank's part of the sequence
             for k in names:
@@ -322,21 +348,26 @@ class ShardedStep:
         else:  # ZeRO 3: backward already reduce-scattered each layer's gradients over the group
             grads = {k: comm.all_reduce(g, "replica") for k, g in grads.items()}
 
+        t_comm = clock.lap()
         norm = self._grad_norm(grads, layouts, comm)
         params = _opt_view(state.params, layouts, mesh)
         new, opt_state, info = step.optimizer.update(grads, state.opt_state, params, state.step,
                                                      inplace=step.donate, grad_norm=norm)
+        t_optimizer = clock.lap()
         if plan.zero in (1, 2):
             full = {}
             for k, v in new.items():
                 x = comm.all_gather(v, "zero")[:layouts[k].local_shape[0]]
                 full[k] = state.params[k].copy_(x) if step.donate else x
             new = full
-        metrics = {"loss": loss, "grad_norm": info["grad_norm"], "lr": info["lr"],
+        t_comm += clock.lap()
+        metrics = {"loss": loss, **sources, "grad_norm": info["grad_norm"], "lr": info["lr"],
                    "skipped": info["skipped"],
                    "tokens": comm.all_reduce(torch.tensor(batch["tokens"].numel()), "dp")
                    if plan.dp > 1 else torch.tensor(batch["tokens"].numel()),
-                   "valid_tokens": n, "comm_bytes": dict(comm.log.bytes)}
+                   "valid_tokens": n, "comm_bytes": dict(comm.log.bytes),
+                   "time": {"forward_backward": t_backward, "comm": t_comm,
+                            "optimizer": t_optimizer}}
         return train.TrainState(state.step + 1, new, opt_state), metrics
 
     def _grad_norm(self, grads, layouts, comm: C.Comm) -> torch.Tensor:
@@ -378,7 +409,8 @@ def per_rank_bytes(cfg: llama.Config, plan, dtype: torch.dtype = torch.float32) 
 
 
 def expected_comm_bytes(cfg: llama.Config, plan, *, micro_num: int, tokens_per_micro: int,
-                        compute_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+                        compute_dtype: torch.dtype = torch.float32, sources: int = 0
+                        ) -> dict[str, int]:
     """Bytes one rank hands to each collective (``"{kind}/{axis}"``) in one step of a resolved
     ``plan``: the analytic model the step's measured ``comm_bytes`` must equal.
 
@@ -452,6 +484,7 @@ def expected_comm_bytes(cfg: llama.Config, plan, *, micro_num: int, tokens_per_m
 
     # Scalars: labelled-token count (int64), loss, token count (int64), norm squares.
     add("all_reduce", "dp", 8 + master + 8)
+    add("all_reduce", "dp", 2 * 4 * sources)                             # per-source loss, tokens
     if plan.zero > 0:
         add("all_reduce", "zero", 2 * master)
     add("all_reduce", "tp", master)
