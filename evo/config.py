@@ -41,6 +41,7 @@ class Experiment:
     ``alert_webhook``: a URL that receives every alert as a JSON POST. ``peak_tflops``: the
     device's peak for MFU (default: known from the device name; none on a CPU). ``profile``:
     ``"START:END"`` profiles steps START through END (1-based) into ``RUN_DIR/profile``.
+    ``compile``: run forward and backward through ``torch.compile``.
     """
     model: llama.Config
     data: data.Packed
@@ -68,6 +69,7 @@ class Experiment:
     alert_webhook: str | None = None
     peak_tflops: float | None = None
     profile: str | None = None
+    compile: bool = False
 
     def __post_init__(self):
         for name, typ in (("model", llama.Config), ("data", data.Packed), ("optimizer", optim.AdamW),

@@ -15,6 +15,7 @@ give the same loss and update as one batch ``micro_num`` times larger.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -23,6 +24,7 @@ import torch
 from evo import optim, tree
 from evo.models import llama
 from evo.models.layers import LOCAL, Regions, cross_entropy_sum
+from evo.models.llama import is_concrete  # noqa: E402
 
 IGNORE = -100
 
@@ -71,7 +73,8 @@ class Step:
     (like ``jax.jit(donate_argnums=0)``); the default leaves it untouched. ``sources``: the number
     of data sources the batch's ``source`` ids index; when positive, metrics gain
     ``source_loss_sum`` and ``source_tokens`` (fp32 ``[sources]``: summed loss and labelled tokens
-    of each source).
+    of each source). ``compile``: run each micro-batch's forward and backward through
+    ``torch.compile`` (one graph per input shape; the optimizer update stays eager, foreach).
     """
     model: llama.Config
     optimizer: optim.AdamW
@@ -80,6 +83,7 @@ class Step:
     attention: str = "auto"
     donate: bool = False
     sources: int = 0
+    compile: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.remat <= 1.0:
@@ -91,6 +95,17 @@ class Step:
     def token_losses(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
                      cu_seqlens=None, regions: Regions = LOCAL) -> torch.Tensor:
         """Loss of every token of one micro-batch, fp32 ``[N]``, 0 where unlabelled."""
+        if self.compile and not torch.compiler.is_compiling():
+            if is_concrete(tokens):
+                llama.check_inputs(self.model, tokens, positions, cu_seqlens)
+            return self._compiled(params, tokens, labels, positions, cu_seqlens, regions)
+        return self._token_losses(params, tokens, labels, positions, cu_seqlens, regions)
+
+    @functools.cached_property
+    def _compiled(self):
+        return torch.compile(self._token_losses, dynamic=False)
+
+    def _token_losses(self, params, tokens, labels, positions, cu_seqlens, regions):
         logits = llama.apply(self.model, params, tokens, positions, cu_seqlens, remat=self.remat,
                              attention=self.attention, regions=regions)
         return regions.cross_entropy(logits, labels)

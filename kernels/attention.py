@@ -14,6 +14,7 @@ on CPU); faster backends plug in through ``BACKENDS`` and are tested against it.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -56,14 +57,50 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.transpose(1, 2).reshape(b, s, h, d)
 
 
-# name -> implementation; each takes and returns what `reference` does.
-BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": reference}
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+         cu_seqlens: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+    """``flex_attention`` with a document-causal block mask: blocks wholly outside a document are
+    skipped, so the cost follows the documents' lengths, not the row's. Compiled (its only fast
+    form); forward and backward on CUDA, forward only on a CPU. ``cache`` keeps the block mask
+    between the layers of one forward pass."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    b, s, h, d = q.shape
+    total = b * s
+    key = ("flex_mask", total, q.device)
+    if cache is not None and key in cache:
+        mask = cache[key]
+    else:
+        seg = segment_ids(cu_seqlens, total) if cu_seqlens is not None else \
+            torch.arange(b, device=q.device).repeat_interleave(s)
+
+        def document_causal(batch, head, qi, ki):
+            return (seg[qi] == seg[ki]) & (ki <= qi)
+        mask = create_block_mask(document_causal, None, None, total, total, device=q.device)
+        if cache is not None:
+            cache[key] = mask
+    fn = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    qf, kf, vf = (t.reshape(1, total, t.shape[2], d).transpose(1, 2) for t in (q, k, v))
+    out = fn(qf, kf, vf, block_mask=mask, enable_gqa=h != k.shape[2])
+    return out.transpose(1, 2).reshape(b, s, h, d)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+# name -> implementation; each takes what `reference` does (plus an optional per-forward cache).
+BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": reference, "sdpa": reference,
+                                                    "flex": flex}
 
 
 def choose_backend(q: torch.Tensor, backend: str = "auto") -> Callable[..., torch.Tensor]:
-    """The implementation for these inputs: ``backend`` by name, or the best available for "auto"."""
+    """The implementation for these inputs: ``backend`` by name, or for "auto" the best available:
+    ``flex`` on CUDA (documents skip each other's blocks), ``reference`` elsewhere (flex has no
+    backward on a CPU)."""
     if backend == "auto":
-        return BACKENDS["reference"]
+        return BACKENDS["flex"] if q.device.type == "cuda" else BACKENDS["reference"]
     try:
         return BACKENDS[backend]
     except KeyError:
@@ -72,8 +109,10 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> Callable[..., torc
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              cu_seqlens: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
-    return choose_backend(q, backend)(q, k, v, cu_seqlens)
+              cu_seqlens: torch.Tensor | None = None, *, backend: str = "auto",
+              cache: dict | None = None) -> torch.Tensor:
+    fn = choose_backend(q, backend)
+    return fn(q, k, v, cu_seqlens) if fn is reference else fn(q, k, v, cu_seqlens, cache=cache)
 
 
 def attention_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, returned in x's dtype. ``x [..., d]``, ``weight [d]``."""
-    xf = x.float()
+    """RMSNorm computed in fp32 (fp64 for fp64 inputs), returned in x's dtype. ``x [..., d]``,
+    ``weight [d]``."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 

@@ -204,7 +204,7 @@ def check_inputs(cfg: Config, tokens: torch.Tensor, positions: torch.Tensor | No
                              f"< cu_seqlens[{i}]={c[i]}")
 
 
-def _is_concrete(t: torch.Tensor) -> bool:
+def is_concrete(t: torch.Tensor) -> bool:
     """False while a torch.func transform or torch.compile traces (values are not readable)."""
     return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
@@ -214,9 +214,11 @@ class _Attend:
 
     def __init__(self, cu_seqlens: torch.Tensor | None, backend: str):
         self.cu_seqlens, self.backend = cu_seqlens, backend
+        self.cache: dict = {}   # what a backend prepares once per forward (a block mask)
 
     def __call__(self, i: int, q, k, v):
-        return evo_kernels.attention(q, k, v, self.cu_seqlens, backend=self.backend)
+        return evo_kernels.attention(q, k, v, self.cu_seqlens, backend=self.backend,
+                                     cache=self.cache)
 
 
 def _layer(cfg: Config, params: dict[str, torch.Tensor], i: int, x: torch.Tensor,
@@ -247,7 +249,7 @@ def hidden_states(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Te
                   remat: float = 0.0, attention: str = "auto",
                   regions: Regions = LOCAL) -> torch.Tensor:
     """The final-norm output ``[batch, seq, hidden]`` in the params' dtype; see ``apply``."""
-    if _is_concrete(tokens):
+    if is_concrete(tokens):
         check_inputs(cfg, tokens, positions, cu_seqlens)
     b, s = tokens.shape
     if positions is None:
@@ -260,8 +262,9 @@ def hidden_states(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Te
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, scaling),
                             x.dtype)
     n_remat = cfg.num_layers if regions.checkpoint_layers else math.floor(remat * cfg.num_layers)
-    if torch._C._functorch.is_functorch_wrapped_tensor(tokens) or \
-            torch._C._functorch.is_functorch_wrapped_tensor(params["norm"]):
+    if not torch.compiler.is_compiling() and (
+            torch._C._functorch.is_functorch_wrapped_tensor(tokens)
+            or torch._C._functorch.is_functorch_wrapped_tensor(params["norm"])):
         n_remat = 0  # torch.func transforms reject checkpoint's saved-tensor hooks: store instead
     attend = _Attend(cu_seqlens, attention)
     for i in range(cfg.num_layers):
@@ -348,7 +351,7 @@ def decode(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Tensor, c
     different lengths can be left-padded into one batch. Equal to ``apply`` on the whole sequence
     (fp32 to rounding).
     """
-    if _is_concrete(tokens):
+    if is_concrete(tokens):
         check_inputs(cfg, tokens, positions)
     b, n = tokens.shape
     start = cache.length

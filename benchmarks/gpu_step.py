@@ -1,0 +1,303 @@
+"""Single-GPU training speed: evo against HF ``LlamaForCausalLM``, measured in the same run.
+
+One process, one GPU, installs nothing; writes ``gpu_step.json`` and ``gpu_step.md`` under ``--out``
+(default ``$OUT`` or ``.``). In order:
+
+1. the bf16 matmul peak (8192³) and the copy bandwidth (the bytes-moved bound of the kernels);
+2. every Triton kernel against its torch reference on random inputs (fp32 ≤ 1e-5, bf16 ≤ 2e-2
+   relative), forward and gradients, and its time against torch eager and the bandwidth bound;
+3. for each shape — 1.1B (h2048, 22 layers, 32 heads, 4 kv heads, ffn 5632, vocab 32000) at
+   4 × 4096 tokens and a 7B shape with 8 layers (h4096, 32 heads, ffn 11008) at 2 × 4096 — HF
+   (sdpa, bf16 autocast, fp32 master, fused AdamW, clip 1.0, ``torch.compile(model)``) and evo
+   (bf16 compute, fp32 master, donated and compiled step, packed documents of random lengths):
+   tokens/s, TFLOPS (``6·N_nonembed + 12·L·h·s`` per token), % of the measured peak, peak memory;
+4. the loss of evo and HF from the same weights on the same tokens over the measured steps.
+
+``--smoke`` runs tiny shapes on whatever device is there (a CPU included, kernels under Triton's
+interpreter), without compiling, to check the script end to end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+if __name__ == "__main__" and "--smoke" in sys.argv and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from evo import optim, train  # noqa: E402
+from evo.models import llama  # noqa: E402
+from evo.run import non_embedding_params  # noqa: E402
+from evo.monitor import flops_per_token  # noqa: E402
+
+SHAPES = {
+    "llama-1.1B": (dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                        num_kv_heads=4, vocab_size=32000, max_seq_len=4096), 4, 4096),
+    "llama-7B-shape-8L": (dict(hidden_size=4096, intermediate_size=11008, num_layers=8,
+                               num_heads=32, num_kv_heads=32, vocab_size=32000,
+                               max_seq_len=4096), 2, 4096),
+}
+SMOKE = {"smoke": (dict(hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                        num_kv_heads=2, vocab_size=512, max_seq_len=128), 2, 128)}
+
+
+def timer(device):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return sync
+
+
+def time_fn(fn, device, iters=20, warm=3) -> float:
+    sync = timer(device)
+    for _ in range(warm):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / iters
+
+
+def matmul_peak(device, smoke) -> float:
+    n = 512 if smoke else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / time_fn(lambda: a @ b, device, iters=5 if smoke else 20) / 1e12
+
+
+def copy_bandwidth(device, smoke) -> float:
+    n = 2 ** 22 if smoke else 2 ** 28
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * n / time_fn(lambda: y.copy_(x), device) / 1e9   # read + write, GB/s
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30)).item()
+
+
+def kernel_checks(device, smoke, bandwidth):
+    """Correctness (fwd + grads) and time of each Triton op against its reference."""
+    from evo_kernels import triton_ops as K
+    if not K.available():
+        return {"skipped": "triton kernels are not available here"}
+    g = torch.Generator(device=device).manual_seed(0)
+    rows, d = (64, 300) if smoke else (16384, 4096)
+    heads, hd = (4, 48) if smoke else (32, 128)
+    vocab = 1000 if smoke else 32000
+    out = {}
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        def rnd(*shape):
+            return torch.randn(*shape, device=device, generator=g).to(dtype).requires_grad_(True)
+        x, w = rnd(rows, d), rnd(d)
+        pos = torch.arange(rows // 4 if smoke else 4096, device=device)[None].expand(
+            1 if smoke else 4, -1)
+        cos, sin = llama.rope_cos_sin(pos, llama.rope_inv_freq(hd, 10000.0), dtype)
+        q = rnd(*pos.shape, heads, hd)
+        gate, up = rnd(rows, d), rnd(rows, d)
+        h, wo = rnd(rows // 4 if not smoke else rows, d if smoke else 2048), None
+        wo = rnd(h.shape[1], vocab) if not smoke else rnd(d, vocab)
+        labels = torch.randint(0, vocab, (h.shape[0],), device=device, generator=g)
+        cases = {
+            "rms_norm": (lambda: K.rms_norm(x, w, 1e-5), lambda: K.rms_norm_reference(x, w, 1e-5),
+                         (x, w), 2 * x.numel() * x.element_size()),
+            "apply_rope": (lambda: K.apply_rope(q, cos, sin),
+                           lambda: K.apply_rope_reference(q, cos, sin), (q,),
+                           2 * q.numel() * q.element_size()),
+            "swiglu_act": (lambda: K.swiglu_act(gate, up),
+                           lambda: K.swiglu_act_reference(gate, up), (gate, up),
+                           3 * gate.numel() * gate.element_size()),
+            "linear_cross_entropy": (lambda: K.linear_cross_entropy(h, wo, labels)[0],
+                                     lambda: K.linear_cross_entropy_reference(h, wo, labels)[0],
+                                     (h, wo), None),
+        }
+        for name, (fast, ref, inputs, nbytes) in cases.items():
+            y, y_ref = fast(), ref()
+            dy = torch.randn_like(y_ref)
+            grads = torch.autograd.grad(y, inputs, dy)
+            grads_ref = torch.autograd.grad(y_ref, inputs, dy)
+            err = max([rel(y, y_ref)] + [rel(a, b) for a, b in zip(grads, grads_ref)])
+            r = {"max_rel": err, "tolerance": tol, "ok": err <= tol}
+            with torch.no_grad():
+                r["triton_ms"] = time_fn(fast, device, iters=3 if smoke else 20) * 1e3
+                r["torch_ms"] = time_fn(ref, device, iters=3 if smoke else 20) * 1e3
+            if nbytes:
+                r["bound_ms"] = nbytes / (bandwidth * 1e9) * 1e3
+            out[f"{name}/{str(dtype)[6:]}"] = r
+    return out
+
+
+def hf_model(cfg: llama.Config, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hcfg = LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.kv_heads, vocab_size=cfg.vocab_size,
+                       max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                       rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+                       attn_implementation="sdpa", use_cache=False)
+    model = LlamaForCausalLM(hcfg).to(device)
+    result = model.load_state_dict(llama.export_params(cfg, llama.init(cfg, seed=0), "hf"),
+                                   strict=False)
+    missing = [k for k in result.missing_keys if "rotary" not in k]
+    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
+    return model
+
+
+def packed_batch(cfg, batch, seq, device, g):
+    """Rows of documents with random lengths (mean ~seq/8), as the loader packs them."""
+    tokens = torch.randint(0, cfg.vocab_size, (1, batch * seq), device=device, generator=g)
+    cuts, pos = [0], 0
+    while pos < batch * seq:
+        pos = min(batch * seq, pos + int(torch.randint(16, max(17, seq // 4), (1,), generator=g)))
+        cuts.append(pos)
+    labels = torch.roll(tokens, -1, dims=-1)
+    labels[0, torch.tensor(cuts[1:], device=device) - 1] = -100
+    return {"tokens": tokens, "labels": labels,
+            "cu_seqlens": torch.tensor([cuts], dtype=torch.int32, device=device)}
+
+
+def run_hf(cfg, batch, seq, device, steps, warm, compile_, tokens):
+    model = hf_model(cfg, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+    amp = torch.autocast(device.type, dtype=torch.bfloat16)
+    losses = []
+
+    def step(x):
+        with amp:
+            loss = fwd(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    for x in tokens[:warm]:
+        step(x)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync = timer(device)
+    sync()
+    t = time.perf_counter()
+    for x in tokens[warm:warm + steps]:
+        losses.append(step(x).detach())
+    sync()
+    dt = (time.perf_counter() - t) / steps
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    del model, opt, fwd
+    return {"step_s": dt, "tokens_per_s": batch * seq / dt, "peak_gb": peak / 2 ** 30,
+            "losses": [float(v) for v in losses]}
+
+
+def run_evo(cfg, batch, seq, device, steps, warm, compile_, batches):
+    opt = optim.adamw(lr=1e-4, weight_decay=0.0, clip_norm=1.0)
+    params = {k: v.to(device) for k, v in llama.init(cfg, seed=0).items()}
+    state = train.init_state(params, opt)
+    step = train.Step(cfg, opt, compute_dtype=torch.bfloat16, donate=True, compile=compile_)
+    losses = []
+    for b in batches[:warm]:
+        state, _ = step(state, b)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync = timer(device)
+    sync()
+    t = time.perf_counter()
+    for b in batches[warm:warm + steps]:
+        state, m = step(state, b)
+        losses.append(m["loss"])
+    sync()
+    dt = (time.perf_counter() - t) / steps
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    del state
+    return {"step_s": dt, "tokens_per_s": batch * seq / dt, "peak_gb": peak / 2 ** 30,
+            "losses": [float(v) for v in losses]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, any device, no compile")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = SMOKE if a.smoke else {k: SHAPES[k] for k in a.shapes.split(",")}
+    compile_ = not a.smoke
+    res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0)
+           if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
+           "shapes": {}}
+    res["matmul_tflops"] = matmul_peak(device, a.smoke)
+    res["copy_gb_s"] = copy_bandwidth(device, a.smoke)
+    print(f"matmul peak {res['matmul_tflops']:.1f} TFLOP/s, copy {res['copy_gb_s']:.0f} GB/s",
+          flush=True)
+    try:
+        res["kernels"] = kernel_checks(device, a.smoke, res["copy_gb_s"])
+    except Exception:
+        res["kernels"] = {"error": traceback.format_exc()[-1500:]}
+    print(json.dumps(res["kernels"], indent=1), flush=True)
+    for name, (kw, batch, seq) in shapes.items():
+        cfg = llama.Config(**kw)
+        fpt = flops_per_token(non_embedding_params(cfg), cfg.num_layers, cfg.hidden_size, seq)
+        g = torch.Generator(device=device).manual_seed(0)
+        n = a.warmup + a.steps
+        rows = [torch.randint(0, cfg.vocab_size, (batch, seq), device=device, generator=g)
+                for _ in range(n)]
+        r = {}
+        for who, fn, data in (
+                ("hf", run_hf, rows),
+                ("evo", run_evo, [packed_batch(cfg, batch, seq, device, g) for _ in range(n)]),
+                ("evo_same_tokens", run_evo, [{"tokens": x[None], "labels": torch.cat(
+                    [x[:, 1:], torch.full_like(x[:, :1], -100)], 1)[None]} for x in rows])):
+            try:
+                out = fn(cfg, batch, seq, device, a.steps, a.warmup, compile_, data)
+                out["tflops"] = out["tokens_per_s"] * fpt / 1e12
+                out["pct_peak"] = 100 * out["tflops"] / res["matmul_tflops"]
+            except Exception:
+                out = {"error": traceback.format_exc()[-1500:]}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            r[who] = out
+            print(name, who, json.dumps({k: v for k, v in out.items() if k != "losses"}),
+                  flush=True)
+        if "tokens_per_s" in r["hf"] and "tokens_per_s" in r["evo"]:
+            r["ratio"] = r["evo"]["tokens_per_s"] / r["hf"]["tokens_per_s"]
+            r["memory_ratio"] = r["evo"]["peak_gb"] / max(r["hf"]["peak_gb"], 1e-9)
+        if "losses" in r["hf"] and "losses" in r.get("evo_same_tokens", {}):
+            r["loss_max_rel_diff"] = max(abs(x - y) / abs(y) for x, y in
+                                         zip(r["evo_same_tokens"]["losses"], r["hf"]["losses"]))
+        res["shapes"][name] = r
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "gpu_step.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    lines = [f"{res['device']}, torch {res['torch']}, {res['date']}; bf16 matmul peak "
+             f"{res['matmul_tflops']:.1f} TFLOP/s", "",
+             "| shape | who | tokens/s | TFLOPS | % peak | peak GB | evo/HF |", "|---|---|---|---|---|---|---|"]
+    for name, r in res["shapes"].items():
+        for who in ("hf", "evo"):
+            o = r[who]
+            if "error" in o:
+                lines.append(f"| {name} | {who} | error | | | | |")
+                continue
+            lines.append(f"| {name} | {who} | {o['tokens_per_s']:.0f} | {o['tflops']:.1f} | "
+                         f"{o['pct_peak']:.1f} | {o['peak_gb']:.1f} | "
+                         f"{r.get('ratio', float('nan')):.3f} |" if who == "evo" else
+                         f"| {name} | {who} | {o['tokens_per_s']:.0f} | {o['tflops']:.1f} | "
+                         f"{o['pct_peak']:.1f} | {o['peak_gb']:.1f} | |")
+    table = "\n".join(lines)
+    with open(os.path.join(a.out, "gpu_step.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return res
+
+
+if __name__ == "__main__":
+    main()
