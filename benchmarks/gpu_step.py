@@ -165,60 +165,54 @@ def packed_batch(cfg, batch, seq, device, g):
             "cu_seqlens": torch.tensor([cuts], dtype=torch.int32, device=device)}
 
 
-def run_hf(cfg, batch, seq, device, steps, warm, compile_, tokens):
-    model = hf_model(cfg, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    fwd = torch.compile(model) if compile_ else model
-    amp = torch.autocast(device.type, dtype=torch.bfloat16)
-    losses = []
-
-    def step(x):
-        with amp:
-            loss = fwd(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    for x in tokens[:warm]:
+def measure(step, items, device, steps, warm):
+    """Run ``step(item) -> loss`` over ``warm`` items, then time the next ``steps``: seconds per
+    step, peak memory of the timed steps (CUDA) and their losses."""
+    for x in items[:warm]:
         step(x)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync = timer(device)
     sync()
     t = time.perf_counter()
-    for x in tokens[warm:warm + steps]:
-        losses.append(step(x).detach())
+    losses = [step(x) for x in items[warm:warm + steps]]
     sync()
     dt = (time.perf_counter() - t) / steps
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return {"step_s": dt, "peak_gb": peak / 2 ** 30, "losses": [float(v) for v in losses]}
+
+
+def run_hf(cfg, batch, seq, device, steps, warm, compile_, tokens):
+    model = hf_model(cfg, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
+                            fused=device.type == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+
+    def step(x):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = fwd(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    out = measure(step, tokens, device, steps, warm)
     del model, opt, fwd
-    return {"step_s": dt, "tokens_per_s": batch * seq / dt, "peak_gb": peak / 2 ** 30,
-            "losses": [float(v) for v in losses]}
+    return {**out, "tokens_per_s": batch * seq / out["step_s"]}
 
 
 def run_evo(cfg, batch, seq, device, steps, warm, compile_, batches):
-    opt = optim.adamw(lr=1e-4, weight_decay=0.0, clip_norm=1.0)
+    opt = optim.adamw(lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0, clip_norm=1.0)
     params = {k: v.to(device) for k, v in llama.init(cfg, seed=0).items()}
-    state = train.init_state(params, opt)
-    step = train.Step(cfg, opt, compute_dtype=torch.bfloat16, donate=True, compile=compile_)
-    losses = []
-    for b in batches[:warm]:
-        state, _ = step(state, b)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync = timer(device)
-    sync()
-    t = time.perf_counter()
-    for b in batches[warm:warm + steps]:
-        state, m = step(state, b)
-        losses.append(m["loss"])
-    sync()
-    dt = (time.perf_counter() - t) / steps
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    del state
-    return {"step_s": dt, "tokens_per_s": batch * seq / dt, "peak_gb": peak / 2 ** 30,
-            "losses": [float(v) for v in losses]}
+    holder = [train.init_state(params, opt)]
+    step_fn = train.Step(cfg, opt, compute_dtype=torch.bfloat16, donate=True, compile=compile_)
+
+    def step(b):
+        holder[0], m = step_fn(holder[0], b)
+        return m["loss"]
+    out = measure(step, batches, device, steps, warm)
+    del holder
+    return {**out, "tokens_per_s": batch * seq / out["step_s"]}
 
 
 def main(argv=None):
