@@ -41,7 +41,8 @@ class Experiment:
     ``alert_webhook``: a URL that receives every alert as a JSON POST. ``peak_tflops``: the
     device's peak for MFU (default: known from the device name; none on a CPU). ``profile``:
     ``"START:END"`` profiles steps START through END (1-based) into ``RUN_DIR/profile``.
-    ``compile``: run forward and backward through ``torch.compile``.
+    ``compile``: run forward and backward through ``torch.compile``. ``kernels``: "torch" or
+    "triton" elementwise ops in the model (the fused Triton kernels; same results).
     """
     model: llama.Config
     data: data.Packed
@@ -70,6 +71,7 @@ class Experiment:
     peak_tflops: float | None = None
     profile: str | None = None
     compile: bool = False
+    kernels: str = "torch"
 
     def __post_init__(self):
         for name, typ in (("model", llama.Config), ("data", data.Packed), ("optimizer", optim.AdamW),
@@ -102,6 +104,8 @@ class Experiment:
                               f"{self.alert_webhook!r}")
         if self.profile is not None:
             self.profile_steps()
+        if self.kernels not in ("torch", "triton"):
+            raise ConfigError(f"experiment.kernels must be 'torch' or 'triton', got {self.kernels!r}")
         if self.sample_prompt is not None and self.tokenizer is None:
             raise ConfigError("experiment.sample_prompt needs experiment.tokenizer to encode it")
 

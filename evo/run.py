@@ -171,7 +171,7 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
     step_fn = shard(train.Step(exp.model, opt, compute_dtype=_dtype(exp.compute_dtype),
                                remat=exp.remat, attention=exp.attention, donate=True,
                                sources=len(loader.sources) if len(loader.sources) > 1 else 0,
-                               compile=exp.compile),
+                               compile=exp.compile, kernels=exp.kernels),
                     plan, mesh)
     saver = checkpoint.Saver(ckpt_root, mesh, keep_last=exp.keep_last,
                              keep_every=exp.keep_every, asynchronous=exp.async_checkpoint)

@@ -75,6 +75,7 @@ class Step:
     ``source_loss_sum`` and ``source_tokens`` (fp32 ``[sources]``: summed loss and labelled tokens
     of each source). ``compile``: run each micro-batch's forward and backward through
     ``torch.compile`` (one graph per input shape; the optimizer update stays eager, foreach).
+    ``kernels``: "torch" or "triton" elementwise ops in the model (``llama.ops``).
     """
     model: llama.Config
     optimizer: optim.AdamW
@@ -84,10 +85,12 @@ class Step:
     donate: bool = False
     sources: int = 0
     compile: bool = False
+    kernels: str = "torch"
 
     def __post_init__(self):
         if not 0.0 <= self.remat <= 1.0:
             raise ValueError(f"Step.remat must be a fraction in [0, 1], got {self.remat!r}")
+        llama.ops(self.kernels)  # an unknown name fails here, not in the first step
         if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"Step.compute_dtype must be float32, bfloat16, float16 or float64, got "
                              f"{self.compute_dtype}")
@@ -107,7 +110,7 @@ class Step:
 
     def _token_losses(self, params, tokens, labels, positions, cu_seqlens, regions):
         logits = llama.apply(self.model, params, tokens, positions, cu_seqlens, remat=self.remat,
-                             attention=self.attention, regions=regions)
+                             attention=self.attention, regions=regions, kernels=self.kernels)
         return regions.cross_entropy(logits, labels)
 
     def loss_sum(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,

@@ -11,13 +11,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_step_smoke(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_step.py"), "--smoke",
-                        "--steps", "2", "--warmup", "1", "--out", str(tmp_path)],
+                        "--steps", "2", "--warmup", "1", "--triton", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_step.json").read_text())
     assert res["kernels"] and all(k["ok"] for k in res["kernels"].values()), res["kernels"]
     shape = res["shapes"]["smoke"]
-    assert all("error" not in shape[w] for w in ("hf", "evo", "evo_same_tokens")), shape
+    assert all("error" not in shape[w] for w in ("hf", "evo", "evo_same_tokens", "evo_triton")), shape
     # Same weights, same tokens: evo's losses are HF's within bf16 noise.
     assert shape["loss_max_rel_diff"] <= 2e-2
     assert "| smoke | evo |" in (tmp_path / "gpu_step.md").read_text()

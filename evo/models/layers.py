@@ -55,9 +55,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """``w2(silu(x w1) * (x w3))``: w1 is the gate, w3 the up projection, w2 the down projection."""
-    return (F.silu(x @ w1) * (x @ w3)) @ w2
+def swiglu_act(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU activation ``silu(gate) * up``; the MLP is ``swiglu_act(x w1, x w3) w2`` (w1 the
+    gate, w3 the up projection, w2 the down projection)."""
+    return F.silu(gate) * up
 
 
 def cross_entropy_tokens(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 import evo_kernels
 from evo_kernels.attention import positions_from_cu_seqlens
 from evo.models.layers import (LOCAL, Regions, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq,
-                               swiglu)
+                               swiglu_act)
 
 
 def _positive_int(obj, name: str) -> None:
@@ -209,6 +209,24 @@ def is_concrete(t: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+class Ops(NamedTuple):
+    """The elementwise ops a layer uses: torch's, or the fused Triton kernels (same results)."""
+    rms_norm: object
+    apply_rope: object
+    swiglu_act: object
+
+
+def ops(kernels: str = "torch") -> Ops:
+    """``"torch"``: the reference ops of ``layers``; ``"triton"``: ``evo_kernels.triton_ops`` (on
+    CUDA, or on CPU tensors under Triton's interpreter)."""
+    if kernels == "torch":
+        return Ops(rms_norm, apply_rope, swiglu_act)
+    if kernels == "triton":
+        from evo_kernels import triton_ops
+        return Ops(triton_ops.rms_norm, triton_ops.apply_rope, triton_ops.swiglu_act)
+    raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+
+
 class _Attend:
     """Attention of layer ``i`` over packed documents (training and evaluation)."""
 
@@ -222,22 +240,26 @@ class _Attend:
 
 
 def _layer(cfg: Config, params: dict[str, torch.Tensor], i: int, x: torch.Tensor,
-           cos: torch.Tensor, sin: torch.Tensor, attend, regions: Regions) -> torch.Tensor:
+           cos: torch.Tensor, sin: torch.Tensor, attend, regions: Regions,
+           op: Ops | None = None) -> torch.Tensor:
     """One decoder layer. ``x [batch, seq, hidden]`` (the sequence may be split by ``regions``);
     head counts come from the weights' shapes, so a layer runs on a slice of the heads as well.
-    ``attend(i, q, k, v)``: the attention of layer ``i`` (``_Attend``, or a KV cache's)."""
+    ``attend(i, q, k, v)``: the attention of layer ``i`` (``_Attend``, or a KV cache's); ``op``:
+    the elementwise ops (default torch's)."""
+    op = op or _TORCH_OPS
     p = regions.layer(params, f"layers.{i}.")
     r, d = cfg.q_per_kv, cfg.dim_per_head
-    h = regions.enter(rms_norm(x, p["attn_norm"], cfg.norm_eps))
+    h = regions.enter(op.rms_norm(x, p["attn_norm"], cfg.norm_eps))
     b, s, _ = h.shape
     qkv = (h @ p["attn.wqkv"]).view(b, s, -1, r + 2, d)
     q = qkv[:, :, :, :r].flatten(2, 3)
     k, v = qkv[:, :, :, r], qkv[:, :, :, r + 1]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = op.apply_rope(q, cos, sin), op.apply_rope(k, cos, sin)
     o = attend(i, q, k, v)
     x = x + regions.exit(o.flatten(2) @ p["attn.wo"])
-    h = regions.enter(rms_norm(x, p["mlp_norm"], cfg.norm_eps))
-    return x + regions.exit(swiglu(h, p["mlp.w1"], p["mlp.w3"], p["mlp.w2"]))
+    h = regions.enter(op.rms_norm(x, p["mlp_norm"], cfg.norm_eps))
+    mlp = op.swiglu_act(h @ p["mlp.w1"], h @ p["mlp.w3"]) @ p["mlp.w2"]
+    return x + regions.exit(mlp)
 
 
 def layer_params(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
@@ -247,8 +269,9 @@ def layer_params(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Ten
 def hidden_states(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Tensor,
                   positions: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, *,
                   remat: float = 0.0, attention: str = "auto",
-                  regions: Regions = LOCAL) -> torch.Tensor:
+                  regions: Regions = LOCAL, kernels: str = "torch") -> torch.Tensor:
     """The final-norm output ``[batch, seq, hidden]`` in the params' dtype; see ``apply``."""
+    op = ops(kernels)
     if is_concrete(tokens):
         check_inputs(cfg, tokens, positions, cu_seqlens)
     b, s = tokens.shape
@@ -268,9 +291,9 @@ def hidden_states(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Te
         n_remat = 0  # torch.func transforms reject checkpoint's saved-tensor hooks: store instead
     attend = _Attend(cu_seqlens, attention)
     for i in range(cfg.num_layers):
-        args = (cfg, params, i, x, cos, sin, attend, regions)
+        args = (cfg, params, i, x, cos, sin, attend, regions, op)
         x = checkpoint(_layer, *args, use_reentrant=False) if i < n_remat else _layer(*args)
-    return rms_norm(x, regions.param(params, "norm"), cfg.norm_eps)
+    return op.rms_norm(x, regions.param(params, "norm"), cfg.norm_eps)
 
 
 def output_weight(cfg: Config, params: dict[str, torch.Tensor], regions: Regions = LOCAL
@@ -282,7 +305,8 @@ def output_weight(cfg: Config, params: dict[str, torch.Tensor], regions: Regions
 
 def apply(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Tensor,
           positions: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, *,
-          remat: float = 0.0, attention: str = "auto", regions: Regions = LOCAL) -> torch.Tensor:
+          remat: float = 0.0, attention: str = "auto", regions: Regions = LOCAL,
+          kernels: str = "torch") -> torch.Tensor:
     """Logits ``[batch, seq, vocab]`` in the params' dtype.
 
     ``tokens`` int ``[batch, seq]``. ``positions`` int ``[batch, seq]``: rotary positions; by default
@@ -292,10 +316,10 @@ def apply(cfg: Config, params: dict[str, torch.Tensor], tokens: torch.Tensor,
     ``floor(remat · num_layers)``) whose activations are recomputed in backward instead of stored.
     ``attention``: an ``evo_kernels.attention`` backend name, or "auto". ``regions``: the parallel
     layout's hooks (``evo.models.layers.Regions``); under tensor parallelism the logits come back
-    split on the vocabulary.
+    split on the vocabulary. ``kernels``: "torch" or "triton" elementwise ops (``ops``).
     """
     x = hidden_states(cfg, params, tokens, positions, cu_seqlens, remat=remat, attention=attention,
-                      regions=regions)
+                      regions=regions, kernels=kernels)
     return regions.enter(x) @ output_weight(cfg, params, regions)
 
 
@@ -318,6 +342,9 @@ def init_cache(cfg: Config, batch: int, capacity: int, *, dtype: torch.dtype = t
     return KVCache(torch.zeros(shape, dtype=dtype, device=device),
                    torch.zeros(shape, dtype=dtype, device=device),
                    torch.zeros(batch, capacity, dtype=torch.bool, device=device), 0)
+
+
+_TORCH_OPS = ops("torch")
 
 
 class _CachedAttend:
