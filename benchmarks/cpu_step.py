@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from evo import optim, train
+from evo import hf, optim, train
 from evo.models import llama
 
 
@@ -45,12 +45,7 @@ def parse_args() -> argparse.Namespace:
 def hf_side(cfg: llama.Config, params: dict[str, torch.Tensor], tokens: torch.Tensor):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    conf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
-                       rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                       tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=cfg.max_seq_len,
-                       attn_implementation="sdpa", use_cache=False)
+    conf = LlamaConfig(**hf.config_to_hf(cfg), attn_implementation="sdpa", use_cache=False)
     model = LlamaForCausalLM(conf).float().train()
     model.load_state_dict(llama.export_params(cfg, params, "hf"), strict=True)
     decay = [p for p in model.parameters() if p.ndim >= 2]

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evo import optim, train  # noqa: E402
+from evo import hf, optim, train  # noqa: E402
 from evo.models import llama  # noqa: E402
 from evo.run import non_embedding_params  # noqa: E402
 from evo.monitor import flops_per_token  # noqa: E402
@@ -139,12 +139,7 @@ def kernel_checks(device, smoke, bandwidth):
 
 def hf_model(cfg: llama.Config, device):
     from transformers import LlamaConfig, LlamaForCausalLM
-    hcfg = LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                       num_key_value_heads=cfg.kv_heads, vocab_size=cfg.vocab_size,
-                       max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                       rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-                       attn_implementation="sdpa", use_cache=False)
+    hcfg = LlamaConfig(**hf.config_to_hf(cfg), attn_implementation="sdpa", use_cache=False)
     model = LlamaForCausalLM(hcfg).to(device)
     result = model.load_state_dict(llama.export_params(cfg, llama.init(cfg, seed=0), "hf"),
                                    strict=False)

@@ -46,16 +46,10 @@ def peak_tflops(device_name: str | None) -> float | None:
 
 
 class Throughput:
-    """Tokens/s, TFLOPS and MFU over the steps since the last call to ``tick``."""
+    """Tokens/s, TFLOPS and MFU per device."""
 
     def __init__(self, flops_per_token: float, peak_tflops: float | None, devices: int = 1):
         self.flops_per_token, self.peak, self.devices = flops_per_token, peak_tflops, devices
-        self.last = time.perf_counter()
-
-    def tick(self, tokens: int) -> dict[str, float | None]:
-        now = time.perf_counter()
-        dt, self.last = max(now - self.last, 1e-9), now
-        return {"step_time": dt, **self.rate(tokens, dt)}
 
     def rate(self, tokens: int, seconds: float) -> dict[str, float | None]:
         """Per device: ``tokens`` (all devices together) trained in ``seconds``."""
@@ -117,14 +111,13 @@ class TensorBoardWriter:
     def __init__(self, log_dir: str, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
         # purge_step: a resumed run hides the events a crashed one wrote past its checkpoint.
-        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step, flush_secs=10)
 
     def write(self, record: dict, group: str = "train") -> None:
         step = int(record["step"])
         for tag, v in flatten({k: v for k, v in record.items() if k != "step"}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.writer.add_scalar(f"{group}/{tag}", v, step)
-        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
