@@ -1,9 +1,9 @@
 """Where every parameter lives under a plan: pure functions of (plan, logical axes, shapes).
 
-Two splits compose. Tensor parallelism splits the dimension whose logical axis the plan's rules map
-to ``"tp"`` into ``tp`` contiguous chunks. ZeRO then splits that tensor-parallel piece on its first
-dimension into ``zero_group`` chunks, padding the first dimension with zeros to a multiple of
-``zero_group`` (padding rows get zero gradients and stay zero). Everything here is arithmetic on
+Two splits compose. The plan's rules split each dimension whose logical axis they map to mesh axes
+(``"tp"`` today) into contiguous chunks, one per rank of those axes. ZeRO then splits that piece on
+its first dimension into ``zero_group`` chunks, padding the first dimension with zeros to a
+multiple of ``zero_group`` (padding rows get zero gradients and stay zero). Everything here is arithmetic on
 shapes: it runs for a world of 16384 ranks without allocating anything.
 """
 from __future__ import annotations
@@ -13,39 +13,62 @@ from dataclasses import dataclass
 
 import torch
 
+from evo.sharding.mesh import mesh_shape
 from evo.sharding.plan import Plan
 
 
 @dataclass(frozen=True)
 class ParamLayout:
-    shape: tuple[int, ...]            # global logical shape
-    tp_dim: int | None                # the dimension split over tp, if any
-    local_shape: tuple[int, ...]      # this tensor-parallel rank's piece
-    shard_shape: tuple[int, ...]      # one ZeRO shard of the piece (first dim padded, then split)
+    shape: tuple[int, ...]               # global logical shape
+    split: tuple[tuple[str, ...], ...]   # per dimension: the mesh axes splitting it, major first
+    local_shape: tuple[int, ...]         # this rank's piece after every split
+    shard_shape: tuple[int, ...]         # one ZeRO shard of the piece (first dim padded, then split)
+
+    @property
+    def tp_dim(self) -> int | None:
+        """The dimension split over ``tp``, if any."""
+        return next((d for d, axes in enumerate(self.split) if "tp" in axes), None)
+
+    def offset(self, coords: dict[str, int], sizes: dict[str, int]) -> tuple[int, ...]:
+        """Where the piece of the rank at mesh ``coords`` starts in the global array: along each
+        dimension, the mixed-radix number of its coordinates on the splitting axes (major first)
+        times the piece's size. Axes missing from ``coords``/``sizes`` have size 1."""
+        out = []
+        for d, axes in enumerate(self.split):
+            index = 0
+            for a in axes:
+                index = index * sizes.get(a, 1) + coords.get(a, 0)
+            out.append(index * self.local_shape[d])
+        return tuple(out)
 
 
-def tp_dim(plan: Plan, axes: tuple[str, ...], name: str = "") -> int | None:
-    dims = [i for i, a in enumerate(axes) if plan.mesh_axis(a) == "tp"]
-    if len(dims) > 1:
-        raise ValueError(f"plan.rules split {name} {axes} over tp on {len(dims)} dimensions; "
-                         "at most one dimension of a parameter may be split over a mesh axis")
-    return dims[0] if dims else None
-
-
-def param_layout(plan: Plan, shape: tuple[int, ...], axes: tuple[str, ...], name: str = ""
-                 ) -> ParamLayout:
-    """``plan`` must be resolved (``Plan.resolve``)."""
-    d = tp_dim(plan, axes, name)
+def param_layout(plan: Plan, shape: tuple[int, ...], axes: tuple[str, ...], name: str = "",
+                 sizes: dict[str, int] | None = None) -> ParamLayout:
+    """Dimension ``d`` is split over the mesh axes the plan's rules map ``axes[d]`` to, in
+    contiguous chunks (``sizes``: mesh axis sizes, default the mesh of ``plan``, which must be
+    resolved; an axis not in the mesh has size 1). A mesh axis splits one dimension at most."""
+    sizes = mesh_shape(plan).sizes if sizes is None else sizes
+    split = tuple(plan.mesh_axes(a) for a in axes)
+    seen = {}
+    for d, mesh_axes in enumerate(split):
+        for m in mesh_axes:
+            if m in seen:
+                raise ValueError(f"plan.rules split {name} {axes} over mesh axis {m!r} on "
+                                 f"dimensions {seen[m]} and {d}; a mesh axis may split one "
+                                 "dimension of a parameter")
+            seen[m] = d
     local = list(shape)
-    if d is not None:
-        if shape[d] % plan.tp:
-            raise ValueError(f"plan.tp={plan.tp} must divide dimension {d} ({axes[d]!r}) of "
-                             f"{name}, which has size {shape[d]}")
-        local[d] //= plan.tp
+    for d, mesh_axes in enumerate(split):
+        n = math.prod(sizes.get(m, 1) for m in mesh_axes)
+        if shape[d] % n:
+            degrees = " × ".join(f"{m}={sizes.get(m, 1)}" for m in mesh_axes)
+            raise ValueError(f"plan.{degrees} must divide dimension {d} ({axes[d]!r}) of {name}, "
+                             f"which has size {shape[d]}")
+        local[d] //= n
     shard = list(local)
     if plan.zero > 0 and local:
         shard[0] = math.ceil(local[0] / plan.zero_group)
-    return ParamLayout(tuple(shape), d, tuple(local), tuple(shard))
+    return ParamLayout(tuple(shape), split, tuple(local), tuple(shard))
 
 
 def check_rules(plan: Plan, model_axes: dict[str, tuple[str, ...]]) -> None:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-MESH_AXES = ("tp",)  # the mesh axes a logical axis may map to; data-parallel axes are ZeRO's
+# The mesh axes a parameter dimension may be split over (evo.sharding.mesh.AXIS_ORDER has them
+# all): data-parallel axes belong to ZeRO and ``pp`` to pipeline stages. The planner implements
+# ``tp`` today; a rule naming another is valid here and rejected by ``shard``.
+MESH_AXES = ("tp", "ep", "cp", "sp")
 
-# Logical axis -> mesh axis (None: replicated). Weights are [in, out]: splitting an output axis
-# ("qkv", "mlp", "vocab" of the head) makes a column-parallel matmul, splitting an input axis
-# ("heads", "mlp" of w2) a row-parallel one, and "vocab" of the embedding a vocab-parallel lookup.
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+# A rule maps a logical axis to a mesh axis, a tuple of mesh axes (the dimension split over their
+# product, the first one major) or None (replicated).
+Rule = tuple[str, "str | tuple[str, ...] | None"]
+
+# Weights are [in, out]: splitting an output axis ("qkv", "mlp", "vocab" of the head) makes a
+# column-parallel matmul, splitting an input axis ("heads", "mlp" of w2) a row-parallel one, and
+# "vocab" of the embedding a vocab-parallel lookup.
+DEFAULT_RULES: tuple[Rule, ...] = (
     ("vocab", "tp"), ("qkv", "tp"), ("heads", "tp"), ("mlp", "tp"), ("embed", None), ("norm", None))
 
 
@@ -20,15 +27,16 @@ class Plan:
     tensor-parallel degree. ``zero``: ZeRO stage 0-3 over the data-parallel ranks. ``zero_group``:
     shard the ZeRO state inside groups of this many data-parallel ranks and replicate across groups
     (-1: the whole data-parallel group). ``sequence_parallel``: split norm regions on the sequence
-    inside the tensor-parallel group. ``rules``: logical axis → mesh axis (None: replicated).
-    ``bucket_mb``: data-parallel gradients are reduced in buckets of this many MiB, each started
-    while backward still runs (0: one collective per parameter after backward)."""
+    inside the tensor-parallel group. ``rules``: logical axis → mesh axis, tuple of mesh axes, or
+    None (replicated). ``bucket_mb``: data-parallel gradients are reduced in buckets of this many
+    MiB, each started while backward still runs (0: one collective per parameter after
+    backward)."""
     dp: int = -1
     tp: int = 1
     zero: int = 0
     zero_group: int = -1
     sequence_parallel: bool = False
-    rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES
+    rules: tuple[Rule, ...] = DEFAULT_RULES
     bucket_mb: float = 25.0
 
     def __post_init__(self):
@@ -50,21 +58,12 @@ class Plan:
         if not isinstance(self.bucket_mb, (int, float)) or isinstance(self.bucket_mb, bool) or \
                 self.bucket_mb < 0:
             raise ValueError(f"plan.bucket_mb must be a number >= 0, got {self.bucket_mb!r}")
-        seen = set()
-        for rule in self.rules:
-            if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
-                raise ValueError(f"plan.rules: each rule must be (logical_axis, mesh_axis), got "
-                                 f"{rule!r}")
-            if rule[1] is not None and rule[1] not in MESH_AXES:
-                raise ValueError(f"plan.rules: logical axis {rule[0]!r} maps to unknown mesh axis "
-                                 f"{rule[1]!r}; mesh axes are {MESH_AXES} or None")
-            if rule[0] in seen:
-                raise ValueError(f"plan.rules: logical axis {rule[0]!r} has two rules")
-            seen.add(rule[0])
+        _check_rules(self.rules)
 
-    def mesh_axis(self, logical: str) -> str | None:
-        """The mesh axis a logical axis is split over (None: replicated)."""
-        return dict(self.rules).get(logical)
+    def mesh_axes(self, logical: str) -> tuple[str, ...]:
+        """The mesh axes a logical axis is split over, major first (``()``: replicated)."""
+        target = dict(self.rules).get(logical)
+        return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
     @property
     def world_size(self) -> int:
@@ -84,3 +83,30 @@ class Plan:
         if dp % zero_group:
             raise ValueError(f"plan.zero_group={zero_group} must divide plan.dp={dp}")
         return dataclasses.replace(self, dp=dp, zero_group=zero_group)
+
+
+def _check_rules(rules) -> None:
+    if not isinstance(rules, tuple):
+        raise ValueError(f"plan.rules must be a tuple of (logical_axis, mesh_axes) rules, got "
+                         f"{rules!r}")
+    seen = set()
+    for rule in rules:
+        if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ValueError(f"plan.rules: each rule must be (logical_axis, mesh_axes), got "
+                             f"{rule!r}")
+        logical, target = rule
+        names = (target,) if isinstance(target, str) else target
+        if target is not None and not (isinstance(names, tuple) and names and
+                                       all(isinstance(a, str) for a in names)):
+            raise ValueError(f"plan.rules: logical axis {logical!r} maps to {target!r}; a rule "
+                             "maps to a mesh axis name, a non-empty tuple of them, or None")
+        for a in names or ():
+            if a not in MESH_AXES:
+                raise ValueError(f"plan.rules: logical axis {logical!r} maps to unknown mesh "
+                                 f"axis {a!r}; mesh axes are {MESH_AXES} or None")
+        if names and len(set(names)) != len(names):
+            raise ValueError(f"plan.rules: logical axis {logical!r} maps to {target!r}, which "
+                             "names a mesh axis twice")
+        if logical in seen:
+            raise ValueError(f"plan.rules: logical axis {logical!r} has two rules")
+        seen.add(logical)
