@@ -62,8 +62,9 @@ def param_layout(plan: Plan, shape: tuple[int, ...], axes: tuple[str, ...], name
         n = math.prod(sizes.get(m, 1) for m in mesh_axes)
         if shape[d] % n:
             degrees = " × ".join(f"{m}={sizes.get(m, 1)}" for m in mesh_axes)
-            raise ValueError(f"plan.{degrees} must divide dimension {d} ({axes[d]!r}) of {name}, "
-                             f"which has size {shape[d]}")
+            what = f"plan.{degrees}" if len(mesh_axes) == 1 else f"mesh axes {degrees} = {n}"
+            raise ValueError(f"{what} must divide dimension {d} ({axes[d]!r}) of {name}, which "
+                             f"has size {shape[d]}")
         local[d] //= n
     shard = list(local)
     if plan.zero > 0 and local:
