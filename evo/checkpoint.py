@@ -42,7 +42,7 @@ from safetensors import safe_open
 from evo import train
 from evo.models import llama
 from evo.sharding.layout import ParamLayout, model_layouts
-from evo.sharding.mesh import Mesh
+from evo.sharding.mesh import Mesh, mesh_shape
 
 FORMAT = "evo-checkpoint-1"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -64,10 +64,8 @@ def piece_rect(lay: ParamLayout, plan, coords: dict[str, int], sharded: bool
                ) -> tuple[list[int], list[int]]:
     """Global (offset, size) of this rank's piece: the tensor-parallel piece, or its ZeRO shard
     (without padding) when ``sharded``."""
-    offset = [0] * len(lay.shape)
+    offset = list(lay.offset(coords, mesh_shape(plan).sizes))
     size = list(lay.local_shape)
-    if lay.tp_dim is not None:
-        offset[lay.tp_dim] = coords["tp"] * lay.local_shape[lay.tp_dim]
     if sharded and size:
         lo, hi = _rows_range(lay, plan, coords["zero"])
         offset[0] += lo
