@@ -6,6 +6,9 @@ against the formulas the mesh had before it knew named axes, and 2-D pieces agai
 ``torch.chunk`` of the global array. Everything is integer arithmetic: equality is exact.
 """
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -225,3 +228,32 @@ def test_shard_rejects_an_axis_it_does_not_implement():
     with pytest.raises(ValueError, match="logical axis 'mlp' to mesh axis 'ep', which the planner "
                                          "does not implement yet"):
         shard(train.Step(cfg, optim.adamw(lr=1e-3)), Plan(rules=rules))
+
+
+EXPERIMENT = """
+from evo import Experiment, Plan, data, models, optim
+experiment = Experiment(
+    model=models.llama.Config(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4,
+                              intermediate_size=48),
+    data=data.Packed(folder=None, seq_len=16, micro_batch=1, micro_num=1),
+    optimizer=optim.adamw(lr=1e-3), steps=1, run_dir=RUN_DIR)
+"""
+
+
+@pytest.mark.parametrize("mlp, culprit", [
+    ("'pipeline'", "plan.rules: logical axis 'mlp' maps to unknown mesh axis 'pipeline'"),
+    ("('tp', 'ep')", "logical axis 'mlp' to mesh axis 'ep', which the planner does not implement"),
+])
+def test_evo_train_with_a_rule_it_cannot_run(tmp_path, mlp, culprit):
+    """One message naming the rule, exit status 2, no traceback."""
+    run_dir = tmp_path / "run"
+    exp = tmp_path / "exp.py"
+    exp.write_text(EXPERIMENT.replace("RUN_DIR", repr(str(run_dir))))
+    rules = "(" + "".join(f"({a!r}, {m!r}), " for a, m in Plan().rules if a != "mlp") + \
+        f"('mlp', {mlp}))"
+    r = subprocess.run([sys.executable, "-m", "evo", "train", str(exp), "--set",
+                        f"plan.rules={rules}"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1"))
+    assert r.returncode == 2, r.stderr
+    assert culprit in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("evo: error") == 1 and not run_dir.exists()   # nothing written
