@@ -71,9 +71,9 @@ class MeshShape:
         """Every axis's coordinate of ``rank``."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside a mesh of {self.world_size} processes")
-        base = {}
+        base, rest = {}, rank
         for name, size in reversed(self.base):
-            rank, base[name] = divmod(rank, size)
+            rest, base[name] = divmod(rest, size)
         return {**{n: base[n] for n, _ in self.base},
                 **{n: self._number(base, self.parts(n)) for n, _ in self.derived}}
 

@@ -388,10 +388,11 @@ class ShardedStep:
 def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
     """The step distributed by ``plan`` over ``mesh`` (default: built from the process group)."""
     from evo.sharding.mesh import build_mesh
-    for logical, _ in plan.rules:
-        for axis in sorted(set(plan.mesh_axes(logical)) - {"tp"}):
-            raise ValueError(f"shard: plan.rules map logical axis {logical!r} to mesh axis "
-                             f"{axis!r}, which the planner does not implement yet (only 'tp')")
+    unsupported = [(logical, axis) for logical, _ in plan.rules
+                   for axis in plan.mesh_axes(logical) if axis != "tp"]
+    if unsupported:
+        raise ValueError("shard: plan.rules map logical axis {!r} to mesh axis {!r}, which the "
+                         "planner does not implement yet (only 'tp')".format(*unsupported[0]))
     mesh = mesh or build_mesh(plan)
     if mesh.plan != plan.resolve(mesh.plan.world_size):
         raise ValueError(f"shard: the mesh was built for {mesh.plan}, not {plan}")
