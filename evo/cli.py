@@ -14,13 +14,20 @@ import traceback
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: same shape and exit status as ours
         self.print_usage(sys.stderr)
-        raise SystemExit(f"evo: error: {message}")
+        print(f"evo: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _train(args) -> None:
+    import dataclasses
+
     from evo import config, run
-    extra = [f"profile={args.profile}"] if getattr(args, "profile", None) else []
-    exp = config.apply_overrides(config.load(args.experiment), [*args.set, *extra])
+    exp = config.apply_overrides(config.load(args.experiment), args.set)
+    if getattr(args, "profile", None) is not None:
+        try:
+            exp = dataclasses.replace(exp, profile=args.profile)
+        except config.ConfigError as e:
+            raise config.ConfigError(f"--profile {args.profile}: {e}") from None
     run.run(exp)
 
 
@@ -69,6 +76,11 @@ def _plan(args) -> None:
 
 def _export_hf(args) -> None:
     from evo import checkpoint
+    from evo.config import ConfigError
+    if os.path.exists(args.out) and not (os.path.isdir(args.out) and not os.listdir(args.out)) \
+            and not args.overwrite:
+        raise ConfigError(f"{args.out}: already exists and is not empty; pass --overwrite to "
+                          "replace it")
     src = checkpoint.export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"evo: wrote {args.out} from {src}")
 
@@ -77,6 +89,17 @@ def _import_hf(args) -> None:
     """Train an experiment starting from HF weights: `--set init_from=DIR` spelled as a command."""
     args.set = [*args.set, f"init_from={args.hf_dir}"]
     _train(args)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count such as ``--world``; argparse names the flag in the error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="per-rank memory and communication of plans at a world size")
     pl.add_argument("experiment")
-    pl.add_argument("--world", type=int, required=True, help="number of processes")
+    pl.add_argument("--world", type=_positive_int, required=True, help="number of processes")
     pl.add_argument("--plans", nargs="*", default=[], metavar="dp=8,zero=1",
                     help="more plans to compare, as plan.KEY=VALUE lists without the prefix")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

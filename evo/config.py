@@ -110,7 +110,23 @@ class Experiment:
             raise ConfigError(f"experiment.kernels must be 'torch' or 'triton', got {self.kernels!r}")
         if self.sample_prompt is not None and self.tokenizer is None:
             raise ConfigError("experiment.sample_prompt needs experiment.tokenizer to encode it")
+        if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
+            raise ConfigError(f"experiment.run_dir={self.run_dir!r} is an existing file, not a "
+                              "folder")
+        self._check_positions()
 
+    def _check_positions(self) -> None:
+        """Every position the data can number must be one the model declares (``max_seq_len``
+        is what an HF export states as ``max_position_embeddings``)."""
+        d = self.data
+        if d.positions <= self.model.max_seq_len:
+            return
+        how = ("data.seq_len" if d.positions == d.seq_len else
+               f"data.micro_batch * data.seq_len = {d.micro_batch} * {d.seq_len} (a packed "
+               "document may fill a whole row)")
+        raise ConfigError(f"{how} = {d.positions} exceeds model.max_seq_len = "
+                          f"{self.model.max_seq_len}: the model would train on positions it does "
+                          "not declare; raise model.max_seq_len or shorten the rows")
 
     def profile_steps(self) -> tuple[int, int] | None:
         """``profile`` as (first, last) step, 1-based and inclusive."""
@@ -185,14 +201,25 @@ def _parse(text: str, current, key: str):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ConfigError(f"--set {key}={text}: expected a "
-                          f"{type(current).__name__ if current is not None else 'value'}") from None
+        raise ConfigError(f"--set {key}={text}: expected {_kind(current)}") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if current is not None and type(value) is not type(current):
-        raise ConfigError(f"--set {key}={text}: expected a {type(current).__name__}, got "
-                          f"{type(value).__name__}")
+        raise ConfigError(f"--set {key}={text}: expected {_kind(current)}, got {_kind(value)}")
     return value
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          tuple: "a tuple", list: "a list", dict: "a dict", set: "a set", type(None): "None"}
+
+
+def _kind(value) -> str:
+    """``value``'s type as a noun phrase for an error message: "an integer", "a number"."""
+    name = _KINDS.get(type(value))
+    if name is None:
+        name = type(value).__name__
+        name = ("an " if name[:1].lower() in "aeiou" else "a ") + name
+    return name
 
 
 def _is_literal(text: str) -> bool:

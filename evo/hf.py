@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -125,7 +126,9 @@ def save_hf(cfg, params: dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             written.append(tmp / INDEX_FILE)
+        mode = stat.S_IMODE(written[0].stat().st_mode)  # as the umask gives; safetensors: 0600
         for f in written:
+            f.chmod(mode)
             _fsync(f)
         _fsync(tmp)
         _move_into_place(tmp, out)

@@ -12,7 +12,7 @@ from evo import Experiment, Plan, data, models, optim
 train_folder, valid_folder = data.build_stdlib_corpus("data/stdlib")
 
 model = models.llama.Config(vocab_size=258, hidden_size=192, num_layers=4, num_heads=6,
-                            num_kv_heads=2, intermediate_size=512, max_seq_len=256)
+                            num_kv_heads=2, intermediate_size=512, max_seq_len=1024)
 experiment = Experiment(
     model=model,
     data=data.Packed(folder=train_folder, valid_folder=valid_folder, seq_len=256, micro_batch=4,

@@ -3,6 +3,7 @@ and fail clearly on every kind of damage."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -138,6 +139,38 @@ def test_meta_that_is_not_an_array_of_pairs(tmp_path):
         TokenizedDataset(str(tmp_path))
     open(path + ".meta", "wb").write(b"garbage")
     with pytest.raises(DataError, match=rf"{path}.meta: not a readable np.save file"):
+        TokenizedDataset(str(tmp_path))
+
+
+def internevo_meta_writer(path, docs):
+    """InternEvo's tools/jsonl2bin_meta.py, independently: json.dumps lines, then a meta of
+    (byte_offset, n_tokens, line_index) per line, np.save'd as int64 [n, 3]."""
+    with open(path, "wb") as f:
+        for doc in docs:
+            f.write((json.dumps({"tokens": doc}) + "\n").encode())
+    rows, cur = [], 0
+    with open(path, "rb") as f:
+        for i, line in enumerate(f):
+            rows.append((cur, len(json.loads(line)["tokens"]), i))
+            cur += len(line)
+    save_meta(path + ".meta", np.array(rows, dtype=np.int64).reshape(-1, 3))
+
+
+def test_three_column_meta_of_internevo_is_read_by_its_length_column(tmp_path):
+    # the index column differs from every length here, so reading it as the length would fail
+    docs = [[5, 6, 7, 8], [1], [], [9, 9, 9, 9, 9, 9, 9], [2, 3]]
+    internevo_meta_writer(str(tmp_path / "a.bin"), docs)
+    ds = TokenizedDataset(str(tmp_path))
+    assert ds.lengths.tolist() == [4, 1, 0, 7, 2]
+    assert [ds[i][0].tolist() for i in range(len(ds))] == docs
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (3, 4), (3, 2, 2)])
+def test_meta_of_another_shape_is_refused_at_open_naming_the_file(tmp_path, shape):
+    path = _write(tmp_path, [[1, 2], [3, 4], [5]])
+    save_meta(path + ".meta", np.zeros(shape, dtype=np.int64))
+    with pytest.raises(DataError, match=rf"{path}.meta: expected an int array \[n, 2\] .* or "
+                                        rf"\[n, 3\] .*shape " + re.escape(str(shape))):
         TokenizedDataset(str(tmp_path))
 
 

@@ -15,7 +15,7 @@ from evo import Experiment, Plan, config, data, monitor, optim, run, train
 from evo.models import llama
 
 CFG = llama.Config(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                   intermediate_size=48, max_seq_len=64)
+                   intermediate_size=48, max_seq_len=128)
 
 # Every record of metrics.jsonl: field -> type (docs/metrics.md describes each).
 SCHEMA = {"step": int, "loss": float, "grad_norm": float, "lr": float, "tokens": int,

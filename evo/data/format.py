@@ -5,7 +5,10 @@ A tokenized folder holds pairs of files:
 - ``NAME.bin``: JSON lines, one document per line, ``{"tokens": [1, 2, 3]}\\n`` exactly as
   ``json.dumps(...) + "\\n"`` writes it (", " between ids). Negative ids mean "never a loss
   target" (InternEvo's SFT prompt masking); see ``evo.data.packing``.
-- ``NAME.bin.meta``: an ``np.save``d int32 array ``[n_lines, 2]`` of ``(byte_offset, n_tokens)``.
+- ``NAME.bin.meta``: an ``np.save``d int32 array ``[n_lines, 2]`` of ``(byte_offset, n_tokens)``
+  (evo and InternEvo's tokenizer write this); InternEvo's ``tools/jsonl2bin_meta.py`` writes int64
+  ``[n_lines, 3]`` of ``(byte_offset, n_tokens, line_index)``, read the same way (column 1 is the
+  length in both).
 
 Sub-folders are named *sources* (for per-source loss and mixture weights): every file under the
 first-level sub-folder ``web/`` belongs to source ``"web"``; files directly in the folder belong to
@@ -271,12 +274,12 @@ def _load_meta(path: str) -> np.ndarray:
         meta = np.load(meta_path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # numpy raises several types for a damaged .npy
         raise DataError(f"{meta_path}: not a readable np.save file ({type(e).__name__}: {e})") from None
-    if meta.size == 0:
-        return np.zeros((0, 2), dtype=np.int32)
-    if meta.ndim != 2 or meta.shape[1] < 2 or meta.dtype.kind not in "iu":
+    if meta.ndim != 2 or meta.shape[1] not in (2, 3) or meta.dtype.kind not in "iu":
+        if meta.size == 0:
+            return np.zeros((0, 2), dtype=np.int32)
         raise DataError(
-            f"{meta_path}: expected an int array [n, 2] of (byte_offset, n_tokens), "
-            f"got dtype {meta.dtype} shape {meta.shape}"
+            f"{meta_path}: expected an int array [n, 2] of (byte_offset, n_tokens) or [n, 3] of "
+            f"(byte_offset, n_tokens, index), got dtype {meta.dtype} shape {meta.shape}"
         )
     return meta
 
@@ -304,7 +307,7 @@ class TokenizedDataset:
             meta = _load_meta(path)
             size = os.path.getsize(path)
             offsets = meta[:, 0]
-            lens = np.asarray(meta[:, -1], dtype=np.int32)
+            lens = np.asarray(meta[:, 1], dtype=np.int32)  # a third column is a line index
             self._check_file(path, size, offsets, lens)
             files.append(_File(path, source_index[source], size, offsets, n))
             lengths.append(lens)

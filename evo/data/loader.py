@@ -122,10 +122,31 @@ class Packed:
                 raise DataError(f"Packed.weights must have a positive weight, got {self.weights!r}")
         if self.weights is not None and self.folder is None:
             raise DataError("Packed.weights needs Packed.folder (there are no sources in dummy mode)")
+        _check_apart(self.folder, self.valid_folder)
 
     @property
     def row_len(self) -> int:
         return self.micro_batch * self.seq_len
+
+    @property
+    def positions(self) -> int:
+        """How many positions (0, 1, ...) a row can number: ``seq_len`` with
+        ``pack_sample_into_one`` or dummy data (documents of at most ``seq_len``), else ``row_len``
+        (positions restart per document, and a document may fill a whole row)."""
+        return self.seq_len if self.pack_sample_into_one or self.folder is None else self.row_len
+
+
+def _check_apart(folder: str | None, valid_folder: str | None) -> None:
+    """Refuse training and validation folders that are the same, or one inside the other
+    (symlinks and relative paths resolved): the held-out loss would be measured on training data."""
+    if folder is None or valid_folder is None:
+        return
+    a, b = os.path.realpath(folder), os.path.realpath(valid_folder)
+    if a == b or os.path.commonpath([a, b]) in (a, b):
+        relation = "is" if a == b else "contains" if os.path.commonpath([a, b]) == a else "is inside"
+        raise DataError(
+            f"Packed.folder={folder!r} ({a}) {relation} Packed.valid_folder={valid_folder!r} ({b}): "
+            "validation would measure documents the run trains on; use separate folders")
 
 
 class _RowReader:
