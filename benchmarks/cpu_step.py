@@ -47,7 +47,7 @@ def hf_side(cfg: llama.Config, params: dict[str, torch.Tensor], tokens: torch.Te
 
     conf = LlamaConfig(**hf.config_to_hf(cfg), attn_implementation="sdpa", use_cache=False)
     model = LlamaForCausalLM(conf).float().train()
-    model.load_state_dict(llama.export_params(cfg, params, "hf"), strict=True)
+    model.load_state_dict(llama.LLAMA.to_hf(cfg, params), strict=True)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},

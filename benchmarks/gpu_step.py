@@ -33,10 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evo import hf, optim, train  # noqa: E402
+from evo import hf, models, optim, train  # noqa: E402
 from evo.models import llama  # noqa: E402
-from evo.run import non_embedding_params  # noqa: E402
-from evo.monitor import flops_per_token  # noqa: E402
 
 SHAPES = {
     "llama-1.1B": (dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
@@ -141,7 +139,7 @@ def hf_model(cfg: llama.Config, device):
     from transformers import LlamaConfig, LlamaForCausalLM
     hcfg = LlamaConfig(**hf.config_to_hf(cfg), attn_implementation="sdpa", use_cache=False)
     model = LlamaForCausalLM(hcfg).to(device)
-    result = model.load_state_dict(llama.export_params(cfg, llama.init(cfg, seed=0), "hf"),
+    result = model.load_state_dict(llama.LLAMA.to_hf(cfg, llama.init(cfg, seed=0)),
                                    strict=False)
     missing = [k for k in result.missing_keys if "rotary" not in k]
     assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
@@ -239,7 +237,7 @@ def main(argv=None):
     print(json.dumps(res["kernels"], indent=1), flush=True)
     for name, (kw, batch, seq) in shapes.items():
         cfg = llama.Config(**kw)
-        fpt = flops_per_token(non_embedding_params(cfg), cfg.num_layers, cfg.hidden_size, seq)
+        fpt = models.flops_per_token(cfg, seq)
         g = torch.Generator(device=device).manual_seed(0)
         n = a.warmup + a.steps
         rows = [torch.randint(0, cfg.vocab_size, (batch, seq), device=device, generator=g)

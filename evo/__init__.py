@@ -1,7 +1,7 @@
 """evo: LLM training on PyTorch, written as pure functions.
 
-Parameters are flat ``dict[str, Tensor]`` with logical axes beside them (``models.llama``), the
-training step is a pure ``(state, batch) -> (state, metrics)`` (``train``), and a ``Plan`` says how
+Parameters are flat ``dict[str, Tensor]`` with logical axes beside them (``models``: model families
+behind one contract), the training step is a pure ``(state, batch) -> (state, metrics)`` (``train``), and a ``Plan`` says how
 to spread it over processes (``sharding``).
 """
 from evo import data, models, optim, train, tree

@@ -27,7 +27,6 @@ it directly and keep the files readable by anything that reads safetensors.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -39,8 +38,7 @@ import time
 import torch
 from safetensors import safe_open
 
-from evo import train
-from evo.models import llama
+from evo import models, train
 from evo.sharding.layout import ParamLayout, model_layouts
 from evo.sharding.mesh import Mesh
 
@@ -164,7 +162,7 @@ class Saver:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
-    def save(self, cfg: llama.Config, state: train.TrainState, *, loader_state: dict,
+    def save(self, cfg, state: train.TrainState, *, loader_state: dict,
              meta: dict) -> None:
         """Start (or, synchronously, do) a checkpoint of ``state`` at its step."""
         self.wait()
@@ -176,7 +174,7 @@ class Saver:
         shapes = {p + k: list(l.shape) for k, l in layouts.items()
                   for p in ("params/", "opt/mu/", "opt/nu/")}
         index = {"format": FORMAT, "scalars": scalars, "loader": loader_state,
-                 "model": dataclasses.asdict(cfg), "plan": repr(self.mesh.plan),
+                 **model_record(cfg), "plan": repr(self.mesh.plan),
                  "world_size": self.mesh.plan.world_size, "meta": meta, "shapes": shapes}
         args = (step, pieces, index)
         if self.asynchronous:
@@ -290,12 +288,21 @@ def read_index(path: str) -> dict:
     return index
 
 
-def model_config(index: dict, path: str = "checkpoint") -> llama.Config:
-    d = dict(index["model"])
-    if d.get("rope_scaling"):
-        d["rope_scaling"] = llama.RopeScaling(**d["rope_scaling"])
+def model_record(cfg) -> dict:
+    """What index.json records of the model: its family's name and its config."""
+    fam = models.family_of(cfg)
+    return {"family": fam.name, "model": fam.config_to_dict(cfg)}
+
+
+def model_config(index: dict, path: str = "checkpoint"):
+    """The model config a checkpoint was saved for, in its recorded family (LLaMA when the index
+    predates families)."""
     try:
-        return llama.Config(**d)
+        fam = models.get(index.get("family", models.UNRECORDED_FAMILY))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    try:
+        return fam.config_from_dict(index["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: model config in index.json is invalid ({e})") from None
 
@@ -341,17 +348,22 @@ class _Reader:
         return out
 
 
-def check_model(index: dict, cfg: llama.Config, path: str) -> None:
-    saved = index["model"]
-    mine = dataclasses.asdict(cfg)
-    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                  "intermediate_size", "head_dim", "tie_embeddings"):
+def check_model(index: dict, cfg, path: str) -> None:
+    """The checkpoint at ``path`` (its ``index``) holds parameters of ``cfg``'s family and
+    shapes; a CheckpointError names the family or the field that differs."""
+    fam = models.family_of(cfg)
+    saved_family = index.get("family", models.UNRECORDED_FAMILY)
+    if saved_family != fam.name:
+        raise CheckpointError(f"{path}: holds a model of family {saved_family!r}, but this run's "
+                              f"model is of family {fam.name!r}")
+    saved, mine = index["model"], fam.config_to_dict(cfg)
+    for field in fam.shape_fields:
         if saved.get(field) != mine.get(field):
             raise CheckpointError(f"{path}: saved for model.{field}={saved.get(field)!r}, but "
                                   f"this run has model.{field}={mine.get(field)!r}")
 
 
-def load_params(path: str, cfg: llama.Config, mesh: Mesh, *, device=None
+def load_params(path: str, cfg, mesh: Mesh, *, device=None
                 ) -> dict[str, torch.Tensor]:
     """This rank's parameter pieces under ``mesh.plan``, from a checkpoint of any plan."""
     index = read_index(path)
@@ -371,7 +383,7 @@ def _load_group(reader: _Reader, prefix: str, cfg, mesh: Mesh, sharded: bool, de
     return out
 
 
-def load_state(path: str, cfg: llama.Config, optimizer, mesh: Mesh, *, device=None
+def load_state(path: str, cfg, optimizer, mesh: Mesh, *, device=None
                ) -> tuple[train.TrainState, dict]:
     """The sharded TrainState for ``mesh.plan`` and the saved loader state."""
     index = read_index(path)

@@ -12,8 +12,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 
-from evo import data, optim
-from evo.models import llama
+from evo import data, models, optim
 from evo.sharding import Plan
 
 
@@ -44,7 +43,7 @@ class Experiment:
     ``compile``: run forward and backward through ``torch.compile``. ``kernels``: "torch" or
     "triton" elementwise ops in the model (the fused Triton kernels; same results).
     """
-    model: llama.Config
+    model: object                   # the config of a registered model family (evo.models)
     data: data.Packed
     optimizer: optim.AdamW
     plan: Plan = field(default_factory=Plan)
@@ -74,8 +73,11 @@ class Experiment:
     kernels: str = "torch"
 
     def __post_init__(self):
-        for name, typ in (("model", llama.Config), ("data", data.Packed), ("optimizer", optim.AdamW),
-                          ("plan", Plan)):
+        try:
+            models.family_of(self.model)
+        except ValueError as e:
+            raise ConfigError(f"experiment.model: {e}") from None
+        for name, typ in (("data", data.Packed), ("optimizer", optim.AdamW), ("plan", Plan)):
             if not isinstance(getattr(self, name), typ):
                 raise ConfigError(f"experiment.{name} must be a {typ.__module__}.{typ.__qualname__}, "
                                   f"got {type(getattr(self, name)).__name__}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from evo.models import llama
+from evo import models
 
 
 def next_token_distribution(logits: torch.Tensor, *, temperature: float = 1.0,
@@ -28,7 +28,7 @@ def next_token_distribution(logits: torch.Tensor, *, temperature: float = 1.0,
 
 
 @torch.no_grad()
-def generate(cfg: llama.Config, params: dict[str, torch.Tensor], prompts: list[list[int]],
+def generate(cfg, params: dict[str, torch.Tensor], prompts: list[list[int]],
              max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop_token: int | None = None
              ) -> list[list[int]]:
@@ -36,7 +36,7 @@ def generate(cfg: llama.Config, params: dict[str, torch.Tensor], prompts: list[l
     ``stop_token``); returns only the new tokens of each.
 
     The prompts are left-padded into one batch and run once through the model; then every new
-    token costs one step over a key/value cache (``llama.decode``). Temperature 0 is greedy. A
+    token costs one step over a key/value cache (``models.decode``: the model's own blocks over the cache). Temperature 0 is greedy. A
     row's tokens do not depend on the other rows: each row has its own random stream.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -53,7 +53,8 @@ def generate(cfg: llama.Config, params: dict[str, torch.Tensor], prompts: list[l
     if longest + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the "
                          f"model's max_seq_len={cfg.max_seq_len}")
-    device, dtype = params["embed"].device, params["embed"].dtype
+    some = next(iter(params.values()))
+    device, dtype = some.device, some.dtype
     b = len(prompts)
     gens = [torch.Generator().manual_seed(seed + 1_000_003 * r) for r in range(b)]
     tokens = torch.zeros(b, longest, dtype=torch.int64, device=device)
@@ -63,8 +64,8 @@ def generate(cfg: llama.Config, params: dict[str, torch.Tensor], prompts: list[l
         valid[r, longest - len(p):] = True
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     next_pos = positions[:, -1] + 1
-    cache = llama.init_cache(cfg, b, longest + max_new_tokens, dtype=dtype, device=device)
-    logits, cache = llama.decode(cfg, params, tokens, cache, positions=positions, valid=valid)
+    cache = models.init_cache(cfg, b, longest + max_new_tokens, dtype=dtype, device=device)
+    logits, cache = models.decode(cfg, params, tokens, cache, positions=positions, valid=valid)
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     for n in range(max_new_tokens):
@@ -78,12 +79,12 @@ def generate(cfg: llama.Config, params: dict[str, torch.Tensor], prompts: list[l
         if all(done) or n + 1 == max_new_tokens:
             break
         step = torch.tensor(new, device=device)[:, None]
-        logits, cache = llama.decode(cfg, params, step, cache, positions=next_pos[:, None])
+        logits, cache = models.decode(cfg, params, step, cache, positions=next_pos[:, None])
         next_pos = next_pos + 1
     return out
 
 
-def sample(cfg: llama.Config, params: dict[str, torch.Tensor], prompt: list[int],
+def sample(cfg, params: dict[str, torch.Tensor], prompt: list[int],
            max_new_tokens: int, **kwargs) -> list[int]:
     """One prompt: ``generate`` with a batch of one."""
     return generate(cfg, params, [prompt], max_new_tokens, **kwargs)[0]

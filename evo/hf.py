@@ -1,15 +1,16 @@
-"""Hugging Face checkpoint files: ``config.json`` + safetensors, in transformers' LLaMA layout.
+"""Hugging Face checkpoint files: ``config.json`` + safetensors, in each model family's HF layout.
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or the shards
 ``model-0000i-of-0000n.safetensors`` listed by ``model.safetensors.index.json`` — what
-``LlamaForCausalLM.save_pretrained`` writes and ``from_pretrained`` reads. InternLM2 checkpoints
-(``InternLM2ForCausalLM``: packed ``wqkv``, ``feed_forward.w1/w3/w2``) are read as well.
+``save_pretrained`` writes and ``from_pretrained`` reads. config.json's ``architectures`` chooses
+the model family (``evo.models``); an architecture no family reads is an error naming the ones
+that are.
 
-Tensor names, shapes and the ``[in, out]`` ↔ ``[out, in]`` transposes all come from
-``llama.export_params`` / ``llama.import_params``; this module only moves bytes and config keys.
+Tensor names, shapes and the ``[in, out]`` ↔ ``[out, in]`` transposes all come from the family
+(``to_hf`` / ``from_hf``); this module only moves bytes and chooses the family.
 
-    cfg, params = load_hf("hf/llama")                 # (llama.Config, dict[str, Tensor])
-    save_hf(cfg, params, "hf/llama_ft", dtype=torch.bfloat16, max_shard_bytes=5 * 2**30)
+    cfg, params = load_hf("hf/base")                  # (the family's Config, dict[str, Tensor])
+    save_hf(cfg, params, "hf/finetuned", dtype=torch.bfloat16, max_shard_bytes=5 * 2**30)
 """
 from __future__ import annotations
 
@@ -23,138 +24,48 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from evo.models import llama
+from evo import models
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# Defaults transformers' LlamaConfig uses for keys a config.json may leave out.
-_HF_DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
-                "initializer_range": 0.02, "tie_word_embeddings": False}
 
 
 # ---------------------------------------------------------------------------------------------
 # config.json
 
-def config_to_hf(cfg: llama.Config, *, dtype: torch.dtype = torch.float32) -> dict:
-    """``cfg`` as a transformers ``LlamaConfig`` config.json dict; ``dtype``: the weights' dtype,
-    recorded as ``torch_dtype``. Uses the ``rope_theta`` / ``rope_scaling`` spellings, which
-    transformers 4.x reads and 5.x converts to ``rope_parameters``."""
-    rs = cfg.rope_scaling
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.dim_per_head,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None if rs is None else {
-            "rope_type": "llama3",
-            "factor": rs.factor,
-            "low_freq_factor": rs.low_freq_factor,
-            "high_freq_factor": rs.high_freq_factor,
-            "original_max_position_embeddings": rs.original_max_position_embeddings,
-        },
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "torch_dtype": _dtype_name(dtype),
-    }
+def config_to_hf(cfg, *, dtype: torch.dtype = torch.float32) -> dict:
+    """``cfg`` as its family's transformers config.json dict; ``dtype``: the weights' dtype,
+    recorded as ``torch_dtype``."""
+    return models.family_of(cfg).config_to_hf(cfg, dtype_name=_dtype_name(dtype))
 
 
-def config_from_hf(d: dict, *, source: str = CONFIG_FILE) -> llama.Config:
-    """A LLaMA or InternLM2 config.json dict → ``llama.Config``. Reads transformers 4.x
-    (``rope_theta``, ``rope_scaling``) and 5.x (``rope_parameters``) spellings. Raises ValueError
-    naming ``source`` and the key for missing keys and for features evo does not implement
-    (biases, activations other than SiLU, rope scaling other than "llama3")."""
+def family_from_hf(d: dict, *, source: str = CONFIG_FILE) -> models.Family:
+    """The family that reads a config.json dict: by ``architectures``, else by ``model_type``.
+    Raises ValueError naming ``source``, the architecture and the supported ones."""
     if not isinstance(d, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-
-    def need(key: str):
-        if d.get(key) is None:
-            raise ValueError(f"{source}: required key {key!r} is missing")
-        return d[key]
-
-    act = d.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"{source}: hidden_act={act!r} is not supported (evo's MLP is SwiGLU)")
-    for key in ("attention_bias", "mlp_bias", "bias"):   # "bias": InternLM2's spelling
-        if d.get(key):
-            raise ValueError(f"{source}: {key}={d[key]!r} is not supported (evo has no biases)")
-    rope_theta, rope_scaling = _rope_from_hf(d, source)
-
-    hidden, heads = need("hidden_size"), need("num_attention_heads")
-    kv_heads, head_dim = d.get("num_key_value_heads"), d.get("head_dim")
-    # Spell the defaults as None, so that config_from_hf(config_to_hf(cfg)) == cfg.
-    if kv_heads == heads:
-        kv_heads = None
-    if (head_dim is not None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0
-            and hidden % heads == 0 and head_dim == hidden // heads):
-        head_dim = None
-    try:
-        return llama.Config(
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden,
-            num_layers=need("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            intermediate_size=need("intermediate_size"),
-            head_dim=head_dim,
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            norm_eps=float(_get(d, "rms_norm_eps")),
-            tie_embeddings=bool(_get(d, "tie_word_embeddings")),
-            init_std=float(_get(d, "initializer_range")),
-            max_seq_len=_get(d, "max_position_embeddings"),
-        )
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{source}: {e}") from None
+    archs = d.get("architectures") or []
+    for arch in archs:
+        fam = models.for_architecture(arch)
+        if fam is not None:
+            return fam
+    if not archs:
+        for name in models.names():
+            if getattr(models.get(name), "hf_model_type", None) == d.get("model_type"):
+                return models.get(name)
+    what = f"architecture {archs[0]!r}" if archs else f"model_type {d.get('model_type')!r}"
+    raise ValueError(f"{source}: {what} is not supported; evo reads "
+                     f"{', '.join(models.hf_architectures())}")
 
 
-def _get(d: dict, key: str):
-    v = d.get(key)
-    return _HF_DEFAULTS[key] if v is None else v
-
-
-def _rope_from_hf(d: dict, source: str) -> tuple[float, llama.RopeScaling | None]:
-    """(rope_theta, rope_scaling) from either ``rope_scaling`` + ``rope_theta`` or
-    ``rope_parameters`` (which carries its own ``rope_theta``)."""
-    if d.get("rope_scaling") is not None:
-        key, rope = "rope_scaling", d["rope_scaling"]
-    else:
-        key, rope = "rope_parameters", d.get("rope_parameters") or {}
-    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
-        raise ValueError(f"{source}: {key}={rope!r} is not supported (evo reads one flat dict "
-                         "with rope_type 'llama3', or none)")
-    theta = rope.get("rope_theta", _get(d, "rope_theta"))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind != "llama3":
-        raise ValueError(f"{source}: {key} type {kind!r} is not supported (evo implements "
-                         "'llama3' scaling, or none)")
-    for k in ("factor", "low_freq_factor", "high_freq_factor"):
-        if rope.get(k) is None:
-            raise ValueError(f"{source}: {key}.{k} is missing (required for rope_type 'llama3')")
-    try:
-        return theta, llama.RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=rope.get("original_max_position_embeddings",
-                                                      _get(d, "max_position_embeddings")))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{source}: {key}: {e}") from None
+def config_from_hf(d: dict, *, source: str = CONFIG_FILE):
+    """A config.json dict → the Config of the family its ``architectures`` name. Raises
+    ValueError naming ``source`` and the key for missing keys and for features the family does
+    not implement."""
+    return family_from_hf(d, source=source).config_from_hf(d, source=source)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -167,10 +78,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Writing
 
-def save_hf(cfg: llama.Config, params: dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
+def save_hf(cfg, params: dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
             dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
             overwrite: bool = False) -> Path:
-    """Write ``params`` as a transformers LLaMA checkpoint: ``out_dir/config.json`` and
+    """Write ``params`` as a transformers checkpoint of the config's family: ``out_dir/config.json`` and
     ``model.safetensors``, or shards of at most ``max_shard_bytes`` each (a larger tensor gets a
     shard of its own) with ``model.safetensors.index.json``.
 
@@ -187,8 +98,8 @@ def save_hf(cfg: llama.Config, params: dict[str, torch.Tensor], out_dir: str | o
     if dtype is not None:
         _dtype_name(dtype)
     state = {k: (t.detach().to("cpu", dtype=dtype) if dtype is not None else t.detach().to("cpu")
-                 ).contiguous() for k, t in llama.export_params(cfg, params, "hf").items()}
-    saved_dtype = dtype or state["model.embed_tokens.weight"].dtype
+                 ).contiguous() for k, t in models.family_of(cfg).to_hf(cfg, params).items()}
+    saved_dtype = dtype or next(iter(state.values())).dtype
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out}: already exists and is not empty; pass overwrite=True to replace "
                          "it")
@@ -225,8 +136,8 @@ def save_hf(cfg: llama.Config, params: dict[str, torch.Tensor], out_dir: str | o
     return out
 
 
-def _check_params(cfg: llama.Config, params: dict[str, torch.Tensor]) -> None:
-    specs = llama.param_specs(cfg)
+def _check_params(cfg, params: dict[str, torch.Tensor]) -> None:
+    specs = models.param_specs(cfg)
     missing = [k for k in specs if k not in params]
     if missing:
         raise ValueError(f"params lack {len(missing)} tensor(s) the config needs, e.g. "
@@ -285,19 +196,15 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-def load_hf(path: str | os.PathLike, *, layout: str = "auto", dtype: torch.dtype | None = torch.float32
-            ) -> tuple[llama.Config, dict[str, torch.Tensor]]:
+def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32):
     """Read a checkpoint directory → ``(cfg, params)`` in evo's layout, tensors cast to ``dtype``
-    (None keeps the stored dtype).
+    (None keeps the stored dtype); config.json's ``architectures`` chooses the family.
 
-    ``layout``: "hf" (transformers LLaMA), "internlm2", or "auto" — InternLM2 when config.json's
-    ``architectures`` / ``model_type`` say so or the tensors include ``attention.wqkv``. Raises
-    ValueError naming the file (and tensor) for a missing directory, config.json or shard, an
-    unreadable (e.g. truncated) safetensors file, or a tensor missing or shaped unlike the config.
-    Tensors the model does not use (e.g. rotary buffers) are ignored."""
+    Raises ValueError naming the file (and tensor) for a missing directory, config.json or shard,
+    an architecture no family reads, an unreadable (e.g. truncated) safetensors file, or a tensor
+    missing or shaped unlike the config. Tensors the model does not use (e.g. rotary buffers) are
+    ignored."""
     root = Path(path)
-    if layout not in ("auto", *llama.LAYOUTS):
-        raise ValueError(f"layout must be one of {['auto', *llama.LAYOUTS]}, got {layout!r}")
     if not root.is_dir():
         raise ValueError(f"{root}: no such checkpoint directory")
     config_path = root / CONFIG_FILE
@@ -308,20 +215,24 @@ def load_hf(path: str | os.PathLike, *, layout: str = "auto", dtype: torch.dtype
         raw = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    cfg = config_from_hf(raw, source=str(config_path))
-
+    fam = family_from_hf(raw, source=str(config_path))
+    cfg = fam.config_from_hf(raw, source=str(config_path))
     where, listing = _tensor_files(root)          # tensor name -> file holding it
-    if layout == "auto":
-        layout = "internlm2" if _looks_internlm2(raw, where) else "hf"
-    # The names and shapes the config expects, from the one name map (meta tensors: no memory).
-    expected = llama.export_params(cfg, llama.init(cfg, device="meta"), layout)
-    state: dict[str, torch.Tensor] = {}
+    # The names and shapes the config expects, from the family's map (meta tensors: no memory).
+    expected = fam.to_hf(cfg, models.init(cfg, device="meta"))
     for name in expected:
         if name not in where:
-            raise ValueError(f"{listing}: tensor {name!r} is missing (layout {layout!r})")
+            raise ValueError(f"{listing}: tensor {name!r} is missing (family {fam.name!r})")
+    state = _read_tensors(where, listing, expected, dtype)
+    return cfg, fam.from_hf(cfg, state, source=str(root))
+
+
+def _read_tensors(where: dict[str, Path], listing: Path, expected: dict[str, torch.Tensor],
+                  dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(where[name], []).append(name)
+    state: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         with _open_safetensors(file) as f:
             present = set(f.keys())
@@ -334,7 +245,7 @@ def load_hf(path: str | os.PathLike, *, layout: str = "auto", dtype: torch.dtype
                                      f"expects {tuple(expected[name].shape)}")
                 t = f.get_tensor(name)
                 state[name] = t if dtype is None else t.to(dtype)
-    return cfg, llama.import_params(cfg, state, layout, source=str(root))
+    return state
 
 
 def _tensor_files(root: Path) -> tuple[dict[str, Path], Path]:
@@ -374,18 +285,22 @@ def _open_safetensors(file: Path):
                          ) from None
 
 
-def _looks_internlm2(raw: dict, where: dict[str, Path]) -> bool:
-    archs = raw.get("architectures") or []
-    if any("internlm2" in str(a).lower() for a in archs) or raw.get("model_type") == "internlm2":
-        return True
-    return any(name.endswith("attention.wqkv.weight") for name in where)
-
-
-def convert_internlm2_to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                            dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
-                            overwrite: bool = False) -> Path:
-    """An InternLM2 checkpoint directory → a transformers LLaMA one (``wqkv`` split into q/k/v,
-    ``w1/w3/w2`` renamed), keeping the stored dtype unless ``dtype`` is given."""
-    cfg, params = load_hf(src_dir, layout="internlm2", dtype=None)
-    return save_hf(cfg, params, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
+def convert_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, family: str, *,
+               dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
+               overwrite: bool = False) -> Path:
+    """An HF checkpoint directory → one in another family's HF layout (e.g. InternLM2 →
+    transformers LLaMA), keeping the stored dtype unless ``dtype`` is given. The two families
+    must hold the same parameters for the same config fields."""
+    cfg, params = load_hf(src_dir, dtype=None)
+    target = models.get(family)
+    try:
+        new = target.config_from_dict(models.family_of(cfg).config_to_dict(cfg))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{src_dir}: its {models.family_of(cfg).name!r} config is not a "
+                         f"{family!r} config ({e})") from None
+    if {k: s.shape for k, s in models.param_specs(new).items()} != \
+            {k: tuple(v.shape) for k, v in params.items()}:
+        raise ValueError(f"{src_dir}: a {family!r} model holds other parameters than this "
+                         f"{models.family_of(cfg).name!r} one")
+    return save_hf(new, params, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
                    overwrite=overwrite)

@@ -1,7 +1,6 @@
 """The training loop: experiment → state → steps → metrics. No argument parsing (that is cli.py)."""
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import io
 import json
@@ -17,23 +16,14 @@ from typing import IO
 import torch
 import torch.distributed as dist
 
-from evo import checkpoint, data, generate, monitor, train
+from evo import checkpoint, data, generate, models, monitor, train
 from evo.config import Experiment
-from evo.models import llama
 from evo.sharding import planner, shard
 from evo.sharding.mesh import build_mesh
 
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
-
-
-def non_embedding_params(cfg: llama.Config) -> int:
-    """Parameters the FLOPs formula counts: all but the input embedding (the output projection
-    counts, tied or not)."""
-    specs = llama.param_specs(cfg)
-    n = sum(math.prod(s.shape) for k, s in specs.items() if k != "embed")
-    return n + (cfg.vocab_size * cfg.hidden_size if cfg.tie_embeddings else 0)
 
 
 def evaluate_sets(exp: Experiment, params, sets: dict[str, list], device) -> dict[str, dict]:
@@ -140,7 +130,7 @@ def _initial_params(exp: Experiment, mesh, device):
     if os.path.isfile(os.path.join(exp.init_from, "config.json")):
         from evo import hf
         cfg, params = hf.load_hf(exp.init_from)
-        checkpoint.check_model({"model": dataclasses.asdict(cfg)}, exp.model, exp.init_from)
+        checkpoint.check_model(checkpoint.model_record(cfg), exp.model, exp.init_from)
         return {k: v.to(device) for k, v in planner.shard_params(exp.model, params, mesh).items()}
     return checkpoint.load_params(checkpoint.resolve(exp.init_from), exp.model, mesh,
                                   device=device)
@@ -197,10 +187,9 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
                             log=progress.message, run_dir=exp.run_dir)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     speed = monitor.Throughput(
-        monitor.flops_per_token(non_embedding_params(exp.model), exp.model.num_layers,
-                                exp.model.hidden_size, exp.data.seq_len),
+        models.flops_per_token(exp.model, exp.data.seq_len),
         exp.peak_tflops or monitor.peak_tflops(device_name), devices=plan.world_size)
-    n_params = sum(math.prod(s.shape) for s in llama.param_specs(exp.model).values())
+    n_params = models.num_params(exp.model)
     progress.message(f"evo: {exp.steps} steps of {n_params / 1e6:.2f}M params on "
                      f"{plan.world_size} × {device_name or device.type}, plan {plan}")
     profiler = monitor.Profiler(exp.profile_steps(), os.path.join(exp.run_dir, "profile"),

@@ -15,16 +15,15 @@ give the same loss and update as one batch ``micro_num`` times larger.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 
-from evo import optim, tree
-from evo.models import llama
-from evo.models.layers import LOCAL, Regions, cross_entropy_sum
-from evo.models.llama import is_concrete  # noqa: E402
+from evo import models, optim, tree
+from evo.models.layers import LOCAL, Regions, cross_entropy_sum, ops
 
 IGNORE = -100
 
@@ -75,9 +74,11 @@ class Step:
     ``source_loss_sum`` and ``source_tokens`` (fp32 ``[sources]``: summed loss and labelled tokens
     of each source). ``compile``: run each micro-batch's forward and backward through
     ``torch.compile`` (one graph per input shape; the optimizer update stays eager, foreach).
-    ``kernels``: "torch" or "triton" elementwise ops in the model (``llama.ops``).
+    ``kernels``: "torch" or "triton" elementwise ops in the model (``layers.ops``).
+    ``model``: the config of any registered model family (``evo.models``). ``schedule``: how the
+    micro-batches run (``Sequential``: one after another; a pipeline schedule replaces it).
     """
-    model: llama.Config
+    model: object
     optimizer: optim.AdamW
     compute_dtype: torch.dtype = torch.float32
     remat: float = 0.0
@@ -86,11 +87,16 @@ class Step:
     sources: int = 0
     compile: bool = False
     kernels: str = "torch"
+    schedule: "Schedule" = dataclasses.field(default_factory=lambda: Sequential())
 
     def __post_init__(self):
+        try:
+            models.family_of(self.model)
+        except ValueError as e:
+            raise ValueError(f"Step.model: {e}") from None
         if not 0.0 <= self.remat <= 1.0:
             raise ValueError(f"Step.remat must be a fraction in [0, 1], got {self.remat!r}")
-        llama.ops(self.kernels)  # an unknown name fails here, not in the first step
+        ops(self.kernels)  # an unknown name fails here, not in the first step
         if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"Step.compute_dtype must be float32, bfloat16, float16 or float64, got "
                              f"{self.compute_dtype}")
@@ -99,8 +105,8 @@ class Step:
                      cu_seqlens=None, regions: Regions = LOCAL) -> torch.Tensor:
         """Loss of every token of one micro-batch, fp32 ``[N]``, 0 where unlabelled."""
         if self.compile and not torch.compiler.is_compiling():
-            if is_concrete(tokens):
-                llama.check_inputs(self.model, tokens, positions, cu_seqlens)
+            if models.is_concrete(tokens):
+                models.check_inputs(self.model, tokens, positions, cu_seqlens)
             return self._compiled(params, tokens, labels, positions, cu_seqlens, regions)
         return self._token_losses(params, tokens, labels, positions, cu_seqlens, regions)
 
@@ -109,8 +115,9 @@ class Step:
         return torch.compile(self._token_losses, dynamic=False)
 
     def _token_losses(self, params, tokens, labels, positions, cu_seqlens, regions):
-        logits = llama.apply(self.model, params, tokens, positions, cu_seqlens, remat=self.remat,
-                             attention=self.attention, regions=regions, kernels=self.kernels)
+        logits = models.forward(self.model, params, tokens, positions, cu_seqlens,
+                                remat=self.remat, attention=self.attention, regions=regions,
+                                kernels=self.kernels)
         return regions.cross_entropy(logits, labels)
 
     def loss_sum(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
@@ -137,44 +144,28 @@ class Step:
         scale = 1.0 / n.clamp(min=1).to(torch.float32)
         leaves = {k: v.detach().to(self.compute_dtype).requires_grad_(True)
                   for k, v in params.items()}
-        names, inputs = list(leaves), list(leaves.values())
-        acc: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), dtype=torch.promote_types(torch.float32, self.compute_dtype))
-        per_source = self.sources > 0 and "source" in batch
-        if per_source:
-            src_loss = torch.zeros(self.sources, device=batch["tokens"].device)
-            src_tokens = torch.zeros(self.sources, device=batch["tokens"].device)
-        n_micro = batch["tokens"].shape[0]
-        for i, (tokens, labels, positions, cu) in enumerate(micro_batches(batch)):
-            hooks = []
-            if on_ready is not None and i == n_micro - 1:
-                def ready(g, k):
-                    g = g.to(params[k].dtype)
-                    on_ready(k, acc[k] + g if k in acc else g)
-                hooks = [x.register_hook(lambda g, k=k: ready(g, k)) for k, x in leaves.items()]
-            losses = self.token_losses(leaves, tokens, labels, positions, cu, regions)
-            if per_source:
-                src = batch["source"][i].reshape(-1)
-                keep = ((src >= 0) & (labels.reshape(-1) != IGNORE)).float()
-                src_loss.index_add_(0, src.clamp(min=0), losses.detach().float() * keep)
-                src_tokens.index_add_(0, src.clamp(min=0), keep)
-            loss = losses.sum() * scale
-            g = torch.autograd.grad(loss, inputs, allow_unused=True)
-            total = total + loss.detach()
-            if hooks:
-                for h in hooks:
-                    h.remove()
-                acc = on_ready.finish()
-                break
-            for k, gi, x in zip(names, g, inputs):
-                gi = torch.zeros_like(x) if gi is None else gi
-                gi = gi.to(params[k].dtype)
-                acc[k] = acc[k].add_(gi) if k in acc else gi
-        assert acc, "a batch needs at least one micro-batch"
-        aux = {"loss": total}
-        if per_source:
-            aux.update(source_loss_sum=src_loss, source_tokens=src_tokens)
-        return acc, aux
+        acc = Accumulator(params, batch, self.sources, self.compute_dtype)
+        self.schedule(self, leaves, batch, scale, regions, acc, on_ready)
+        return acc.finish(on_ready)
+
+    def micro_step(self, leaves: dict[str, torch.Tensor], index: int, micro: tuple,
+                   scale: torch.Tensor, regions: Regions, acc: "Accumulator",
+                   on_ready: "GradSink | None" = None) -> None:
+        """Forward and backward of micro-batch ``index`` (``micro``: what ``micro_batches``
+        yields), its gradients (of the loss times ``scale``) added to ``acc``. With ``on_ready``,
+        this is the last micro-batch: each complete gradient goes to ``on_ready`` the moment
+        backward produces it."""
+        tokens, labels, positions, cu = micro
+        hooks = [x.register_hook(lambda g, k=k: on_ready(k, acc.complete(k, g)))
+                 for k, x in leaves.items()] if on_ready is not None else []
+        losses = self.token_losses(leaves, tokens, labels, positions, cu, regions)
+        acc.add_losses(index, labels, losses, scale)
+        g = torch.autograd.grad(losses.sum() * scale, list(leaves.values()), allow_unused=True)
+        for h in hooks:
+            h.remove()
+        if on_ready is None:
+            acc.add_grads({k: torch.zeros_like(x) if gk is None else gk
+                           for (k, x), gk in zip(leaves.items(), g)})
 
     def apply_grads(self, state: TrainState, grads: dict[str, torch.Tensor]
                     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
@@ -192,8 +183,76 @@ class Step:
         return new_state, metrics
 
 
+class Accumulator:
+    """What the micro-batches of one step add up: gradients in the master weights' dtype, the
+    loss, and (with ``sources``) per-source losses and labelled tokens."""
+
+    def __init__(self, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                 sources: int, compute_dtype: torch.dtype):
+        self.dtypes = {k: v.dtype for k, v in params.items()}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.loss = torch.zeros((), dtype=torch.promote_types(torch.float32, compute_dtype))
+        self.batch, self.sources = batch, sources if "source" in batch else 0
+        dev = batch["tokens"].device
+        self.src_loss = torch.zeros(self.sources, device=dev)
+        self.src_tokens = torch.zeros(self.sources, device=dev)
+
+    def add_losses(self, index: int, labels, losses: torch.Tensor, scale) -> None:
+        self.loss = self.loss + (losses.detach().sum() * scale)
+        if self.sources:
+            src = self.batch["source"][index].reshape(-1)
+            keep = ((src >= 0) & (labels.reshape(-1) != IGNORE)).float()
+            self.src_loss.index_add_(0, src.clamp(min=0), losses.detach().float() * keep)
+            self.src_tokens.index_add_(0, src.clamp(min=0), keep)
+
+    def complete(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """The last micro-batch's gradient of ``name`` plus the earlier ones'."""
+        grad = grad.to(self.dtypes[name])
+        return self.grads[name] + grad if name in self.grads else grad
+
+    def add_grads(self, grads: dict[str, torch.Tensor]) -> None:
+        for k, g in grads.items():
+            g = g.to(self.dtypes[k])
+            self.grads[k] = self.grads[k].add_(g) if k in self.grads else g
+
+    def finish(self, on_ready: "GradSink | None") -> tuple[dict, dict]:
+        grads = on_ready.finish() if on_ready is not None else self.grads
+        assert grads, "a batch needs at least one micro-batch"
+        aux = {"loss": self.loss}
+        if self.sources:
+            aux.update(source_loss_sum=self.src_loss, source_tokens=self.src_tokens)
+        return grads, aux
+
+
+class Schedule(Protocol):
+    """Runs one step's micro-batches: calls ``step.micro_step`` for each (the last one with
+    ``on_ready``), in whatever order and placement the schedule chooses."""
+    def __call__(self, step: Step, leaves: dict[str, torch.Tensor],
+                 batch: dict[str, torch.Tensor], scale: torch.Tensor, regions: Regions,
+                 acc: Accumulator, on_ready: "GradSink | None") -> None: ...
+
+
+class Sequential:
+    """The micro-batches one after another on this rank, gradients accumulated."""
+
+    def __call__(self, step, leaves, batch, scale, regions, acc, on_ready) -> None:
+        n = batch["tokens"].shape[0]
+        for i, micro in enumerate(micro_batches(batch)):
+            step.micro_step(leaves, i, micro, scale, regions, acc,
+                            on_ready if i == n - 1 else None)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is Sequential
+
+    def __hash__(self) -> int:
+        return hash(Sequential)
+
+    def __repr__(self) -> str:
+        return "Sequential()"
+
+
 @torch.no_grad()
-def evaluate(model: llama.Config, params: dict[str, torch.Tensor],
+def evaluate(model, params: dict[str, torch.Tensor],
              batch: dict[str, torch.Tensor], *, compute_dtype: torch.dtype = torch.float32,
              attention: str = "auto") -> dict[str, torch.Tensor]:
     """Summed loss, labelled-token count and correct next-token predictions over a batch."""
@@ -202,7 +261,7 @@ def evaluate(model: llama.Config, params: dict[str, torch.Tensor],
     count = torch.zeros((), dtype=torch.int64)
     correct = torch.zeros((), dtype=torch.int64)
     for tokens, labels, positions, cu in micro_batches(batch):
-        logits = llama.apply(model, cp, tokens, positions, cu, attention=attention)
+        logits = models.forward(model, cp, tokens, positions, cu, attention=attention)
         ls, n = cross_entropy_sum(logits, labels)
         mask = labels != IGNORE
         loss, count = loss + ls, count + n

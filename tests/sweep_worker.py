@@ -91,7 +91,7 @@ def func_grad_check(cfg, params, mesh, batch):
     from evo.sharding import comm as C
     from evo.sharding.layout import model_layouts
     regions = planner.ShardedRegions(C.Comm(mesh.groups, mesh.sizes, C.CommLog()), mesh,
-                                     model_layouts(mesh.plan, cfg))
+                                     model_layouts(mesh.plan, cfg), cfg)
     tokens, labels, _, cu = next(train.micro_batches(batch))
     step = train.Step(cfg, OPT)
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from evo import hf  # noqa: E402
-from evo.models import llama  # noqa: E402
+from evo import hf, models  # noqa: E402
+from evo.models import internlm2, llama  # noqa: E402
 
 TINY = dict(vocab_size=101, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2,
             intermediate_size=96, max_seq_len=64)
@@ -71,7 +71,7 @@ def reference_model(cfg: llama.Config, params: dict[str, torch.Tensor],
         tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=cfg.max_seq_len,
         attn_implementation=attn)
     model = LlamaForCausalLM(conf).float().eval()
-    state = llama.export_params(cfg, params, "hf")
+    state = llama.LLAMA.to_hf(cfg, params)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True)
@@ -122,8 +122,8 @@ def test_loss_gradients_match_transformers(name):
     model = reference_model(cfg, {k: v.detach() for k, v in params.items()})
     ref_loss = model(tok, labels=tok).loss          # transformers shifts the labels itself
     ref_loss.backward()
-    ref_grads = llama.import_params(
-        cfg, {n: p.grad for n, p in model.named_parameters()}, "hf", source="transformers grads")
+    ref_grads = llama.LLAMA.from_hf(
+        cfg, {n: p.grad for n, p in model.named_parameters()}, source="transformers grads")
 
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
     assert grads.keys() == ref_grads.keys()
@@ -251,21 +251,25 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # InternLM2
 
-def test_internlm2_checkpoint_converts_to_transformers_llama(tmp_path):
-    cfg = CONFIGS["gqa_untied"]
-    params = random_params(cfg)
-    state = llama.export_params(cfg, params, "internlm2")
-
-    # InternLM2's own packing, written out independently of llama.py: per kv head g, its
-    # heads//kv_heads query heads, then its key head, then its value head ("b q (h gs d)").
-    hf_state = llama.export_params(cfg, params, "hf")
+def internlm2_dir(tmp_path, cfg: llama.Config, params) -> "os.PathLike":
+    """A directory in InternLM2's own HF layout, written here from transformers-LLaMA tensors and
+    InternLM2's published packing, independently of evo's family code: per kv head g, its
+    heads//kv_heads query heads, then its key head, then its value head ("b q (h gs d)")."""
+    hf_state = llama.LLAMA.to_hf(cfg, params)
     kv, r, d, h = cfg.kv_heads, cfg.q_per_kv, cfg.dim_per_head, cfg.hidden_size
-    p = "model.layers.0.self_attn."
-    wqkv = torch.cat([hf_state[p + "q_proj.weight"].view(kv, r, d, h),
-                      hf_state[p + "k_proj.weight"].view(kv, 1, d, h),
-                      hf_state[p + "v_proj.weight"].view(kv, 1, d, h)], dim=1).reshape(-1, h)
-    assert torch.equal(state["model.layers.0.attention.wqkv.weight"], wqkv)
-
+    names = {"input_layernorm": "attention_norm", "self_attn.o_proj": "attention.wo",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "feed_forward.w1",
+             "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2"}
+    state = {"model.tok_embeddings.weight": hf_state["model.embed_tokens.weight"],
+             "model.norm.weight": hf_state["model.norm.weight"],
+             "output.weight": hf_state["lm_head.weight"]}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for a, b in names.items():
+            state[p + b + ".weight"] = hf_state[p + a + ".weight"]
+        q, k, v = (hf_state[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
+        state[p + "attention.wqkv.weight"] = torch.cat(
+            [q.view(kv, r, d, h), k.view(kv, 1, d, h), v.view(kv, 1, d, h)], dim=1).reshape(-1, h)
     src = tmp_path / "internlm2"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({
@@ -273,25 +277,66 @@ def test_internlm2_checkpoint_converts_to_transformers_llama(tmp_path):
         "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
                      "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
         "model_type": "internlm2",
-        "vocab_size": 101, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_act": "silu",
-        "max_position_embeddings": 64, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
-        "use_cache": True, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-        "tie_word_embeddings": False, "bias": False, "rope_theta": 10000, "rope_scaling": None,
-        "attn_implementation": "eager", "torch_dtype": "float32",
+        "vocab_size": cfg.vocab_size, "hidden_size": h, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": kv, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6, "use_cache": True, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2, "tie_word_embeddings": False, "bias": False, "rope_theta": 10000,
+        "rope_scaling": None, "attn_implementation": "eager", "torch_dtype": "float32",
     }))
-    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    save_file({k: t.contiguous() for k, t in state.items()}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    return src
 
-    cfg_auto, params_auto = hf.load_hf(src)                      # layout detected
-    assert cfg_auto == cfg
-    assert all(torch.equal(params_auto[k], params[k]) for k in params)
 
-    out = hf.convert_internlm2_to_hf(src, tmp_path / "llama")
+def test_internlm2_directory_loads_and_exports_back_byte_identical(tmp_path):
+    cfg = CONFIGS["gqa_untied"]
+    params = random_params(cfg)
+    src = internlm2_dir(tmp_path, cfg, params)
+
+    icfg, iparams = hf.load_hf(src)                        # the family from "architectures"
+    assert type(icfg) is internlm2.Config and models.family_of(icfg).name == "internlm2"
+    assert icfg == internlm2.Config(**TINY)
+    assert iparams.keys() == params.keys()
+    assert all(torch.equal(iparams[k], params[k]) for k in params)   # = evo's own conversion
+
+    out = hf.save_hf(icfg, iparams, tmp_path / "again")
+    written, original = load_file(out / "model.safetensors"), load_file(src / "model.safetensors")
+    assert written.keys() == original.keys()
+    for k in original:   # byte-identical tensors
+        assert written[k].dtype == original[k].dtype and written[k].shape == original[k].shape, k
+        assert written[k].numpy().tobytes() == original[k].numpy().tobytes(), k
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "InternLM2ForCausalLM"]
+    assert hf.load_hf(out)[0] == icfg
+
+
+def test_internlm2_converts_to_transformers_llama(tmp_path):
+    cfg = CONFIGS["gqa_untied"]
+    params = random_params(cfg)
+    out = hf.convert_hf(internlm2_dir(tmp_path, cfg, params), tmp_path / "llama", "llama")
     assert "model.layers.0.self_attn.q_proj.weight" in load_file(out / "model.safetensors")
     model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = tokens(cfg)
     with torch.no_grad():
         assert max_abs(model(tok).logits, llama.apply(cfg, params, tok)) <= 1e-4
+
+
+def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path):
+    src = tmp_path / "mixtral"
+    src.mkdir()
+    conf = hf.config_to_hf(CONFIGS["gqa_untied"])
+    conf.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4)
+    (src / "config.json").write_text(json.dumps(conf))
+    save_file({"model.embed_tokens.weight": torch.zeros(101, 64)}, src / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        hf.load_hf(src)
+    msg = str(e.value)
+    assert "'MixtralForCausalLM' is not supported" in msg and str(src / "config.json") in msg
+    for arch in models.hf_architectures():
+        assert arch in msg
+    assert "LlamaForCausalLM" in msg and "InternLM2ForCausalLM" in msg
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ logical axis of a weight is always its input dimension.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -82,20 +83,19 @@ class Regions:
     """Where a model's computation may be split, as seen from one device: every hook is the
     identity here.
 
-    A model marks the places a parallel layout needs to act, and nothing more: ``param`` and
-    ``layer`` fetch weights (a sharded-parameter layout gathers them there), ``embed`` looks up
+    A model marks the places a parallel layout needs to act, and nothing more: ``block`` fetches
+    the weights of one of the family's blocks (``evo.models.family.Block``; a sharded-parameter
+    layout gathers them there, and may prefetch the next block's), ``embed`` looks up
     token embeddings, ``enter`` is where replicated activations enter a region whose weights are
     split on their output dimension, ``exit`` is where partial sums leave it, and
     ``cross_entropy`` is the per-token loss over the output. The sharding planner supplies another
     ``Regions`` with collectives in these places; the model never learns about ranks or meshes.
     """
-    checkpoint_layers = False   # a layout that gathers weights per layer recomputes each layer
+    checkpoint_layers = False   # a layout that gathers weights per block recomputes each layer
 
-    def param(self, params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        return params[name]
-
-    def layer(self, params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+    def block(self, params: dict[str, torch.Tensor], block) -> dict[str, torch.Tensor]:
+        """``{name: weight}`` for every parameter ``block`` reads."""
+        return {k: params[k] for k in block.params}
 
     def embed(self, tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, weight)
@@ -111,3 +111,21 @@ class Regions:
 
 
 LOCAL = Regions()
+
+
+class Ops(NamedTuple):
+    """The elementwise ops a layer uses: torch's, or the fused Triton kernels (same results)."""
+    rms_norm: object
+    apply_rope: object
+    swiglu_act: object
+
+
+def ops(kernels: str = "torch") -> Ops:
+    """``"torch"``: the reference ops above; ``"triton"``: ``evo_kernels.triton_ops`` (on CUDA, or
+    on CPU tensors under Triton's interpreter)."""
+    if kernels == "torch":
+        return Ops(rms_norm, apply_rope, swiglu_act)
+    if kernels == "triton":
+        from evo_kernels import triton_ops
+        return Ops(triton_ops.rms_norm, triton_ops.apply_rope, triton_ops.swiglu_act)
+    raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")

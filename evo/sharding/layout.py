@@ -62,17 +62,17 @@ def check_rules(plan: Plan, model_axes: dict[str, tuple[str, ...]]) -> None:
 
 
 def model_layouts(plan: Plan, cfg) -> dict[str, ParamLayout]:
-    """Every parameter's layout for a LLaMA-family ``cfg``, after checking that the plan fits the
-    model: tp divides the heads, the kv heads, the ffn size and the vocabulary."""
-    from evo.models import llama  # sharding stands above models; imported here to keep it optional
-    specs = llama.param_specs(cfg)
+    """Every parameter's layout for the config of any registered model family, after checking
+    that the plan fits the model: tp divides every size the family splits (heads, kv heads, ffn
+    size, vocabulary, ...)."""
+    from evo import models  # sharding stands above models; imported here to keep it optional
+    fam = models.family_of(cfg)
+    specs = fam.param_specs(cfg)
     check_rules(plan, {k: s.axes for k, s in specs.items()})
     if plan.tp > 1:
-        for field, value in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.kv_heads),
-                             ("intermediate_size", cfg.intermediate_size),
-                             ("vocab_size", cfg.vocab_size)):
+        for field, value in fam.tp_divisors(cfg).items():
             if value % plan.tp:
-                raise ValueError(f"plan.tp={plan.tp} must divide model.{field}={value}")
+                raise ValueError(f"plan.tp={plan.tp} must divide {field}={value}")
     return {k: param_layout(plan, s.shape, s.axes, k) for k, s in specs.items()}
 
 

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from evo import train, tree
-from evo.models import llama
+from evo import models, train, tree
 from evo.models.layers import Regions, cross_entropy_tokens
 from evo.sharding import comm as C
 from evo.sharding.layout import ParamLayout, model_layouts
@@ -36,38 +35,46 @@ from evo.sharding.mesh import Mesh
 
 
 class ShardedRegions(Regions):
-    """The model's parallel regions under a plan: collectives on the ``tp`` and ``zero`` axes."""
+    """The model's parallel regions under a plan: collectives on the ``tp`` and ``zero`` axes.
 
-    def __init__(self, comm: C.Comm, mesh: Mesh, layouts: dict[str, ParamLayout]):
+    Under ZeRO-3, ``block`` gathers a block's weights, and during a forward pass starts the
+    gathers of the next block's before returning (prefetch); the last block ends the pass, after
+    which recomputation in backward gathers on demand."""
+
+    def __init__(self, comm: C.Comm, mesh: Mesh, layouts: dict[str, ParamLayout], cfg):
+        fam = models.family_of(cfg)
         self.comm, self.layouts = comm, layouts
         self.plan, self.tp_index = mesh.plan, mesh.coords["tp"]
         self.sp = mesh.plan.sequence_parallel and mesh.plan.tp > 1
         self.checkpoint_layers = mesh.plan.zero == 3
-        # ZeRO-3 prefetch: during a forward pass, layer i+1's gathers start before layer i runs.
+        self.blocks = fam.blocks(cfg)
+        self.order = {b.name: i for i, b in enumerate(self.blocks)}
+        self.embedding = fam.embedding_param(cfg)
+        self.output, self.output_vocab_dim = fam.output_param(cfg)
         self.prefetched: dict[str, torch.Tensor] = {}
         self.in_forward = False
 
+    def _sharded(self) -> bool:
+        return self.plan.zero == 3 and self.comm.size("zero") > 1
+
     def param(self, params, name):
         w = params[name]
-        if self.plan.zero < 3 or self.comm.size("zero") == 1:
+        if not self._sharded():
             return w
-        if name == "norm":
-            self.in_forward = False      # the layers are done; recomputation gathers on demand
         rows = self.layouts[name].local_shape[0]
         return C.gather_from(w, self.comm, "zero", 0, self.prefetched.pop(name, None))[:rows]
 
-    def layer(self, params, prefix):
-        if self.plan.zero == 3 and self.in_forward and self.comm.size("zero") > 1:
-            i = int(prefix.split(".")[1])
-            after = f"layers.{i + 1}."
-            for k in params:
-                if k.startswith(after) and k not in self.prefetched:
+    def block(self, params, block):
+        i = self.order[block.name]
+        self.in_forward = i < len(self.blocks) - 1 and (i == 0 or self.in_forward)
+        if self._sharded() and self.in_forward:
+            for k in self.blocks[i + 1].params:
+                if k not in self.prefetched:
                     self.prefetched[k] = C.launch_all_gather(self.comm, params[k].detach(), "zero")
-        return {k[len(prefix):]: self.param(params, k) for k in params if k.startswith(prefix)}
+        return {k: self.param(params, k) for k in block.params}
 
     def embed(self, tokens, weight):
-        self.in_forward = True  # a forward pass starts: ZeRO-3 prefetching is on until "norm"
-        if self.layouts["embed"].tp_dim == 0 and self.plan.tp > 1:
+        if self.layouts[self.embedding].tp_dim == 0 and self.plan.tp > 1:
             rows = weight.shape[0]
             local = tokens - self.tp_index * rows
             outside = (local < 0) | (local >= rows)
@@ -85,8 +92,7 @@ class ShardedRegions(Regions):
             C.reduce_from(x, self.comm, "tp")
 
     def cross_entropy(self, logits, labels):
-        head = "embed" if "lm_head" not in self.layouts else "lm_head"
-        split = self.layouts[head].tp_dim == (0 if head == "embed" else 1)
+        split = self.layouts[self.output].tp_dim == self.output_vocab_dim
         if not split or self.plan.tp == 1:
             return cross_entropy_tokens(logits, labels)
         return vocab_parallel_cross_entropy(logits, labels, self.comm, self.tp_index)
@@ -130,7 +136,7 @@ def _zero_shard(x: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> torch.Tenso
     return _pad_rows(x, layout.shard_shape[0] * n).chunk(n)[mesh.coords["zero"]]
 
 
-def shard_params(cfg: llama.Config, params: dict[str, torch.Tensor], mesh: Mesh
+def shard_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
                  ) -> dict[str, torch.Tensor]:
     """Full (global) params → this rank's pieces: the tensor-parallel piece, and under ZeRO-3
     its shard."""
@@ -142,14 +148,14 @@ def shard_params(cfg: llama.Config, params: dict[str, torch.Tensor], mesh: Mesh
     return out
 
 
-def init_params(cfg: llama.Config, seed: int, mesh: Mesh, *, device=None
+def init_params(cfg, seed: int, mesh: Mesh, *, device=None
                 ) -> dict[str, torch.Tensor]:
-    """This rank's pieces of ``llama.init(cfg, seed)``, one parameter at a time: the model is
+    """This rank's pieces of ``models.init(cfg, seed)``, one parameter at a time: the model is
     never materialised whole."""
     layouts = model_layouts(mesh.plan, cfg)
     out = {}
     for k, lay in layouts.items():
-        x = _tp_piece(llama.init_param(cfg, k, seed, device=device), lay, mesh)
+        x = _tp_piece(models.init_param(cfg, k, seed, device=device), lay, mesh)
         out[k] = (_zero_shard(x, lay, mesh) if mesh.plan.zero == 3 else x).contiguous().clone()
     return out
 
@@ -162,7 +168,7 @@ def _opt_view(params: dict[str, torch.Tensor], layouts, mesh: Mesh) -> dict[str,
     return {k: _zero_shard(v, layouts[k], mesh).clone() for k, v in params.items()}
 
 
-def init_state(cfg: llama.Config, optimizer, params: dict[str, torch.Tensor], mesh: Mesh
+def init_state(cfg, optimizer, params: dict[str, torch.Tensor], mesh: Mesh
                ) -> train.TrainState:
     """A sharded TrainState from this rank's ``params`` (``shard_params`` / ``init_params``)."""
     layouts = model_layouts(mesh.plan, cfg)
@@ -178,7 +184,7 @@ def _comm(mesh: Mesh) -> C.Comm:
     return C.Comm(mesh.groups, mesh.sizes, C.CommLog())
 
 
-def gather_params(cfg: llama.Config, params: dict[str, torch.Tensor], mesh: Mesh
+def gather_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
                   ) -> dict[str, torch.Tensor]:
     """This rank's pieces → the full global params, on every rank of the mesh (a collective)."""
     layouts, comm = model_layouts(mesh.plan, cfg), _comm(mesh)
@@ -302,73 +308,83 @@ class ShardedStep:
         return self.mesh.plan
 
     def __call__(self, state: train.TrainState, batch: dict[str, torch.Tensor]):
-        plan, mesh, step = self.mesh.plan, self.mesh, self.step
-        cfg = step.model
-        layouts = model_layouts(plan, cfg)
-        comm = _comm(mesh)
+        plan, step = self.mesh.plan, self.step
+        layouts, comm = model_layouts(plan, step.model), _comm(self.mesh)
+        self._check_sequence(batch)
+        regions = ShardedRegions(comm, self.mesh, layouts, step.model)
+        n = comm.all_reduce(train.valid_tokens(batch), "dp")
+        clock = _Clock(batch["tokens"].device)
+        sink = self._bucketed_reduction(comm, layouts, regions)
+        grads, aux = step.grads(state.params, batch, normalizer=n, regions=regions, on_ready=sink)
+        t_backward = clock.lap()
+        grads = self._synchronise(grads, layouts, comm, regions, bucketed=sink is not None)
+        t_comm = clock.lap()
+        norm = self._grad_norm(grads, layouts, comm)
+        new, opt_state, info = step.optimizer.update(
+            grads, state.opt_state, _opt_view(state.params, layouts, self.mesh), state.step,
+            inplace=step.donate, grad_norm=norm)
+        t_optimizer = clock.lap()
+        new = self._gather_updated(state.params, new, layouts, comm)
+        t_comm += clock.lap()
+        tokens = torch.tensor(batch["tokens"].numel())
+        metrics = {"loss": comm.all_reduce(aux["loss"], "dp"),
+                   **{k: comm.all_reduce(aux[k], "dp")
+                      for k in ("source_loss_sum", "source_tokens") if k in aux},
+                   "grad_norm": info["grad_norm"], "lr": info["lr"], "skipped": info["skipped"],
+                   "tokens": comm.all_reduce(tokens, "dp") if plan.dp > 1 else tokens,
+                   "valid_tokens": n, "comm_bytes": dict(comm.log.bytes),
+                   "time": {"forward_backward": t_backward, "comm": t_comm,
+                            "optimizer": t_optimizer}}
+        return train.TrainState(state.step + 1, new, opt_state), metrics
+
+    def _check_sequence(self, batch) -> None:
+        plan = self.mesh.plan
         if plan.sequence_parallel and plan.tp > 1:
             per_row = batch["tokens"][0].numel() if batch["tokens"].dim() == 2 else \
                 batch["tokens"].shape[-1]
             if per_row % plan.tp:
                 raise ValueError(f"plan.sequence_parallel: the sequence length {per_row} must be "
                                  f"divisible by plan.tp={plan.tp}")
-        regions = ShardedRegions(comm, mesh, layouts)
 
-        n = comm.all_reduce(train.valid_tokens(batch), "dp")
-        # Overlap the data-parallel reduction with backward, unless sequence parallelism must
-        # first complete the norm weights' gradients over tp, or ZeRO-3 already reduces them.
-        bucketed = plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and not regions.sp
-        sink = BucketedReduction(comm, plan, layouts, list(layouts),
-                                 int(plan.bucket_mb * 2**20)) if bucketed else None
-        clock = _Clock(batch["tokens"].device)
-        grads, aux = step.grads(state.params, batch, normalizer=n, regions=regions,
-                                on_ready=sink)
-        t_backward = clock.lap()
-        loss = comm.all_reduce(aux["loss"], "dp")
-        sources = {k: comm.all_reduce(aux[k], "dp")
-                   for k in ("source_loss_sum", "source_tokens") if k in aux}
-        names = list(grads)
-        if regions.sp:  # norm weights saw only this rank's part of the sequence
-            for k in names:
-                if layouts[k].tp_dim is None:
-                    grads[k] = comm.all_reduce(grads[k], "tp")
+    def _bucketed_reduction(self, comm, layouts, regions) -> "BucketedReduction | None":
+        """Overlap the data-parallel reduction with backward, unless sequence parallelism must
+        first complete the norm weights' gradients over tp, or ZeRO-3 already reduces them."""
+        plan = self.mesh.plan
+        if plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and not regions.sp:
+            return BucketedReduction(comm, plan, layouts, list(layouts),
+                                     int(plan.bucket_mb * 2**20))
+        return None
 
-        if bucketed:
-            if plan.zero == 1:
-                grads = {k: _zero_shard(g, layouts[k], mesh) for k, g in grads.items()}
-        elif plan.zero == 0:
-            grads = {k: comm.all_reduce(g, "dp") for k, g in grads.items()}
-        elif plan.zero == 1:
-            grads = {k: _zero_shard(comm.all_reduce(g, "dp"), layouts[k], mesh)
+    def _synchronise(self, grads, layouts, comm, regions, *, bucketed: bool):
+        """Gradients reduced over the data-parallel ranks, as this rank's optimizer needs them."""
+        plan, mesh = self.mesh.plan, self.mesh
+        if regions.sp:  # weights not split over tp saw only this rank's part of the sequence
+            grads = {k: comm.all_reduce(g, "tp") if layouts[k].tp_dim is None else g
                      for k, g in grads.items()}
-        elif plan.zero == 2:
-            grads = {k: comm.all_reduce(comm.reduce_scatter(
+        if bucketed:
+            return {k: _zero_shard(g, layouts[k], mesh) for k, g in grads.items()} \
+                if plan.zero == 1 else grads
+        if plan.zero == 0:
+            return {k: comm.all_reduce(g, "dp") for k, g in grads.items()}
+        if plan.zero == 1:
+            return {k: _zero_shard(comm.all_reduce(g, "dp"), layouts[k], mesh)
+                    for k, g in grads.items()}
+        if plan.zero == 2:
+            return {k: comm.all_reduce(comm.reduce_scatter(
                 _pad_rows(g, layouts[k].shard_shape[0] * plan.zero_group), "zero"), "replica")
                 for k, g in grads.items()}
-        else:  # ZeRO 3: backward already reduce-scattered each layer's gradients over the group
-            grads = {k: comm.all_reduce(g, "replica") for k, g in grads.items()}
+        # ZeRO 3: backward already reduce-scattered each block's gradients over the group
+        return {k: comm.all_reduce(g, "replica") for k, g in grads.items()}
 
-        t_comm = clock.lap()
-        norm = self._grad_norm(grads, layouts, comm)
-        params = _opt_view(state.params, layouts, mesh)
-        new, opt_state, info = step.optimizer.update(grads, state.opt_state, params, state.step,
-                                                     inplace=step.donate, grad_norm=norm)
-        t_optimizer = clock.lap()
-        if plan.zero in (1, 2):
-            full = {}
-            for k, v in new.items():
-                x = comm.all_gather(v, "zero")[:layouts[k].local_shape[0]]
-                full[k] = state.params[k].copy_(x) if step.donate else x
-            new = full
-        t_comm += clock.lap()
-        metrics = {"loss": loss, **sources, "grad_norm": info["grad_norm"], "lr": info["lr"],
-                   "skipped": info["skipped"],
-                   "tokens": comm.all_reduce(torch.tensor(batch["tokens"].numel()), "dp")
-                   if plan.dp > 1 else torch.tensor(batch["tokens"].numel()),
-                   "valid_tokens": n, "comm_bytes": dict(comm.log.bytes),
-                   "time": {"forward_backward": t_backward, "comm": t_comm,
-                            "optimizer": t_optimizer}}
-        return train.TrainState(state.step + 1, new, opt_state), metrics
+    def _gather_updated(self, old, new, layouts, comm):
+        """ZeRO 1/2: every rank updated its shard; the shards gathered back into the pieces."""
+        if self.mesh.plan.zero not in (1, 2):
+            return new
+        full = {}
+        for k, v in new.items():
+            x = comm.all_gather(v, "zero")[:layouts[k].local_shape[0]]
+            full[k] = old[k].copy_(x) if self.step.donate else x
+        return full
 
     def _grad_norm(self, grads, layouts, comm: C.Comm) -> torch.Tensor:
         """Global L2 norm: squares of split gradients summed over the ranks holding the pieces."""
@@ -395,7 +411,7 @@ def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
     return ShardedStep(step, mesh)
 
 
-def per_rank_bytes(cfg: llama.Config, plan, dtype: torch.dtype = torch.float32) -> dict[str, int]:
+def per_rank_bytes(cfg, plan, dtype: torch.dtype = torch.float32) -> dict[str, int]:
     """Bytes one rank holds for params, grads and AdamW state (two moments) under a resolved
     plan — arithmetic on shapes only."""
     layouts = model_layouts(plan, cfg)
@@ -408,21 +424,18 @@ def per_rank_bytes(cfg: llama.Config, plan, dtype: torch.dtype = torch.float32) 
     return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}
 
 
-def expected_comm_bytes(cfg: llama.Config, plan, *, micro_num: int, tokens_per_micro: int,
+def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
                         compute_dtype: torch.dtype = torch.float32, sources: int = 0
                         ) -> dict[str, int]:
     """Bytes one rank hands to each collective (``"{kind}/{axis}"``) in one step of a resolved
     ``plan``: the analytic model the step's measured ``comm_bytes`` must equal.
 
-    Counts what ``ShardedStep`` does: per micro-batch, the tensor-parallel region crossings of
-    forward and backward (and of the layer recomputation under ZeRO-3) and the ZeRO-3 weight
-    gathers and gradient reduce-scatters; per step, the gradient synchronisation, the norm and the
-    loss and token counts.
+    Counts what ``ShardedStep`` does, from the family's blocks: per micro-batch, the
+    tensor-parallel region crossings of forward and backward (and of the layer recomputation
+    under ZeRO-3) and the ZeRO-3 weight gathers and gradient reduce-scatters; per step, the
+    gradient synchronisation, the norm and the loss and token counts.
     """
     from collections import Counter
-    layouts = model_layouts(plan, cfg)
-    act = torch.empty((), dtype=compute_dtype).element_size()
-    master = 4
     sizes = {"tp": plan.tp, "dp": plan.dp, "zero": plan.zero_group,
              "replica": plan.dp // plan.zero_group}
     out: Counter = Counter()
@@ -431,61 +444,72 @@ def expected_comm_bytes(cfg: llama.Config, plan, *, micro_num: int, tokens_per_m
         if sizes[axis] > 1 and times:
             out[f"{kind}/{axis}"] += nbytes * times
 
-    local = {k: math.prod(l.local_shape) for k, l in layouts.items()}
-    shard = {k: math.prod(l.shard_shape) for k, l in layouts.items()}
-    padded = {k: shard[k] * plan.zero_group for k in layouts}
-    sp = plan.sequence_parallel and plan.tp > 1
-    M, T, H, L = micro_num, tokens_per_micro, cfg.hidden_size, cfg.num_layers
-
-    # Tensor-parallel regions, per micro-batch.
-    full_act, split_act = T * H * act, T * H * act // plan.tp
-    # ZeRO-3 recomputes each layer in backward; recomputation stops at the last tensor backward
-    # needs, so it skips the layer's final exit (the MLP's).
-    layers_fwd = 2 if plan.zero == 3 else 1
-    n_enter = 2 * L * layers_fwd + 1                  # + the head's enter
-    n_exit = 2 * L + (L if plan.zero == 3 else 0)
-    if sp:
-        add("all_gather", "tp", split_act, M * n_enter)                 # enter: gather sequence
-        add("reduce_scatter", "tp", full_act, M * (n_exit + 1))         # exits + embedding
-        add("reduce_scatter", "tp", full_act, M * (2 * L + 1))          # backward of the enters
-        add("all_gather", "tp", split_act, M * (2 * L + 1))             # backward of the exits
-    else:
-        add("all_reduce", "tp", full_act, M * (n_exit + 1))             # exits + embedding
-        add("all_reduce", "tp", full_act, M * (2 * L + 1))              # backward of the enters
-    add("all_reduce", "tp", T * 4, M * 3)                               # vocab-parallel CE
-
-    # ZeRO-3 weight gathers (in the compute dtype) and gradient reduce-scatters.
+    layouts = model_layouts(plan, cfg)
+    blocks = models.blocks(cfg)
+    act = torch.empty((), dtype=compute_dtype).element_size()
+    _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act)
     if plan.zero == 3:
-        for k in layouts:
-            uses = 1
-            if k.startswith("layers."):
-                uses = layers_fwd
-            elif k == "embed" and cfg.tie_embeddings:
-                uses = 2
-            add("all_gather", "zero", shard[k] * act, M * uses)
-            add("reduce_scatter", "zero", padded[k] * act, M * (2 if k == "embed" and
-                                                               cfg.tie_embeddings else 1))
-
-    # Gradient synchronisation (master dtype).
-    grads_local = sum(local.values()) * master
-    grads_shard = sum(shard.values()) * master
-    if plan.zero in (0, 1):
-        add("all_reduce", "dp", grads_local)
-    elif plan.zero == 2:
-        add("reduce_scatter", "zero", sum(padded.values()) * master)
-        add("all_reduce", "replica", grads_shard)
-    else:
-        add("all_reduce", "replica", grads_shard)
-    if plan.zero in (1, 2):
-        add("all_gather", "zero", grads_shard)                           # updated shards back
-    if sp:                                                               # norm weights' grads
-        add("all_reduce", "tp", sum((shard if plan.zero == 3 else local)[k]
-                                    for k, l in layouts.items() if l.tp_dim is None) * master)
-
-    # Scalars: labelled-token count (int64), loss, token count (int64), norm squares.
-    add("all_reduce", "dp", 8 + master + 8)
+        _count_zero3(add, plan, blocks, layouts, micro_num, act)
+    _count_synchronisation(add, plan, layouts)
+    # Scalars (fp32 master): labelled-token count (int64), loss, token count (int64), norm squares.
+    add("all_reduce", "dp", 8 + 4 + 8)
     add("all_reduce", "dp", 2 * 4 * sources)                             # per-source loss, tokens
     if plan.zero > 0:
-        add("all_reduce", "zero", 2 * master)
-    add("all_reduce", "tp", master)
+        add("all_reduce", "zero", 2 * 4)
+    add("all_reduce", "tp", 4)
+    add("all_reduce", "tp", tokens_per_micro * 4, micro_num * 3)        # vocab-parallel CE
     return dict(out)
+
+
+def _count_regions(add, plan, blocks, micro_num: int, full_act: int) -> None:
+    """Tensor-parallel region crossings: each block's enters and exits, forward and backward.
+    ZeRO-3 recomputes every layer in backward; recomputation stops at the last tensor backward
+    needs, so it skips the layer's final exit."""
+    enters = sum(b.enters for b in blocks)
+    exits = sum(b.exits for b in blocks)
+    layers = [b for b in blocks if b.kind == "layer"]
+    re_enters = sum(b.enters for b in layers) if plan.zero == 3 else 0
+    re_exits = sum(b.exits - 1 for b in layers) if plan.zero == 3 else 0
+    split_act, M = full_act // plan.tp, micro_num
+    if plan.sequence_parallel and plan.tp > 1:
+        add("all_gather", "tp", split_act, M * (enters + re_enters))    # enter: gather sequence
+        add("reduce_scatter", "tp", full_act, M * (exits + re_exits))   # exit: scatter it
+        add("reduce_scatter", "tp", full_act, M * enters)               # backward of the enters
+        add("all_gather", "tp", split_act, M * exits)                   # backward of the exits
+    else:
+        add("all_reduce", "tp", full_act, M * (exits + re_exits))       # exits
+        add("all_reduce", "tp", full_act, M * enters)                   # backward of the enters
+
+
+def _count_zero3(add, plan, blocks, layouts, micro_num: int, act: int) -> None:
+    """ZeRO-3: a parameter is gathered (compute dtype) each time a block reading it runs —
+    layers twice, forward and recomputation — and its gradient reduce-scattered once per block
+    reading it."""
+    gathers: dict[str, int] = {}
+    reads: dict[str, int] = {}
+    for b in blocks:
+        for k in b.params:
+            gathers[k] = gathers.get(k, 0) + (2 if b.kind == "layer" else 1)
+            reads[k] = reads.get(k, 0) + 1
+    for k, lay in layouts.items():
+        shard = math.prod(lay.shard_shape)
+        add("all_gather", "zero", shard * act, micro_num * gathers.get(k, 0))
+        add("reduce_scatter", "zero", shard * plan.zero_group * act, micro_num * reads.get(k, 0))
+
+
+def _count_synchronisation(add, plan, layouts) -> None:
+    """Gradient synchronisation in the master dtype (fp32)."""
+    local = {k: math.prod(l.local_shape) * 4 for k, l in layouts.items()}
+    shard = {k: math.prod(l.shard_shape) * 4 for k, l in layouts.items()}
+    if plan.zero in (0, 1):
+        add("all_reduce", "dp", sum(local.values()))
+    elif plan.zero == 2:
+        add("reduce_scatter", "zero", sum(shard.values()) * plan.zero_group)
+        add("all_reduce", "replica", sum(shard.values()))
+    else:
+        add("all_reduce", "replica", sum(shard.values()))
+    if plan.zero in (1, 2):
+        add("all_gather", "zero", sum(shard.values()))                   # updated shards back
+    if plan.sequence_parallel and plan.tp > 1:                           # norm weights' grads
+        add("all_reduce", "tp", sum((shard if plan.zero == 3 else local)[k]
+                                    for k, l in layouts.items() if l.tp_dim is None))

@@ -14,14 +14,13 @@ import torch
 import torch.distributed as dist
 
 from evo import optim, tree
-from evo.models import llama
 from evo.sharding import planner
 from evo.sharding.layout import model_layouts
 from evo.sharding.mesh import build_mesh
 from evo.sharding.plan import Plan
 
 
-def simulate(cfg: llama.Config, plan: Plan, world: int, *, rank: int = 0) -> dict:
+def simulate(cfg, plan: Plan, world: int, *, rank: int = 0) -> dict:
     """Rank ``rank``'s view of ``plan`` over ``world`` processes: the resolved plan, its mesh
     coordinates, every parameter's global / tensor-parallel / stored shape, and the bytes of its
     params, grads and AdamW state. Raises ValueError naming the field for a plan that does not fit
@@ -60,7 +59,7 @@ def simulate(cfg: llama.Config, plan: Plan, world: int, *, rank: int = 0) -> dic
         dist.destroy_process_group()
 
 
-def plan_report(cfg: llama.Config, plans: list[Plan], world: int, *, micro_num: int = 1,
+def plan_report(cfg, plans: list[Plan], world: int, *, micro_num: int = 1,
                 tokens_per_micro: int = 4096) -> str:
     """A table: per-rank GB of params / grads / AdamW state and communication per step, for each
     plan at ``world`` processes (arithmetic only; ``simulate`` checks a plan for real)."""
