@@ -106,6 +106,12 @@ class Regions:
     def exit(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def inside(self, w: torch.Tensor) -> torch.Tensor:
+        """A replicated weight applied inside a region, to this rank's share of its split
+        dimension (e.g. a per-head norm weight shared by all heads): each rank's gradient of it
+        is a partial sum that a parallel layout completes here."""
+        return w
+
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return cross_entropy_tokens(logits, labels)
 

@@ -87,6 +87,10 @@ class ShardedRegions(Regions):
     def enter(self, x):
         return C.gather_from(x, self.comm, "tp", 1) if self.sp else C.copy_to(x, self.comm, "tp")
 
+    def inside(self, w):
+        # With sequence parallelism the step sums every replicated weight's gradient over tp.
+        return w if self.sp or self.plan.tp == 1 else C.copy_to(w, self.comm, "tp")
+
     def exit(self, x):
         return C.scatter_to(x, self.comm, "tp", 1) if self.sp else \
             C.reduce_from(x, self.comm, "tp")
