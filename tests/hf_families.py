@@ -48,6 +48,8 @@ def _config(name: str):
 
 
 NAMES = ("llama3_untied", "llama3_tied", "qwen2", "qwen3", "mistral")
+FAMILY = {"llama3_untied": "llama", "llama3_tied": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+          "mistral": "mistral"}     # fixture -> the evo family that reads it
 
 
 def model(name: str, seed: int = 0):

@@ -6,6 +6,7 @@ two layers, measured ~1e-6) is a real check.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as TF
 from safetensors import safe_open
 
 import hf_families as F
@@ -69,10 +71,76 @@ def test_mistral_window_changes_the_logits(hf_dirs):
     path, ref = hf_dirs["mistral"]
     cfg, params = hf.load_hf(path)
     assert cfg.sliding_window == F.WINDOW < F.SEQ
-    import dataclasses
     unwindowed = dataclasses.replace(cfg, sliding_window=None)
     tok = F.tokens()
     assert (evo_logits(cfg, params, tok) - evo_logits(unwindowed, params, tok)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", F.NAMES)
+def test_loss_gradients_equal_transformers_autograd(hf_dirs, name):
+    """The gradients one training step applies: evo's loss and every parameter's gradient
+    against transformers' (autograd on the HF model, mapped to evo's layout by the family's own
+    HF mapping). fp32: loss 1e-5 relative, gradients 1e-4 relative to each tensor's largest."""
+    path, ref = hf_dirs[name]
+    cfg, params = hf.load_hf(path)
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    tok = F.tokens()
+    logits = models.apply(cfg, params, tok)
+    loss = TF.cross_entropy(logits[:, :-1].reshape(-1, F.VOCAB), tok[:, 1:].reshape(-1))
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    ref.zero_grad()
+    ref_loss = ref(tok, labels=tok).loss            # transformers shifts the labels itself
+    ref_loss.backward()
+    ref_grads = models.family_of(cfg).from_hf(
+        cfg, {n: p.grad for n, p in ref.named_parameters()}, source="transformers grads")
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        scale = ref_grads[k].abs().max().item()
+        assert scale > 0, k
+        assert (grads[k] - ref_grads[k]).abs().max().item() / scale <= 1e-4, k
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json: what is not implemented is refused, naming the key
+
+@pytest.mark.parametrize("name, change, key", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
+    ("qwen2", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+     "yarn"),
+    ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ("qwen3", {"use_sliding_window": True}, "use_sliding_window"),
+    ("mistral", {"sliding_window": 0}, "sliding_window"),
+    ("mistral", {"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_unimplemented_config_features_are_refused(hf_dirs, name, change, key):
+    path, _ = hf_dirs[name]
+    d = {**json.loads((path / "config.json").read_text()), **change}
+    with pytest.raises(ValueError, match=key) as e:
+        hf.config_from_hf(d, source="some/config.json")
+    assert "some/config.json" in str(e.value)
+
+
+def test_refused_config_is_one_cli_error(hf_dirs, tmp_path):
+    src, _ = hf_dirs["qwen2"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in os.listdir(src):
+        (bad / f).write_bytes((src / f).read_bytes())
+    d = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**d, "use_sliding_window": True}))
+    r = _evo("generate", str(bad), "--prompt", "w1 w2", "--max-new-tokens", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("evo: error:") and "use_sliding_window" in r.stderr
+
+
+@pytest.mark.parametrize("name", F.NAMES)
+def test_config_round_trips(hf_dirs, name):
+    path, _ = hf_dirs[name]
+    cfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
+    assert models.family_of(cfg).name == F.FAMILY[name]
+    assert hf.config_from_hf(json.loads(json.dumps(hf.config_to_hf(cfg)))) == cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,3 +189,34 @@ def test_export_reload_is_bitwise(hf_dirs, tmp_path, name):
         assert ours[k].numpy().tobytes() == theirs[k].numpy().tobytes(), k
     saved = json.loads((out / "config.json").read_text())
     assert saved["architectures"] == ref.config.architectures
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel plans: the families' extra parameters (q/k/v bias split like wqkv's output axis,
+# replicated per-head norms whose partial gradients are summed over tp) under tp, tp+sp, ZeRO-3
+
+def test_plans_equal_one_process_and_comm_model_is_exact(tmp_path):
+    """Tolerances as tests/test_sharding.py's sweep (fp32): losses 1e-5 relative, params 1e-5 in
+    relative L2 norm and 1e-4 in max difference relative to the largest entry."""
+    from families_tp_worker import CONFIGS, PLANS
+
+    from evo.sharding import planner
+    from sweep_worker import GLOBAL_MICRO, SOURCES, T
+    out = tmp_path / "families.json"
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.getcwd(), here]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--standalone", os.path.join(here, "families_tp_worker.py"), str(out)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for fam, cfg in CONFIGS.items():
+        for name, plan in PLANS.items():
+            res = results[f"{fam}/{name}"]
+            assert res["loss_rel"] <= 1e-5 and res["param_norm_rel"] <= 1e-5, (fam, name, res)
+            assert res["param_rel"] <= 1e-4, (fam, name, res)
+            resolved = plan.resolve(2)
+            expected = planner.expected_comm_bytes(cfg, resolved,
+                                                   micro_num=GLOBAL_MICRO // resolved.dp,
+                                                   tokens_per_micro=T, sources=SOURCES)
+            assert all(m == expected for m in res["comm_bytes"]), (fam, name, res, expected)

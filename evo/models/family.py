@@ -48,12 +48,15 @@ class Block:
     parameters it reads (a tied head reads the embedding too); ``enters`` / ``exits`` how many
     times one forward of it calls ``regions.enter`` / ``regions.exit`` (the embedding lookup of a
     vocabulary-split embedding counts as one exit) — the planner's communication model counts
-    them. A layer ends in an exit, which recomputation skips (backward does not need it)."""
+    them. A layer ends in an exit, which recomputation skips (backward does not need it).
+    ``inside``: the parameters it passes through ``regions.inside`` (replicated weights applied
+    to a split dimension, whose gradients a tensor-parallel layout sums in backward)."""
     name: str
     kind: str
     params: tuple[str, ...]
     enters: int = 0
     exits: int = 0
+    inside: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in ("embed", "layer", "head"):

@@ -8,16 +8,18 @@ The two norm weights are shared by all heads::
     layers.{i}.attn.k_norm [head_dim]                   ("norm",)   replicated
 
 Under tensor parallelism every rank applies them to its own heads, so each rank's gradient is a
-partial sum: the block passes them through ``regions.inside``, where a parallel layout completes it.
+partial sum: the block passes them through ``regions.inside`` (and lists them in its ``Block``'s
+``inside``), where a parallel layout completes it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 from evo.models import family as F
 from evo.models import llama
-from evo.models.family import ParamSpec
+from evo.models.family import Block, ParamSpec
 from evo.models.layers import LOCAL, Regions
 from evo.models.qwen2 import reject_sliding_layers
 
@@ -26,6 +28,9 @@ from evo.models.qwen2 import reject_sliding_layers
 class Config(llama.Config):
     """A Qwen3 model: the fields of ``llama.Config`` (``head_dim`` set freely)."""
     family: ClassVar[str] = "qwen3"
+
+
+_HEAD_NORMS = ("attn.q_norm", "attn.k_norm")   # within a layer
 
 
 class Qwen3(llama.Llama):
@@ -44,11 +49,12 @@ class Qwen3(llama.Llama):
                  for x in "qk"]
         return dict(items[:at] + norms + items[at:])
 
+    def blocks(self, cfg: Config) -> list[Block]:
+        return [dataclasses.replace(b, inside=tuple(f"{b.name}.{k}" for k in _HEAD_NORMS))
+                if b.kind == "layer" else b for b in super().blocks(cfg)]
+
     def block(self, cfg, p, layer, x, ctx, regions: Regions = LOCAL):
-        p = dict(p)
-        for x_ in "qk":
-            name = f"layers.{layer}.attn.{x_}_norm"
-            p[name] = regions.inside(p[name])
+        p = {k: regions.inside(w) if k.endswith(_HEAD_NORMS) else w for k, w in p.items()}
         return super().block(cfg, p, layer, x, ctx, regions)
 
     def qkv(self, cfg, p, h, ctx):
