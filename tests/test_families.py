@@ -220,3 +220,38 @@ def test_plans_equal_one_process_and_comm_model_is_exact(tmp_path):
                                                    micro_num=GLOBAL_MICRO // resolved.dp,
                                                    tokens_per_micro=T, sources=SOURCES)
             assert all(m == expected for m in res["comm_bytes"]), (fam, name, res, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training from an HF directory
+
+INIT_FROM = """
+import json
+from evo import Experiment, data, hf, optim
+experiment = Experiment(
+    model=hf.config_from_hf(json.load(open(HF_DIR + "/config.json"))),
+    data=data.Packed(folder=None, seq_len=24, micro_batch=2),
+    optimizer=optim.adamw(lr=1e-3), steps=3, checkpoint_every=3, run_dir=RUN_DIR,
+    init_from=HF_DIR)
+"""
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral"])
+def test_init_from_an_hf_directory_trains(hf_dirs, tmp_path, name):
+    """`evo train` with ``init_from=HF_DIR``: the first logged loss is the loss of the HF weights
+    on that batch (computed here in-process), and the run takes its steps."""
+    from evo import config, data, train
+    path, _ = hf_dirs[name]
+    exp = tmp_path / "exp.py"
+    exp.write_text(INIT_FROM.replace("HF_DIR", repr(str(path)))
+                   .replace("RUN_DIR", repr(str(tmp_path / "run"))))
+    e = config.load(str(exp))
+    assert models.family_of(e.model).name == name
+    cfg, params = hf.load_hf(path)
+    batch = next(data.Loader(e.data, vocab_size=cfg.vocab_size))
+    _, aux = train.Step(cfg, e.optimizer.with_total_steps(e.steps)).grads(params, batch)
+    r = _evo("train", str(exp))
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    assert abs(logged[0]["loss"] - float(aux["loss"])) <= 1e-6 * float(aux["loss"])
