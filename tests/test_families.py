@@ -189,6 +189,13 @@ def test_export_reload_is_bitwise(hf_dirs, tmp_path, name):
         assert ours[k].numpy().tobytes() == theirs[k].numpy().tobytes(), k
     saved = json.loads((out / "config.json").read_text())
     assert saved["architectures"] == ref.config.architectures
+    # transformers reads the exported directory back as the same model: config.json carries
+    # every feature (biases, head_dim, the window, rope scaling, tying).
+    again = F.transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), attn_implementation="eager").eval()
+    tok = F.tokens()
+    with torch.no_grad():
+        assert torch.equal(again(tok).logits, ref(tok).logits)
 
 
 # ---------------------------------------------------------------------------------------------
