@@ -80,11 +80,12 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     gradients."""
     check_window(window)
     b, s, h, d = q.shape
-    if cu_seqlens is None and window is not None:   # every row its own document
-        cu_seqlens = torch.arange(0, b * s + 1, s, device=q.device)
     if cu_seqlens is None:
+        idx = torch.arange(s, device=q.device)
+        mask = None if window is None else visible(idx[:, None], idx[None, :], window)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=h != k.shape[2])
+                                             attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=h != k.shape[2])
         return out.transpose(1, 2)
     total = b * s
     mask = document_causal_mask(cu_seqlens, total, window)

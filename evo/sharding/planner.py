@@ -452,10 +452,10 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     blocks = models.blocks(cfg)
     act = torch.empty((), dtype=compute_dtype).element_size()
     _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act)
-    if not (plan.sequence_parallel and plan.tp > 1):       # backward of regions.inside
-        specs = models.param_specs(cfg)
-        add("all_reduce", "tp", sum(math.prod(specs[k].shape) for b in blocks for k in b.inside)
-            * act, micro_num)
+    specs = models.param_specs(cfg)
+    inside = sum(math.prod(specs[k].shape) for b in blocks for k in b.inside)
+    if inside and not (plan.sequence_parallel and plan.tp > 1):   # backward of regions.inside
+        add("all_reduce", "tp", inside * act, micro_num)
     if plan.zero == 3:
         _count_zero3(add, plan, blocks, layouts, micro_num, act)
     _count_synchronisation(add, plan, layouts)
