@@ -1,4 +1,4 @@
-"""One process of the families' plan-equivalence check (launched by tests/test_families.py under
+"""One process of the families' plan-equivalence check (launched by tests/test_hf_families.py under
 torchrun, 2 processes): tests/sweep_worker.py's comparison — losses, gathered final params and
 measured communication bytes against the single-process step — for the Qwen2 (tied, q/k/v bias),
 Qwen3 (per-head q/k norms, head_dim 12 ≠ 32 / 4) and Mistral (window 5 < documents) families,
