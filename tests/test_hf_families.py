@@ -144,6 +144,35 @@ def test_config_round_trips(hf_dirs, name):
 
 
 # ---------------------------------------------------------------------------------------------
+# KV-cache decoding: the same block as training, over a cache
+
+@pytest.mark.parametrize("name", F.NAMES)
+def test_kv_cache_decoding_equals_the_whole_sequence(hf_dirs, name):
+    """Chunks of 7, 1, 5 and then single tokens (24 > Mistral's window): fp32, 1e-5 relative to
+    the logits' scale."""
+    path, _ = hf_dirs[name]
+    cfg, params = hf.load_hf(path)
+    tok = F.tokens()
+    full = evo_logits(cfg, params, tok)
+    cache, pieces = models.init_cache(cfg, 2, F.SEQ), []
+    for a, b in ((0, 7), (7, 8), (8, 13), *((i, i + 1) for i in range(13, F.SEQ))):
+        logits, cache = models.decode(cfg, params, tok[:, a:b], cache)
+        pieces.append(logits)
+    got = torch.cat(pieces, 1)
+    assert ((got - full).abs().max() / full.abs().max()).item() <= 1e-5
+
+
+def test_left_padded_prompts_decode_as_each_alone(hf_dirs):
+    """Prompts of 3 and 9 tokens batched (the short one left-padded), 8 new tokens each: the
+    window slides over real tokens only, as for each prompt generated alone."""
+    from evo import generate
+    cfg, params = hf.load_hf(hf_dirs["mistral"][0])
+    prompts = [[4, 8, 15], [16, 23, 42, 7, 1, 9, 30, 2, 11]]
+    together = generate.generate(cfg, params, prompts, 8, temperature=0)
+    assert together == [generate.generate(cfg, params, [p], 8, temperature=0)[0] for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------
 # Generation: the CLI against transformers' greedy generate
 
 def _evo(*args):
