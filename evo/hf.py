@@ -39,7 +39,15 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 def config_to_hf(cfg, *, dtype: torch.dtype = torch.float32) -> dict:
     """``cfg`` as its family's transformers config.json dict; ``dtype``: the weights' dtype,
     recorded as ``torch_dtype``."""
-    return models.family_of(cfg).config_to_hf(cfg, dtype_name=_dtype_name(dtype))
+    return _hf_family(cfg).config_to_hf(cfg, dtype_name=_dtype_name(dtype))
+
+
+def _hf_family(cfg) -> models.Family:
+    fam = models.family_of(cfg)
+    if not fam.hf_architectures:
+        raise ValueError(f"model family {fam.name!r} has no HF mapping (families with one: "
+                         f"{', '.join(n for n in models.names() if models.get(n).hf_architectures)})")
+    return fam
 
 
 def family_from_hf(d: dict, *, source: str = CONFIG_FILE) -> models.Family:
@@ -90,6 +98,7 @@ def save_hf(cfg, params: dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
     place. An existing non-empty ``out_dir`` is an error unless ``overwrite``, in which case it is
     replaced only once the new directory is complete. Returns ``out_dir`` as a Path."""
     out = Path(out_dir)
+    fam = _hf_family(cfg)
     _check_params(cfg, params)
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int)
                                         or isinstance(max_shard_bytes, bool) or max_shard_bytes <= 0):
@@ -98,7 +107,7 @@ def save_hf(cfg, params: dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
     if dtype is not None:
         _dtype_name(dtype)
     state = {k: (t.detach().to("cpu", dtype=dtype) if dtype is not None else t.detach().to("cpu")
-                 ).contiguous() for k, t in models.family_of(cfg).to_hf(cfg, params).items()}
+                 ).contiguous() for k, t in fam.to_hf(cfg, params).items()}
     saved_dtype = dtype or next(iter(state.values())).dtype
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out}: already exists and is not empty; pass overwrite=True to replace "
