@@ -230,6 +230,7 @@ def test_export_reload_is_bitwise(hf_dirs, tmp_path, name):
 # ---------------------------------------------------------------------------------------------
 # Parallel plans: the families' extra parameters (q/k/v bias split like wqkv's output axis,
 # replicated per-head norms whose partial gradients are summed over tp) under tp, tp+sp, ZeRO-3
+# and their mixes, on 2 and 4 processes
 
 def test_plans_equal_one_process_and_comm_model_is_exact(tmp_path):
     """Tolerances as tests/test_sharding.py's sweep (fp32): losses 1e-5 relative, params 1e-5 in
@@ -241,17 +242,17 @@ def test_plans_equal_one_process_and_comm_model_is_exact(tmp_path):
     out = tmp_path / "families.json"
     here = os.path.dirname(__file__)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.getcwd(), here]))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
                         "--standalone", os.path.join(here, "families_tp_worker.py"), str(out)],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads(out.read_text())
     for fam, cfg in CONFIGS.items():
-        for name, plan in PLANS.items():
+        for name, (plan, world) in PLANS.items():
             res = results[f"{fam}/{name}"]
             assert res["loss_rel"] <= 1e-5 and res["param_norm_rel"] <= 1e-5, (fam, name, res)
             assert res["param_rel"] <= 1e-4, (fam, name, res)
-            resolved = plan.resolve(2)
+            resolved = plan.resolve(world)
             expected = planner.expected_comm_bytes(cfg, resolved,
                                                    micro_num=GLOBAL_MICRO // resolved.dp,
                                                    tokens_per_micro=T, sources=SOURCES)
