@@ -36,8 +36,9 @@ def generate(cfg, params: dict[str, torch.Tensor], prompts: list[list[int]],
     ``stop_token``); returns only the new tokens of each.
 
     The prompts are left-padded into one batch and run once through the model; then every new
-    token costs one step over a key/value cache (``models.decode``: the model's own blocks over the cache). Temperature 0 is greedy. A
-    row's tokens do not depend on the other rows: each row has its own random stream.
+    token costs one step over a key/value cache (``models.decode``: the model's own blocks, with
+    an attention over the cache). Temperature 0 is greedy. A row's tokens do not depend on the
+    other rows: each row has its own random stream.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")

@@ -45,8 +45,9 @@ def config_to_hf(cfg, *, dtype: torch.dtype = torch.float32) -> dict:
 def _hf_family(cfg) -> models.Family:
     fam = models.family_of(cfg)
     if not fam.hf_architectures:
+        mapped = [n for n in models.names() if models.get(n).hf_architectures]
         raise ValueError(f"model family {fam.name!r} has no HF mapping (families with one: "
-                         f"{', '.join(n for n in models.names() if models.get(n).hf_architectures)})")
+                         f"{', '.join(mapped)})")
     return fam
 
 

@@ -1,8 +1,8 @@
 """A new model family defined in an experiment file: LLaMA with a GELU MLP.
 
-Nothing under ``evo/`` knows this family. It subclasses the LLaMA family, overrides the two pieces
-that differ — one layer's parameters (no ``w3``: the MLP is ``gelu(x w1) w2``) and the MLP itself —
-and registers itself; the planner, checkpoints and ``evo generate`` find it through the registry.
+Nothing under ``evo/`` knows this family. It subclasses the LLaMA family, overrides the two
+pieces that differ — one layer's parameters (no ``w3``: the MLP is ``gelu(x w1) w2``) and the MLP
+itself — and registers itself; the planner and checkpoints find it through the registry.
 
     evo train experiments/gelu_mlp.py --set steps=20
     torchrun --nproc-per-node 4 -m evo train experiments/gelu_mlp.py \\

@@ -311,3 +311,43 @@ def test_unsupported_architecture_is_one_error_and_writes_nothing(tmp_path, comm
     assert len(r.stderr.strip().splitlines()) <= 3
     assert sorted(os.listdir(tmp_path)) == sorted(["mixtral", *(["exp.py"] if command != "generate"
                                                               else [])])
+
+
+def test_the_core_names_no_family_and_no_parameter():
+    """Outside evo/models/, no module imports a family module or spells a parameter name.
+    evo/sharding/plan.py is left out: its default logical-axis rules name the "norm" axis."""
+    r = subprocess.run(["grep", "-rnE", r'llama|lm_head|layers\.\{|"norm"', "evo",
+                        "--include=*.py"], capture_output=True, text=True, cwd=REPO)
+    hits = [line for line in r.stdout.splitlines()
+            if not line.startswith(("evo/models/", "evo/sharding/plan.py:"))]
+    assert hits == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The family defined in the experiment file under three plans (gloo, 4 processes)
+
+def test_plans_on_the_experiment_file_family_equal_one_process(tmp_path, monkeypatch):
+    """dp2×tp2 ZeRO-3, tp2 with sequence parallelism, dp4 hybrid ZeRO-3: losses and final params
+    against one process at the sweep's tolerances (fp32: losses 1e-5, params 1e-5 in relative L2
+    norm, 1e-4 in max difference relative to the largest entry; tests/test_sharding.py), and the
+    measured communication bytes equal to the planner's model, counted from the family's blocks."""
+    from family_sweep_worker import FIELDS, PLANS
+    from sweep_worker import GLOBAL_MICRO, SOURCES, T
+    out = tmp_path / "sweep.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+                        "--standalone", os.path.join(REPO, "tests", "family_sweep_worker.py"),
+                        str(out)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sweep = json.loads(out.read_text())
+    assert sweep["family"] == "llama_gelu" and set(sweep["plans"]) == {n for n, _, _ in PLANS}
+    from evo.sharding import planner
+    cfg = load_gelu_experiment(monkeypatch, tmp_path).GeluConfig(**FIELDS)
+    for name, plan, world in PLANS:
+        got = sweep["plans"][name]
+        assert got["loss_rel"] <= 1e-5, (name, got)
+        assert got["param_norm_rel"] <= 1e-5 and got["param_rel"] <= 1e-4, (name, got)
+        resolved = plan.resolve(world)
+        expected = planner.expected_comm_bytes(cfg, resolved, tokens_per_micro=T, sources=SOURCES,
+                                               micro_num=GLOBAL_MICRO // resolved.dp)
+        assert all(measured == expected for measured in got["comm_bytes"]), (name, expected)

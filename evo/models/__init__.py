@@ -9,14 +9,15 @@ Each family module holds its frozen ``Config``; ``models.llama`` also keeps the 
 (``llama.Config``, ``llama.init``, ``llama.axes``, ``llama.apply``).
 """
 from evo.models import internlm2, llama, mistral, qwen2, qwen3
-from evo.models.family import (UNRECORDED_FAMILY, Block, Family, KVCache, ParamSpec, axes, blocks, check_inputs,
-                               decode, family_of, flops_per_token, for_architecture, forward, get,
-                               hf_architectures, init, init_cache, init_param, is_concrete, names,
-                               num_params, param_specs, register)
+from evo.models.family import (UNRECORDED_FAMILY, Block, Family, KVCache, ParamSpec, axes,
+                               blocks, check_inputs, decode, family_of, flops_per_token,
+                               for_architecture, forward, get, hf_architectures, init, init_cache,
+                               init_param, is_concrete, names, num_params, param_specs, register)
 
 apply = forward
 
-__all__ = ["UNRECORDED_FAMILY", "Block", "Family", "KVCache", "ParamSpec", "apply", "axes", "blocks", "check_inputs",
-           "decode", "family_of", "flops_per_token", "for_architecture", "forward", "get",
-           "hf_architectures", "init", "init_cache", "init_param", "internlm2", "is_concrete",
-           "llama", "mistral", "names", "num_params", "param_specs", "qwen2", "qwen3", "register"]
+__all__ = ["UNRECORDED_FAMILY", "Block", "Family", "KVCache", "ParamSpec", "apply", "axes",
+           "blocks", "check_inputs", "decode", "family_of", "flops_per_token", "for_architecture",
+           "forward", "get", "hf_architectures", "init", "init_cache", "init_param", "internlm2",
+           "is_concrete", "llama", "mistral", "names", "num_params", "param_specs", "qwen2",
+           "qwen3", "register"]

@@ -321,11 +321,11 @@ def forward(cfg, params: dict[str, torch.Tensor], tokens: torch.Tensor,
             kernels: str = "torch") -> torch.Tensor:
     """Logits ``[batch, seq, vocab]`` in the params' dtype, for any registered family.
 
-    ``tokens`` int ``[batch, seq]``. ``positions`` int ``[batch, seq]``: rotary positions; by default
-    ``0..seq-1`` per row, or restarting at every document when ``cu_seqlens`` is given.
+    ``tokens`` int ``[batch, seq]``. ``positions`` int ``[batch, seq]``: rotary positions; by
+    default ``0..seq-1`` per row, or restarting at every document when ``cu_seqlens`` is given.
     ``cu_seqlens`` int ``[n_docs + 1]``: document boundaries over the ``batch * seq`` tokens in
     row-major order; attention never crosses them. ``remat``: the fraction of layer blocks (the
-    first ``floor(remat · layers)``) whose activations are recomputed in backward instead of stored.
+    first ``floor(remat · layers)``) whose activations are recomputed in backward, not stored.
     ``attention``: an ``evo_kernels.attention`` backend name, or "auto". ``regions``: the parallel
     layout's hooks (``evo.models.layers.Regions``); under tensor parallelism the logits come back
     split on the vocabulary. ``kernels``: "torch" or "triton" elementwise ops (``layers.ops``).

@@ -3,9 +3,9 @@ decoder the LLaMA-shaped families (InternLM2, Qwen, Mistral, ...) subclass.
 
 LLaMA 2 and 3: grouped-query attention, ``rope_theta``, LLaMA-3 rope scaling, tied or untied
 embeddings. The attention input projection is packed as ``wqkv`` and grouped by kv head (for kv
-head g: its ``heads // kv_heads`` query heads, then its key, then its value — so splitting ``wqkv``
-evenly over tensor-parallel ranks hands each rank whole groups), and the MLP is ``w1`` (gate),
-``w3`` (up), ``w2`` (down).
+head g: its ``heads // kv_heads`` query heads, then its key, then its value — so splitting
+``wqkv`` evenly over tensor-parallel ranks hands each rank whole groups), and the MLP is ``w1``
+(gate), ``w3`` (up), ``w2`` (down).
 
 Parameters (weights stored ``[in, out]``, logical axes in brackets)::
 

@@ -1,0 +1,69 @@
+"""One process of the plan-equivalence sweep over the family defined in experiments/gelu_mlp.py
+(launched by tests/test_families.py under torchrun, 4 processes): each plan against the
+single-process step on the same global batches (tests/sweep_worker.py's), 3 steps; rank 0 writes
+the largest relative differences and the measured communication bytes."""
+import datetime
+import importlib.util
+import json
+import os
+import sys
+
+import torch.distributed as dist
+
+from evo import data, models, train, tree
+from evo.sharding import Plan, planner
+from evo.sharding.mesh import build_mesh
+from sweep_worker import OPT, SOURCES, global_batches, local_batch, norm_rel, rel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=4,
+              intermediate_size=48)
+PLANS = [("dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4),
+         ("tp2-sp", Plan(dp=1, tp=2, sequence_parallel=True), 2),
+         ("dp4-zero3-group2", Plan(dp=4, zero=3, zero_group=2), 4)]
+
+
+def gelu_config():
+    data.build_stdlib_corpus = lambda folder: ("unused", "unused")   # the family, not the corpus
+    spec = importlib.util.spec_from_file_location(
+        "gelu_mlp", os.path.join(REPO, "experiments", "gelu_mlp.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.GeluConfig(**FIELDS)
+
+
+def main(out_path):
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    cfg, batches = gelu_config(), global_batches()
+    params0 = models.init(cfg, seed=0)
+    ref, ref_losses = train.init_state(tree.clone(params0), OPT), []
+    for b in batches:
+        ref, m = train.Step(cfg, OPT, sources=SOURCES)(ref, b)
+        ref_losses.append(float(m["loss"]))
+    results = {}
+    for name, plan, world in PLANS:
+        mesh = build_mesh(plan, ranks=list(range(world)))
+        if mesh is not None:
+            step = planner.shard(train.Step(cfg, OPT, sources=SOURCES), plan, mesh)
+            state = planner.init_state(cfg, OPT, planner.shard_params(cfg, params0, mesh), mesh)
+            losses, comm = [], []
+            for b in batches:
+                state, m = step(state, local_batch(b, mesh.coords["dp"], mesh.plan.dp))
+                losses.append(float(m["loss"]))
+                comm.append(m["comm_bytes"])
+            full = planner.gather_params(cfg, state.params, mesh)
+            if mesh.rank == 0:
+                results[name] = {
+                    "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+                    "param_rel": max(rel(full[k], ref.params[k]) for k in full),
+                    "param_norm_rel": max(norm_rel(full[k], ref.params[k]) for k in full),
+                    "comm_bytes": comm}
+        dist.barrier()
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump({"family": models.family_of(cfg).name, "plans": results}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
