@@ -87,7 +87,8 @@ class Regions:
     the weights of one of the family's blocks (``evo.models.family.Block``; a sharded-parameter
     layout gathers them there, and may prefetch the next block's), ``embed`` looks up
     token embeddings, ``enter`` is where replicated activations enter a region whose weights are
-    split on their output dimension, ``exit`` is where partial sums leave it, and
+    split on their output dimension, ``exit`` is where partial sums leave it, ``inside`` marks a
+    replicated weight applied within such a region (its gradient there is a partial sum), and
     ``cross_entropy`` is the per-token loss over the output. The sharding planner supplies another
     ``Regions`` with collectives in these places; the model never learns about ranks or meshes.
     """
