@@ -3,6 +3,6 @@
 Imported as ``evo_kernels`` (the folder is ``kernels/``); model code calls these ops and never a
 backend directly.
 """
-from evo_kernels.attention import attention, attention_with_mask
+from evo_kernels.attention import attention, attention_with_mask, cached_mask
 
-__all__ = ["attention", "attention_with_mask"]
+__all__ = ["attention", "attention_with_mask", "cached_mask"]

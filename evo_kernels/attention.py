@@ -1,13 +1,17 @@
 """Causal attention over packed documents: one pure op, several implementations.
 
-The op: ``attention(q, k, v, cu_seqlens=None)`` with
+The op: ``attention(q, k, v, cu_seqlens=None, window=None)`` with
 
 - ``q`` ``[batch, seq, heads, head_dim]``, ``k`` and ``v`` ``[batch, seq, kv_heads, head_dim]``
   (grouped-query attention: ``heads`` is a multiple of ``kv_heads``; query head ``h`` reads kv head
   ``h // (heads // kv_heads)``);
 - ``cu_seqlens`` ``None`` (every row is one causal sequence) or int ``[n_docs + 1]``: document
   boundaries over the ``batch * seq`` tokens taken in row-major order, starting at 0 and ending at
-  ``batch * seq``. A token attends only to earlier tokens of its own document.
+  ``batch * seq``. A token attends only to earlier tokens of its own document;
+- ``window`` ``None`` (no limit) or a positive int: sliding-window attention, in which the query at
+  index ``i`` sees keys ``j`` with ``i - window < j <= i`` — itself and the ``window - 1`` tokens
+  before it (transformers' ``sliding_window``, as in Mistral). Combined with ``cu_seqlens``: the
+  same document AND within the window.
 
 Returns ``[batch, seq, heads, head_dim]`` in q's dtype. ``reference`` is the definition (fp32-exact
 on CPU); faster backends plug in through ``BACKENDS`` and are tested against it.
@@ -35,38 +39,73 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
     return torch.arange(total, device=cu_seqlens.device) - starts
 
 
-def document_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Boolean ``[total, total]``: True where query i may attend key j (same document, j <= i)."""
+def check_window(window: int | None) -> None:
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                               or window <= 0):
+        raise ValueError(f"attention window must be a positive integer or None, got {window!r}")
+
+
+def visible(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Whether the query at token index ``q_idx`` may attend the key at ``k_idx`` (broadcasting):
+    causal, and within the last ``window`` tokens when a window is given. The one definition shared
+    by every mask below."""
+    ok = k_idx <= q_idx
+    return ok if window is None else ok & (k_idx > q_idx - window)
+
+
+def document_causal_mask(cu_seqlens: torch.Tensor, total: int, window: int | None = None
+                         ) -> torch.Tensor:
+    """Boolean ``[total, total]``: True where query i may attend key j (same document, j <= i,
+    and ``i - j < window`` when a window is given)."""
     seg = segment_ids(cu_seqlens, total)
     idx = torch.arange(total, device=cu_seqlens.device)
-    return (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+    return (seg[:, None] == seg[None, :]) & visible(idx[:, None], idx[None, :], window)
+
+
+def cached_mask(valid: torch.Tensor, start: int, n: int, window: int | None = None
+                ) -> torch.Tensor:
+    """The mask for decoding with a KV cache (``attention_with_mask``): ``n`` new queries in cache
+    slots ``start .. start+n-1`` over slots ``0 .. start+n-1``, causal, within ``window`` slots, and
+    only to slots ``valid [batch, capacity]`` marks as real tokens → bool ``[batch, 1, n,
+    start + n]``. Prompts are left-padded, so slot distance is token distance."""
+    end = start + n
+    q_idx = torch.arange(start, end, device=valid.device)
+    k_idx = torch.arange(end, device=valid.device)
+    return visible(q_idx[:, None], k_idx[None, :], window)[None, None] & valid[:, None, None, :end]
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """SDPA with a causal (or block-diagonal causal) mask. Runs everywhere, with gradients."""
+              cu_seqlens: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """SDPA with a causal (or block-diagonal causal, or windowed) mask. Runs everywhere, with
+    gradients."""
+    check_window(window)
     b, s, h, d = q.shape
     if cu_seqlens is None:
+        idx = torch.arange(s, device=q.device)
+        mask = None if window is None else visible(idx[:, None], idx[None, :], window)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=h != k.shape[2])
+                                             attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=h != k.shape[2])
         return out.transpose(1, 2)
     total = b * s
-    mask = document_causal_mask(cu_seqlens, total)
+    mask = document_causal_mask(cu_seqlens, total, window)
     qf, kf, vf = (t.reshape(1, total, t.shape[2], d).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, enable_gqa=h != k.shape[2])
     return out.transpose(1, 2).reshape(b, s, h, d)
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         cu_seqlens: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
-    """``flex_attention`` with a document-causal block mask: blocks wholly outside a document are
-    skipped, so the cost follows the documents' lengths, not the row's. Compiled (its only fast
-    form); forward and backward on CUDA, forward only on a CPU. ``cache`` keeps the block mask
-    between the layers of one forward pass."""
+         cu_seqlens: torch.Tensor | None = None, window: int | None = None,
+         cache: dict | None = None) -> torch.Tensor:
+    """``flex_attention`` with a document-causal (and windowed) block mask: blocks wholly outside
+    a document or the window are skipped, so the cost follows the documents' lengths and the
+    window, not the row's. Compiled (its only fast form); forward and backward on CUDA, forward
+    only on a CPU. ``cache`` keeps the block mask between the layers of one forward pass."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    check_window(window)
     b, s, h, d = q.shape
     total = b * s
-    key = ("flex_mask", total, q.device)
+    key = ("flex_mask", total, window, q.device)
     if cache is not None and key in cache:
         mask = cache[key]
     else:
@@ -74,7 +113,7 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             torch.arange(b, device=q.device).repeat_interleave(s)
 
         def document_causal(batch, head, qi, ki):
-            return (seg[qi] == seg[ki]) & (ki <= qi)
+            return (seg[qi] == seg[ki]) & visible(qi, ki, window)
         mask = create_block_mask(document_causal, None, None, total, total, device=q.device)
         if cache is not None:
             cache[key] = mask
@@ -109,17 +148,19 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> Callable[..., torc
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              cu_seqlens: torch.Tensor | None = None, *, backend: str = "auto",
-              cache: dict | None = None) -> torch.Tensor:
+              cu_seqlens: torch.Tensor | None = None, *, window: int | None = None,
+              backend: str = "auto", cache: dict | None = None) -> torch.Tensor:
     fn = choose_backend(q, backend)
-    return fn(q, k, v, cu_seqlens) if fn is reference else fn(q, k, v, cu_seqlens, cache=cache)
+    if fn is reference:
+        return fn(q, k, v, cu_seqlens, window)
+    return fn(q, k, v, cu_seqlens, window, cache=cache)
 
 
 def attention_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor) -> torch.Tensor:
     """Attention of ``q [batch, n, heads, d]`` over ``k``, ``v`` ``[batch, m, kv_heads, d]`` where
     ``mask [batch, 1, n, m]`` bool allows it (decoding with a KV cache: new queries against every
-    cached key). A query row with no allowed key returns zeros."""
+    cached key; ``cached_mask`` builds it). A query row with no allowed key returns zeros."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2).nan_to_num(0.0)

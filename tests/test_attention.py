@@ -38,10 +38,84 @@ def test_choice_and_errors():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flex_forward_and_grads_on_gpu():
+@pytest.mark.parametrize("window", [None, 7])
+def test_flex_forward_and_grads_on_gpu(window):
     q, k, v, cu = inputs("cuda", torch.bfloat16, requires_grad=True)
     assert choose_backend(q) is flex
-    out, ref = flex(q, k, v, cu), reference(q, k, v, cu)
+    out, ref = flex(q, k, v, cu, window), reference(q, k, v, cu, window)
     dy = torch.randn_like(ref)
     g, g_ref = torch.autograd.grad(out, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy)
     assert rel(out, ref) <= 2e-2 and all(rel(a, b) <= 2e-2 for a, b in zip(g, g_ref))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding-window attention against a hand-written O(n²) loop. transformers' rule
+# (masking_utils.sliding_window_overlay): query i sees key j iff i - window < j <= i.
+
+def naive(q, k, v, cu_seqlens, window):
+    """Token by token: softmax over the keys of the same document with i - window < j <= i."""
+    b, s, h, d = q.shape
+    qf, kf, vf = (t.reshape(b * s, t.shape[2], d).double() for t in (q, k, v))
+    bounds = cu_seqlens.tolist() if cu_seqlens is not None else list(range(0, b * s + 1, s))
+    out = torch.zeros(b * s, h, d, dtype=torch.float64)
+    r = h // k.shape[2]
+    for start, end in zip(bounds, bounds[1:]):
+        for i in range(start, end):
+            lo = max(start, i - window + 1) if window is not None else start
+            for head in range(h):
+                keys, vals = kf[lo:i + 1, head // r], vf[lo:i + 1, head // r]
+                w = torch.softmax(keys @ qf[i, head] / d ** 0.5, dim=0)
+                out[i, head] = w @ vals
+    return out.reshape(b, s, h, d)
+
+
+WINDOW = 7   # shorter than every document (10, 40, 14, 26, 38 tokens) and the rows (64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_sliding_window_equals_naive_loop(backend, packed):
+    """fp32 against an fp64 loop: 1e-5 relative (fp32 softmax and matmul rounding over <= 64
+    keys)."""
+    q, k, v, cu = inputs("cpu", torch.float32)
+    cu = cu if packed else None
+    with torch.no_grad():
+        out = evo_kernels.attention(q, k, v, cu, window=WINDOW, backend=backend, cache={})
+        plain = evo_kernels.attention(q, k, v, cu, backend=backend, cache={})
+    ref = naive(q, k, v, cu, WINDOW)
+    assert rel(out, ref) <= 1e-5
+    assert rel(plain, naive(q, k, v, cu, None)) <= 1e-5
+    assert rel(out, plain) > 1e-2, "the window should change the output"
+
+
+def test_window_as_long_as_the_rows_is_no_window():
+    q, k, v, cu = inputs("cpu", torch.float32)
+    assert torch.equal(reference(q, k, v, cu, 64), reference(q, k, v, cu))
+
+
+def test_cached_mask_window_decodes_like_the_whole_sequence():
+    """Keys and values in a cache, queries arriving in chunks of 5, 1, 1, ...; the first row
+    left-padded by 3 slots: equal to the naive loop over each row's real tokens."""
+    q, k, v, _ = inputs("cpu", torch.float32)
+    b, s = q.shape[:2]
+    pad = 3
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[0, :pad] = False
+    outs, start = [], 0
+    for n in [5] + [1] * (s - 5):
+        mask = evo_kernels.cached_mask(valid, start, n, window=WINDOW)
+        assert mask.shape == (b, 1, n, start + n)
+        outs.append(evo_kernels.attention_with_mask(q[:, start:start + n], k[:, :start + n],
+                                                    v[:, :start + n], mask))
+        start += n
+    out = torch.cat(outs, 1)
+    assert rel(out[1:], naive(q[1:], k[1:], v[1:], None, WINDOW)) <= 1e-5
+    assert rel(out[:1, pad:], naive(q[:1, pad:], k[:1, pad:], v[:1, pad:], None, WINDOW)) <= 1e-5
+    assert out[0, :pad].abs().max() == 0   # padding queries see nothing
+
+
+def test_bad_window():
+    q, k, v, cu = inputs("cpu", torch.float32)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window"):
+            reference(q, k, v, cu, bad)

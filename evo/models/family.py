@@ -48,12 +48,15 @@ class Block:
     parameters it reads (a tied head reads the embedding too); ``enters`` / ``exits`` how many
     times one forward of it calls ``regions.enter`` / ``regions.exit`` (the embedding lookup of a
     vocabulary-split embedding counts as one exit) — the planner's communication model counts
-    them. A layer ends in an exit, which recomputation skips (backward does not need it)."""
+    them. A layer ends in an exit, which recomputation skips (backward does not need it).
+    ``inside``: the parameters it passes through ``regions.inside`` (replicated weights applied
+    to a split dimension, whose gradients a tensor-parallel layout sums in backward)."""
     name: str
     kind: str
     params: tuple[str, ...]
     enters: int = 0
     exits: int = 0
+    inside: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in ("embed", "layer", "head"):
@@ -300,15 +303,16 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
 
 
 class Attend:
-    """Attention over packed documents (training and evaluation): ``attend(layer, q, k, v)``."""
+    """Attention over packed documents (training and evaluation): ``attend(layer, q, k, v,
+    window=None)``; ``window``: sliding-window attention (``evo_kernels.attention``)."""
 
     def __init__(self, cu_seqlens: torch.Tensor | None, backend: str):
         self.cu_seqlens, self.backend = cu_seqlens, backend
         self.cache: dict = {}   # what a backend prepares once per forward (a block mask)
 
-    def __call__(self, layer: int, q, k, v):
-        return evo_kernels.attention(q, k, v, self.cu_seqlens, backend=self.backend,
-                                     cache=self.cache)
+    def __call__(self, layer: int, q, k, v, window: int | None = None):
+        return evo_kernels.attention(q, k, v, self.cu_seqlens, window=window,
+                                     backend=self.backend, cache=self.cache)
 
 
 def forward(cfg, params: dict[str, torch.Tensor], tokens: torch.Tensor,
@@ -396,21 +400,22 @@ def init_cache(cfg, batch: int, capacity: int, *, dtype: torch.dtype = torch.flo
 
 class CachedAttend:
     """Writes each layer's new keys and values into the cache at ``start`` and attends over
-    everything written so far: causal, and only to valid slots."""
+    everything written so far: causal, within ``window`` slots when one is given, and only to
+    valid slots."""
 
     def __init__(self, cache: KVCache, start: int, n: int):
         self.cache, self.start, self.end = cache, start, start + n
-        q_idx = torch.arange(start, start + n, device=cache.k.device)
-        k_idx = torch.arange(self.end, device=cache.k.device)
-        causal = k_idx[None, :] <= q_idx[:, None]                          # [n, end]
-        self.mask = causal[None, None] & cache.valid[:, None, None, :self.end]   # [b, 1, n, end]
+        self.masks: dict = {}   # window -> [b, 1, n, end] bool, built once per decoding step
 
-    def __call__(self, layer: int, q, k, v):
+    def __call__(self, layer: int, q, k, v, window: int | None = None):
         c = self.cache
         c.k[layer, :, self.start:self.end] = k
         c.v[layer, :, self.start:self.end] = v
+        if window not in self.masks:
+            self.masks[window] = evo_kernels.cached_mask(c.valid, self.start,
+                                                         self.end - self.start, window)
         return evo_kernels.attention_with_mask(q, c.k[layer, :, :self.end],
-                                               c.v[layer, :, :self.end], self.mask)
+                                               c.v[layer, :, :self.end], self.masks[window])
 
 
 @torch.no_grad()

@@ -87,7 +87,8 @@ class Regions:
     the weights of one of the family's blocks (``evo.models.family.Block``; a sharded-parameter
     layout gathers them there, and may prefetch the next block's), ``embed`` looks up
     token embeddings, ``enter`` is where replicated activations enter a region whose weights are
-    split on their output dimension, ``exit`` is where partial sums leave it, and
+    split on their output dimension, ``exit`` is where partial sums leave it, ``inside`` marks a
+    replicated weight applied within such a region (its gradient there is a partial sum), and
     ``cross_entropy`` is the per-token loss over the output. The sharding planner supplies another
     ``Regions`` with collectives in these places; the model never learns about ranks or meshes.
     """
@@ -105,6 +106,12 @@ class Regions:
 
     def exit(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def inside(self, w: torch.Tensor) -> torch.Tensor:
+        """A replicated weight applied inside a region, to this rank's share of its split
+        dimension (e.g. a per-head norm weight shared by all heads): each rank's gradient of it
+        is a partial sum that a parallel layout completes here."""
+        return w
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return cross_entropy_tokens(logits, labels)

@@ -87,6 +87,10 @@ class ShardedRegions(Regions):
     def enter(self, x):
         return C.gather_from(x, self.comm, "tp", 1) if self.sp else C.copy_to(x, self.comm, "tp")
 
+    def inside(self, w):
+        # With sequence parallelism the step sums every replicated weight's gradient over tp.
+        return w if self.sp or self.plan.tp == 1 else C.copy_to(w, self.comm, "tp")
+
     def exit(self, x):
         return C.scatter_to(x, self.comm, "tp", 1) if self.sp else \
             C.reduce_from(x, self.comm, "tp")
@@ -453,6 +457,10 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     blocks = models.blocks(cfg)
     act = torch.empty((), dtype=compute_dtype).element_size()
     _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act)
+    specs = models.param_specs(cfg)
+    inside = sum(math.prod(specs[k].shape) for b in blocks for k in b.inside)
+    if inside and not (plan.sequence_parallel and plan.tp > 1):   # backward of regions.inside
+        add("all_reduce", "tp", inside * act, micro_num)
     if plan.zero == 3:
         _count_zero3(add, plan, blocks, layouts, micro_num, act)
     _count_synchronisation(add, plan, layouts)
