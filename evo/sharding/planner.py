@@ -409,13 +409,14 @@ def per_rank_bytes(cfg: llama.Config, plan, dtype: torch.dtype = torch.float32) 
 
 
 def expected_comm_bytes(cfg: llama.Config, plan, *, micro_num: int, tokens_per_micro: int,
-                        compute_dtype: torch.dtype = torch.float32, sources: int = 0
-                        ) -> dict[str, int]:
+                        compute_dtype: torch.dtype = torch.float32, sources: int = 0,
+                        remat: float = 0.0) -> dict[str, int]:
     """Bytes one rank hands to each collective (``"{kind}/{axis}"``) in one step of a resolved
     ``plan``: the analytic model the step's measured ``comm_bytes`` must equal.
 
     Counts what ``ShardedStep`` does: per micro-batch, the tensor-parallel region crossings of
-    forward and backward (and of the layer recomputation under ZeRO-3) and the ZeRO-3 weight
+    forward and backward (and of the recomputed layers: every layer under ZeRO-3, else
+    the first ``floor(remat · num_layers)``) and the ZeRO-3 weight
     gathers and gradient reduce-scatters; per step, the gradient synchronisation, the norm and the
     loss and token counts.
     """
@@ -439,11 +440,13 @@ def expected_comm_bytes(cfg: llama.Config, plan, *, micro_num: int, tokens_per_m
 
     # Tensor-parallel regions, per micro-batch.
     full_act, split_act = T * H * act, T * H * act // plan.tp
-    # ZeRO-3 recomputes each layer in backward; recomputation stops at the last tensor backward
-    # needs, so it skips the layer's final exit (the MLP's).
+    # Recomputed layers (all under ZeRO-3, else the first floor(remat·L)) run forward again in
+    # backward; recomputation stops at the last tensor backward needs, so it skips the layer's
+    # final exit (the MLP's).
     layers_fwd = 2 if plan.zero == 3 else 1
-    n_enter = 2 * L * layers_fwd + 1                  # + the head's enter
-    n_exit = 2 * L + (L if plan.zero == 3 else 0)
+    recomputed = L if plan.zero == 3 else math.floor(remat * L)
+    n_enter = 2 * (L + recomputed) + 1                # + the head's enter
+    n_exit = 2 * L + recomputed
     if sp:
         add("all_gather", "tp", split_act, M * n_enter)                 # enter: gather sequence
         add("reduce_scatter", "tp", full_act, M * (n_exit + 1))         # exits + embedding
