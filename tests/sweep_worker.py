@@ -167,11 +167,27 @@ def reference(case: Case, cache: dict):
     return cache[key]
 
 
-def run_case(case: Case, ref) -> dict | None:
+def checkpoint_round_trip(cfg, state, full, mesh, group, root) -> bool:
+    """Saved by this plan, the state loads back under it bitwise (ZeRO padding rows included), and
+    its params load into one process as the gathered global params."""
+    from evo import checkpoint
+    from evo.sharding.mesh import Mesh
+    checkpoint.Saver(root, mesh, asynchronous=False).save(cfg, state, loader_state={}, meta={})
+    dist.barrier(group)  # rank 0 has published it
+    path = checkpoint.resolve(root)
+    loaded, _ = checkpoint.load_state(path, cfg, OPT, mesh)
+    one = checkpoint.load_params(path, cfg, Mesh(Plan().resolve(1), 0))
+    pairs = [(loaded.params, state.params), (loaded.opt_state.mu, state.opt_state.mu),
+             (loaded.opt_state.nu, state.opt_state.nu), (one, full)]
+    return all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b) for a, b in pairs)
+
+
+def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     """The case's plan for STEPS steps; the differences from ``ref`` (on the mesh's rank 0)."""
     params0, ref_state, ref_metrics = ref
     step = step_for(case)
     mesh = build_mesh(case.plan, ranks=list(range(case.world)))
+    group = dist.new_group(list(range(case.world)))  # the mesh's processes (collective call)
     if mesh is None:
         return None
     cfg, dp, dp_index = step.model, mesh.plan.dp, mesh.coords["dp"]
@@ -189,6 +205,8 @@ def run_case(case: Case, ref) -> dict | None:
         comm.append(m["comm_bytes"])
     full = planner.gather_params(cfg, state.params, mesh)
     func_rel = func_grad_check(step, state.params, mesh, local_batch(batches[0], dp_index, dp))
+    ckpt_equal = checkpoint_round_trip(cfg, state, full, mesh, group,
+                                       os.path.join(ckpt_root, case.name))
     if mesh.rank != 0:
         return None
     ref_p = ref_state.params
@@ -197,7 +215,8 @@ def run_case(case: Case, ref) -> dict | None:
 
     def worst_rel(xs, key):
         return max(abs(a - r[key]) / abs(r[key]) for a, r in zip(xs, ref_metrics))
-    return {"plan": repr(mesh.plan), "world": case.world, "losses": losses, "grad_norms": norms,
+    return {"plan": repr(mesh.plan), "world": case.world, "model": case.model,
+            "dtype": case.dtype, "remat": case.remat, "losses": losses, "grad_norms": norms,
             "reference_losses": [r["loss"] for r in ref_metrics],
             "reference_grad_norms": [r["grad_norm"] for r in ref_metrics],
             "loss_rel": worst_rel(losses, "loss"), "grad_norm_rel": worst_rel(norms, "grad_norm"),
@@ -206,7 +225,7 @@ def run_case(case: Case, ref) -> dict | None:
             "update_rel": max(update_rel.values()),
             "worst": max(update_rel, key=update_rel.get),
             "comm_bytes": comm, "state_bytes": pieces, "func_grad_rel": func_rel,
-            "source_loss_rel": source_rel}
+            "source_loss_rel": source_rel, "checkpoint_equal": ckpt_equal}
 
 
 def main(out_path):
@@ -218,7 +237,7 @@ def main(out_path):
         if only and case.name not in only.split(","):
             continue
         print(rank, case.name, flush=True)
-        r = run_case(case, reference(case, cache))
+        r = run_case(case, reference(case, cache), os.path.dirname(os.path.abspath(out_path)))
         if r is not None:
             results[case.name] = r
         dist.barrier()

@@ -1,7 +1,7 @@
 """Every plan computes the same function: the equivalence sweep (CPU, gloo, 4 processes).
 
-One torchrun launch of tests/sweep_worker.py runs every case of its ``CASES`` (2-process plans on
-the first two ranks) against the single-process step of the same model and compute dtype on the
+One torchrun launch of tests/sweep_worker.py runs every case of its ``CASES`` (2-process plans
+on the first two ranks) against the single-process step of the same model and compute dtype on the
 same global batches, 3 steps at a learning rate that lowers the loss by ≈ 0.3 and with gradient
 clipping active (``clip_norm`` below every step's norm, asserted).
 
@@ -20,6 +20,10 @@ since a plan only sums the same partial results in another order:
   cases pin the numbers.
 - ``torch.func.grad`` through the collectives equals autograd to 1e-6 (the same math in the same
   order, in fp32).
+- Each plan's final state, saved as a checkpoint, loads back under the plan bitwise (ZeRO padding
+  rows included), and its params load into one process as the gathered params, bitwise.
+
+``EVO_SWEEP_OUT=PATH`` keeps the sweep's results (JSON) at PATH (scripts/mutate.py reads them).
 """
 import json
 import os
@@ -45,10 +49,14 @@ TOLERANCE = {  # dtype -> (loss, grad norm and per-source loss, update L2)
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "sweep.json"
+    keep = os.environ.get("EVO_SWEEP_OUT")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
                         "--standalone", os.path.join(HERE, "sweep_worker.py"), str(out)],
                        capture_output=True, text=True, timeout=600, env=repo_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if keep:
+        with open(keep, "w") as f:
+            f.write(out.read_text())
     return json.loads(out.read_text())
 
 
@@ -65,6 +73,7 @@ def test_every_plan_equals_one_process(sweep):
         assert r["source_loss_rel"] <= norm_tol, (case.name, r["source_loss_rel"])
         assert r["update_rel"] <= update_tol, (case.name, r["update_rel"], r["worst"])
         assert r["func_grad_rel"] <= 1e-6, (case.name, r["func_grad_rel"])
+        assert r["checkpoint_equal"], case.name  # saved, loaded back bitwise
         worst[case.name] = (r["loss_rel"], r["grad_norm_rel"], r["update_rel"])
     print("largest relative differences (loss, grad norm, update L2):", worst)
 
