@@ -193,6 +193,8 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     cfg, dp, dp_index = step.model, mesh.plan.dp, mesh.coords["dp"]
     sharded = planner.shard(step, case.plan, mesh)
     state = planner.init_state(cfg, OPT, planner.shard_params(cfg, params0, mesh), mesh)
+    built = planner.init_params(cfg, 0, mesh)  # the same pieces, one parameter at a time
+    init_equal = all(torch.equal(built[k], v) for k, v in state.params.items())
     pieces = {"params": tree.num_bytes(state.params),
               "optimizer": tree.num_bytes((state.opt_state.mu, state.opt_state.nu))}
     batches = global_batches(cfg.vocab_size)
@@ -207,6 +209,10 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     func_rel = func_grad_check(step, state.params, mesh, local_batch(batches[0], dp_index, dp))
     ckpt_equal = checkpoint_round_trip(cfg, state, full, mesh, group,
                                        os.path.join(ckpt_root, case.name))
+    # every rank's checks, on rank 0: the largest gradient difference, and whether all agree
+    worst = torch.tensor([func_rel, -float(ckpt_equal), -float(init_equal)], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    func_rel, ckpt_equal, init_equal = worst[0].item(), worst[1] < 0, worst[2] < 0
     if mesh.rank != 0:
         return None
     ref_p = ref_state.params
@@ -225,7 +231,8 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
             "update_rel": max(update_rel.values()),
             "worst": max(update_rel, key=update_rel.get),
             "comm_bytes": comm, "state_bytes": pieces, "func_grad_rel": func_rel,
-            "source_loss_rel": source_rel, "checkpoint_equal": ckpt_equal}
+            "source_loss_rel": source_rel, "checkpoint_equal": bool(ckpt_equal),
+            "init_params_equal": bool(init_equal)}
 
 
 def main(out_path):
