@@ -153,6 +153,18 @@ def test_tp_must_divide_the_model(cfg_kw, culprit):
         model_layouts(Plan(dp=1, tp=4).resolve(4), cfg)
 
 
+@pytest.mark.parametrize("axis, to", [("vocab", None), ("mlp", None), ("heads", None)])
+def test_tp_needs_the_default_split(axis, to):
+    """With the vocabulary replicated, tp=2 doubled every gradient but the head's (its entry
+    all-reduces replicated gradients); with the MLP replicated, its exit sums tp equal copies."""
+    cfg = llama.Config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=8, num_kv_heads=4,
+                       intermediate_size=48)
+    rules = tuple((a, to if a == axis else m) for a, m in Plan().rules)
+    model_layouts(Plan(rules=rules).resolve(1), cfg)  # without tp the rules change nothing
+    with pytest.raises(ValueError, match=f"logical axis '{axis}' must map to"):
+        model_layouts(Plan(tp=2, rules=rules).resolve(2), cfg)
+
+
 def test_unknown_logical_axis_in_a_rule():
     cfg = llama.Config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
                        intermediate_size=48)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from evo.sharding.plan import Plan
+from evo.sharding.plan import DEFAULT_RULES, Plan
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,13 @@ def model_layouts(plan: Plan, cfg) -> dict[str, ParamLayout]:
                              ("vocab_size", cfg.vocab_size)):
             if value % plan.tp:
                 raise ValueError(f"plan.tp={plan.tp} must divide model.{field}={value}")
+        # The tensor-parallel regions pair a column- with a row-parallel matmul and end in a
+        # vocab-parallel head: another split would sum replicated results tp times.
+        used = {a for s in specs.values() for a in s.axes}
+        for axis, mesh_axis in DEFAULT_RULES:
+            if axis in used and plan.mesh_axis(axis) != mesh_axis:
+                raise ValueError(f"plan.rules: with plan.tp={plan.tp} logical axis {axis!r} must "
+                                 f"map to {mesh_axis!r}, not {plan.mesh_axis(axis)!r}")
     return {k: param_layout(plan, s.shape, s.axes, k) for k, s in specs.items()}
 
 
