@@ -122,11 +122,11 @@ def run_tests(scratch: str, tests: tuple[str, ...]) -> tuple[int, str, dict | No
     return r.returncode, failed[0] if failed else "", sweep
 
 
-def error_size(sweep: dict | None) -> str:
+def error_size(sweep: dict | None, tests: tuple[str, ...]) -> str:
     """The sweep's largest update, loss and grad-norm errors over its fp32 plans (bf16 ones differ
     by rounding), and the checkpoints that differ."""
     if not sweep:
-        return ""
+        return "the sweep's processes failed" if SWEEP in tests else ""
     plans = {n: r for n, r in sweep["plans"].items() if r["dtype"] == "float32"}
     out = []
     for key, label in (("update_rel", "update"), ("loss_rel", "loss"),
@@ -193,7 +193,7 @@ def run_mutation(scratch: str, m: Mutation) -> tuple[str, bool, str, str]:
     caught = rc == 1 and bool(failed)
     how = failed if caught else ("not caught" if rc == 0 else f"pytest exit {rc}")
     print(f"{m.name}: {'caught' if caught else 'NOT CAUGHT'} {how}", file=sys.stderr, flush=True)
-    return m.name, caught, how, error_size(sweep) if caught else ""
+    return m.name, caught, how, error_size(sweep, m.tests) if caught else ""
 
 
 def print_table(rows) -> None:

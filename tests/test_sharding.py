@@ -37,7 +37,7 @@ from conftest import repo_env
 from evo.models import llama
 from evo.sharding import Plan, planner
 from evo.sharding.layout import model_layouts
-from evo.sharding.mesh import coords, members
+from evo.sharding.mesh import Mesh, build_mesh, coords, members
 
 HERE = os.path.dirname(__file__)
 TOLERANCE = {  # dtype -> (loss, grad norm and per-source loss, update L2)
@@ -117,6 +117,11 @@ def test_mesh_coordinates_cover_the_world():
         assert all(len(g) == size for g in groups)
         assert sorted(r for g in groups for r in g) == list(range(8))  # a partition
     assert coords(plan, 5) == {"tp": 1, "dp": 2, "zero": 0, "replica": 1}
+    with pytest.raises(ValueError, match="unknown mesh axis 'pp'"):
+        members(plan, 0, "pp")
+    with pytest.raises(ValueError, match="resolved against a world size"):
+        Plan().world_size
+    assert build_mesh(Plan(zero=1)) == Mesh(Plan(zero=1).resolve(1), 0)  # no process group
 
 
 @pytest.mark.parametrize("plan, world, culprit", [
@@ -133,6 +138,9 @@ def test_plan_that_does_not_fit_the_world(plan, world, culprit):
     (dict(zero=4), "plan.zero"), (dict(tp=0), "plan.tp"), (dict(dp=0), "plan.dp"),
     (dict(dp=4, zero_group=3), "plan.zero_group"), (dict(sequence_parallel=True), "tp > 1"),
     (dict(rules=(("vocab", "pipeline"),)), "pipeline"),
+    (dict(sequence_parallel="yes", tp=2), "plan.sequence_parallel"),
+    (dict(bucket_mb=-1), "plan.bucket_mb"), (dict(rules=(("vocab",),)), "each rule"),
+    (dict(rules=(("vocab", "tp"), ("vocab", None))), "two rules"),
 ])
 def test_invalid_plan_fails_at_construction(kwargs, culprit):
     with pytest.raises(ValueError, match=culprit):
@@ -163,6 +171,17 @@ def test_tp_needs_the_default_split(axis, to):
     model_layouts(Plan(rules=rules).resolve(1), cfg)  # without tp the rules change nothing
     with pytest.raises(ValueError, match=f"logical axis '{axis}' must map to"):
         model_layouts(Plan(tp=2, rules=rules).resolve(2), cfg)
+
+
+def test_rules_that_do_not_fit_the_model():
+    cfg = llama.Config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                       intermediate_size=48)
+    no_norm = tuple(r for r in Plan().rules if r[0] != "norm")
+    with pytest.raises(ValueError, match="'norm' has no rule"):
+        model_layouts(Plan(rules=no_norm).resolve(1), cfg)
+    embed_too = tuple((a, "tp" if a == "embed" else m) for a, m in Plan().rules)
+    with pytest.raises(ValueError, match="over tp on 2 dimensions"):
+        model_layouts(Plan(rules=embed_too).resolve(1), cfg)
 
 
 def test_unknown_logical_axis_in_a_rule():
@@ -208,6 +227,25 @@ def test_measured_comm_bytes_equal_the_analytic_model(sweep):
             remat=case.remat)
         for measured in sweep["plans"][case.name]["comm_bytes"]:
             assert measured == expected, (case.name, measured, expected)
+
+
+def test_a_parameter_without_gradient_is_reduced_as_zeros(monkeypatch):
+    """A bucket whose member got no gradient (a parameter the loss does not use) still launches,
+    at ``finish``, with zeros in that member's place."""
+    from evo.sharding import comm as C
+    cfg = llama.Config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                       intermediate_size=48)
+    plan = Plan(dp=2, zero=0, bucket_mb=25).resolve(2)
+    layouts = model_layouts(plan, cfg)
+    monkeypatch.setattr(C, "launch_all_reduce", lambda comm, x, axis: x)
+    monkeypatch.setattr(C, "wait", lambda x: x)
+    sink = planner.BucketedReduction(None, plan, layouts, list(layouts), 2**30)  # one bucket
+    grads = {k: torch.full(lay.local_shape, 2.0) for k, lay in layouts.items() if k != "embed"}
+    for k, g in grads.items():
+        sink(k, g)
+    out = sink.finish()
+    assert torch.equal(out["embed"], torch.zeros(layouts["embed"].local_shape))
+    assert all(torch.equal(out[k], g) for k, g in grads.items())
 
 
 def test_buckets_launch_during_backward(monkeypatch):
