@@ -10,3 +10,13 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """The environment of every subprocess a test starts: this repository first on PYTHONPATH
+    (it supplies both ``evo`` and ``evo_kernels``, ahead of any installed or other checkout), one
+    thread per process (tests run several processes on few cores), then ``extra``."""
+    path = [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1", **extra}

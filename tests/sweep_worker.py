@@ -1,15 +1,19 @@
 """One process of the plan-equivalence sweep (launched by tests/test_sharding.py under torchrun).
 
-Every process computes the single-process reference itself (a tiny model: cheap), then runs each
-plan of the sweep on a mesh over the first ``plan world size`` ranks, and rank 0 writes, per plan,
-the largest relative differences of the losses and of the gathered final params, the measured
-communication bytes, and the per-rank state bytes.
+Every process computes the single-process reference steps itself (tiny models: cheap), then runs
+each case of the sweep on a mesh over the first ``world`` ranks, and rank 0 writes, per case, the
+largest relative differences of the losses, the gradient norms, the per-source losses and the
+final params (gathered), the measured communication bytes and the per-rank state bytes.
+
+A case is ``(name, plan, world, model, dtype, remat)``: ``model`` names an entry of ``MODELS``, so
+adding a model family to the sweep is one entry there and one line per plan in ``CASES``.
 """
 import dataclasses
 import datetime
 import json
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -19,45 +23,90 @@ from evo.models import llama
 from evo.sharding import Plan, planner
 from evo.sharding.mesh import build_mesh
 
-CFG = llama.Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=4,
-                   intermediate_size=48)
-TIED = dataclasses.replace(CFG, tie_embeddings=True)
+_EVEN = llama.Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=4,
+                     intermediate_size=48)
+_ODD = dataclasses.replace(_EVEN, vocab_size=66, intermediate_size=50)
+MODELS = {
+    # tp=4 divides every dimension, and so do the ZeRO groups: no padding
+    "llama": _EVEN,
+    # tp=2 divides vocab and ffn (66 = 2·33, 50 = 2·25) but ZeRO groups of 2 and 4 do not divide
+    # the pieces' first dimension (embed, lm_head's rows hold 32; w2, embed: 25, 33, 50, 66), so
+    # ZeRO padding runs
+    "llama-odd": _ODD,
+    "llama-odd-tied": dataclasses.replace(_ODD, tie_embeddings=True),
+}
 
 
-def config_for(name):
-    return TIED if name.endswith("-tied") else CFG
-OPT = optim.adamw(lr=optim.warmup_cosine(peak=1e-3, warmup=1, total_steps=3), weight_decay=0.1,
-                  clip_norm=1.0)
+def init_params(cfg):
+    return llama.init(cfg, seed=0)
+
+
+# clip_norm sits below every step's gradient norm (≈ 0.84–1.12 on this data): clipping is active
+CLIP = 0.5
+OPT = optim.adamw(lr=optim.warmup_cosine(peak=1e-2, warmup=1, total_steps=3), weight_decay=0.1,
+                  clip_norm=CLIP)
 STEPS, GLOBAL_MICRO, T = 3, 4, 32
 SOURCES = 3  # per-source loss: every token carries a source id in [-1, SOURCES)
 
-# (name, plan, world size)
-PLANS = [
-    *[(f"dp2-zero{z}", Plan(dp=2, zero=z), 2) for z in range(4)],
-    *[(f"dp4-zero{z}", Plan(dp=4, zero=z), 4) for z in range(4)],
-    ("dp4-zero1-group2", Plan(dp=4, zero=1, zero_group=2), 4),
-    ("dp4-zero3-group2", Plan(dp=4, zero=3, zero_group=2), 4),
-    ("tp2", Plan(dp=1, tp=2), 2),
-    ("tp2-sp", Plan(dp=1, tp=2, sequence_parallel=True), 2),
-    ("tp4", Plan(dp=1, tp=4), 4),
-    ("tp4-sp-zero3", Plan(dp=1, tp=4, zero=3, sequence_parallel=True), 4),
-    ("dp2-tp2-zero1", Plan(dp=2, tp=2, zero=1), 4),
-    ("dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4),
-    ("dp4-zero3-tied", Plan(dp=4, zero=3), 4),
-    ("dp2-tp2-zero2-sp", Plan(dp=2, tp=2, zero=2, sequence_parallel=True), 4),
-    # gradient reduction after backward (bucket_mb=0) and in many small buckets during it
-    ("dp2-zero0-unbucketed", Plan(dp=2, zero=0, bucket_mb=0), 2),
-    ("dp2-zero1-buckets", Plan(dp=2, zero=1, bucket_mb=0.01), 2),
-    ("dp4-zero2-group2-buckets", Plan(dp=4, zero=2, zero_group=2, bucket_mb=0.01), 4),
+
+class Case(NamedTuple):
+    name: str
+    plan: Plan
+    world: int
+    model: str = "llama-odd"
+    dtype: str = "float32"     # the step's compute dtype
+    remat: float = 0.0         # fraction of layers recomputed in backward
+
+
+CASES = [
+    *[Case(f"dp2-zero{z}", Plan(dp=2, zero=z), 2) for z in range(4)],
+    *[Case(f"dp4-zero{z}", Plan(dp=4, zero=z), 4) for z in range(4)],
+    # hybrid ZeRO: shards inside groups of 2, replicated across the two groups
+    Case("dp4-zero1-group2", Plan(dp=4, zero=1, zero_group=2), 4),
+    Case("dp4-zero3-group2", Plan(dp=4, zero=3, zero_group=2), 4),
+    Case("tp2", Plan(dp=1, tp=2), 2),
+    Case("tp2-sp", Plan(dp=1, tp=2, sequence_parallel=True), 2),
+    Case("tp4", Plan(dp=1, tp=4), 4, "llama"),
+    Case("tp4-sp-zero3", Plan(dp=1, tp=4, zero=3, sequence_parallel=True), 4, "llama"),
+    Case("dp2-tp2-zero1", Plan(dp=2, tp=2, zero=1), 4),
+    Case("dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4),
+    Case("dp2-tp2-zero2-sp", Plan(dp=2, tp=2, zero=2, sequence_parallel=True), 4),
+    Case("dp2-tp2-zero1-sp", Plan(dp=2, tp=2, zero=1, sequence_parallel=True), 4),
+    # tied embeddings: the embedding is also the (vocab-parallel under tp) output projection
+    Case("dp4-zero3-tied", Plan(dp=4, zero=3), 4, "llama-odd-tied"),
+    Case("dp2-tp2-zero1-tied", Plan(dp=2, tp=2, zero=1), 4, "llama-odd-tied"),
+    # gradient reduction after backward (bucket_mb=0), for every ZeRO stage, and in many small
+    # buckets during backward
+    Case("dp2-zero0-unbucketed", Plan(dp=2, zero=0, bucket_mb=0), 2),
+    Case("dp2-zero1-unbucketed", Plan(dp=2, zero=1, bucket_mb=0), 2),
+    Case("dp4-zero2-group2-unbucketed", Plan(dp=4, zero=2, zero_group=2, bucket_mb=0), 4),
+    Case("dp4-zero3-unbucketed", Plan(dp=4, zero=3, bucket_mb=0), 4),
+    Case("dp2-zero1-buckets", Plan(dp=2, zero=1, bucket_mb=0.01), 2),
+    Case("dp4-zero2-group2-buckets", Plan(dp=4, zero=2, zero_group=2, bucket_mb=0.01), 4),
+    # recomputation, and bf16 compute (compared with the single-process bf16 step)
+    Case("dp2-tp2-zero2-remat", Plan(dp=2, tp=2, zero=2), 4, remat=0.5),
+    Case("dp2-zero1-bf16", Plan(dp=2, zero=1), 2, dtype="bfloat16"),
+    Case("tp2-sp-bf16-remat", Plan(dp=1, tp=2, sequence_parallel=True), 2, dtype="bfloat16",
+         remat=1.0),
+    Case("dp2-tp2-zero3-bf16", Plan(dp=2, tp=2, zero=3), 4, dtype="bfloat16"),
 ]
 
 
-def global_batches():
-    """STEPS global batches of GLOBAL_MICRO packed micro-batches of T tokens."""
+def step_for(case: Case) -> train.Step:
+    return train.Step(MODELS[case.model], OPT, compute_dtype=getattr(torch, case.dtype),
+                      remat=case.remat, sources=SOURCES)
+
+
+def global_batches(vocab_size: int):
+    """STEPS global batches of GLOBAL_MICRO packed micro-batches of T tokens: three documents
+    per micro-batch, each a random walk over the vocabulary (steps of 0, 1 or 2), so that three
+    steps visibly lower the loss."""
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(STEPS):
-        tokens = torch.randint(0, CFG.vocab_size, (GLOBAL_MICRO, T), generator=g)
+        start = torch.randint(0, vocab_size, (GLOBAL_MICRO, 1), generator=g)
+        walk = torch.randint(0, 3, (GLOBAL_MICRO, T), generator=g).cumsum(-1)
+        tokens = (start + walk) % vocab_size
         labels = torch.roll(tokens, -1, dims=-1)
         cus = []
         for i in range(GLOBAL_MICRO):
@@ -85,15 +134,14 @@ def norm_rel(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
-def func_grad_check(cfg, params, mesh, batch):
+def func_grad_check(step, params, mesh, batch):
     """torch.func.grad through the plan's collectives equals autograd (evo's autograd.Functions
     define setup_context): the largest relative difference over this rank's gradients."""
     from evo.sharding import comm as C
     from evo.sharding.layout import model_layouts
     regions = planner.ShardedRegions(C.Comm(mesh.groups, mesh.sizes, C.CommLog()), mesh,
-                                     model_layouts(mesh.plan, cfg), cfg)
+                                     model_layouts(mesh.plan, step.model), step.model)
     tokens, labels, _, cu = next(train.micro_batches(batch))
-    step = train.Step(cfg, OPT)
 
     def loss(p):
         return step.loss_sum(p, tokens, labels, None, cu, regions)[0]
@@ -103,57 +151,106 @@ def func_grad_check(cfg, params, mesh, batch):
     return max(rel(g_func[k], g) for k, g in zip(leaves, g_auto))
 
 
-def main(out_path):
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank = dist.get_rank()
-    batches = global_batches()
-    reference = {}
-    for cfg in (CFG, TIED):
-        params0 = llama.init(cfg, seed=0)
-        state, losses, sources = train.init_state(tree.clone(params0), OPT), [], []
-        for b in batches:
-            state, m = train.Step(cfg, OPT, sources=SOURCES)(state, b)
-            losses.append(float(m["loss"]))
-            sources.append(m["source_loss_sum"] / m["source_tokens"])
-        reference[cfg] = (params0, state, losses, sources)
+def reference(case: Case, cache: dict):
+    """The single-process run of the case's model and compute dtype (recomputation changes no
+    number, so a remat case is compared with the plain step): params0, final state, metrics."""
+    key = (case.model, case.dtype)
+    if key not in cache:
+        step = dataclasses.replace(step_for(case), remat=0.0)
+        params0 = init_params(step.model)
+        state, metrics = train.init_state(tree.clone(params0), OPT), []
+        for b in global_batches(step.model.vocab_size):
+            state, m = step(state, b)
+            metrics.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                            "source": m["source_loss_sum"] / m["source_tokens"]})
+        cache[key] = (params0, state, metrics)
+    return cache[key]
 
-    results = {"reference_losses": reference[CFG][2], "plans": {}}
+
+def checkpoint_round_trip(cfg, state, full, mesh, group, root) -> bool:
+    """Saved by this plan, the state loads back under it bitwise (ZeRO padding rows included), and
+    its params load into one process as the gathered global params."""
+    from evo import checkpoint
+    from evo.sharding.mesh import Mesh
+    checkpoint.Saver(root, mesh, asynchronous=False).save(cfg, state, loader_state={}, meta={})
+    dist.barrier(group)  # rank 0 has published it
+    path = checkpoint.resolve(root)
+    loaded, _ = checkpoint.load_state(path, cfg, OPT, mesh)
+    one = checkpoint.load_params(path, cfg, Mesh(Plan().resolve(1), 0))
+    pairs = [(loaded.params, state.params), (loaded.opt_state.mu, state.opt_state.mu),
+             (loaded.opt_state.nu, state.opt_state.nu), (one, full)]
+    return all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b) for a, b in pairs)
+
+
+def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
+    """The case's plan for STEPS steps; the differences from ``ref`` (on the mesh's rank 0)."""
+    params0, ref_state, ref_metrics = ref
+    step = step_for(case)
+    mesh = build_mesh(case.plan, ranks=list(range(case.world)))
+    group = dist.new_group(list(range(case.world)))  # the mesh's processes (collective call)
+    if mesh is None:
+        return None
+    cfg, dp, dp_index = step.model, mesh.plan.dp, mesh.coords["dp"]
+    sharded = planner.shard(step, case.plan, mesh)
+    state = planner.init_state(cfg, OPT, planner.shard_params(cfg, params0, mesh), mesh)
+    built = planner.init_params(cfg, 0, mesh)  # the same pieces, one parameter at a time
+    init_equal = all(torch.equal(built[k], v) for k, v in state.params.items())
+    pieces = {"params": tree.num_bytes(state.params),
+              "optimizer": tree.num_bytes((state.opt_state.mu, state.opt_state.nu))}
+    batches = global_batches(cfg.vocab_size)
+    losses, norms, comm, source_rel = [], [], [], 0.0
+    for b, r in zip(batches, ref_metrics):
+        state, m = sharded(state, local_batch(b, dp_index, dp))
+        losses.append(float(m["loss"]))
+        norms.append(float(m["grad_norm"]))
+        source_rel = max(source_rel, rel(m["source_loss_sum"] / m["source_tokens"], r["source"]))
+        comm.append(m["comm_bytes"])
+    full = planner.gather_params(cfg, state.params, mesh)
+    func_rel = func_grad_check(step, state.params, mesh, local_batch(batches[0], dp_index, dp))
+    ckpt_equal = checkpoint_round_trip(cfg, state, full, mesh, group,
+                                       os.path.join(ckpt_root, case.name))
+    # every rank's checks, on rank 0: the largest gradient difference, and whether all agree
+    worst = torch.tensor([func_rel, -float(ckpt_equal), -float(init_equal)], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    func_rel, ckpt_equal, init_equal = worst[0].item(), worst[1] < 0, worst[2] < 0
+    if mesh.rank != 0:
+        return None
+    ref_p = ref_state.params
+    # the update's error relative to the update itself: blind to nothing the step did
+    update_rel = {k: norm_rel(full[k] - params0[k], ref_p[k] - params0[k]) for k in full}
+
+    def worst_rel(xs, key):
+        return max(abs(a - r[key]) / abs(r[key]) for a, r in zip(xs, ref_metrics))
+    return {"plan": repr(mesh.plan), "world": case.world, "model": case.model,
+            "dtype": case.dtype, "remat": case.remat, "losses": losses, "grad_norms": norms,
+            "reference_losses": [r["loss"] for r in ref_metrics],
+            "reference_grad_norms": [r["grad_norm"] for r in ref_metrics],
+            "loss_rel": worst_rel(losses, "loss"), "grad_norm_rel": worst_rel(norms, "grad_norm"),
+            "param_rel": max(rel(full[k], ref_p[k]) for k in full),
+            "param_norm_rel": max(norm_rel(full[k], ref_p[k]) for k in full),
+            "update_rel": max(update_rel.values()),
+            "worst": max(update_rel, key=update_rel.get),
+            "comm_bytes": comm, "state_bytes": pieces, "func_grad_rel": func_rel,
+            "source_loss_rel": source_rel, "checkpoint_equal": bool(ckpt_equal),
+            "init_params_equal": bool(init_equal)}
+
+
+def main(out_path):
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank = dist.get_rank()
+    results, cache = {}, {}
     only = os.environ.get("SWEEP_ONLY")
-    for name, plan, world in PLANS:
-        if only and name not in only.split(","):
+    for case in CASES:
+        if only and case.name not in only.split(","):
             continue
-        print(rank, name, flush=True)
-        cfg = config_for(name)
-        params0, ref_state, ref_losses, ref_sources = reference[cfg]
-        mesh = build_mesh(plan, ranks=list(range(world)))
-        if mesh is not None:
-            sharded = planner.shard(train.Step(cfg, OPT, sources=SOURCES), plan, mesh)
-            state = planner.init_state(cfg, OPT, planner.shard_params(cfg, params0, mesh), mesh)
-            pieces = {"params": tree.num_bytes(state.params),
-                      "optimizer": tree.num_bytes((state.opt_state.mu, state.opt_state.nu))}
-            losses, comm, source_rel = [], [], 0.0
-            for b, ref_src in zip(batches, ref_sources):
-                state, m = sharded(state, local_batch(b, mesh.coords["dp"], mesh.plan.dp))
-                losses.append(float(m["loss"]))
-                source_rel = max(source_rel, rel(m["source_loss_sum"] / m["source_tokens"],
-                                                 ref_src))
-                comm.append(m["comm_bytes"])
-            full = planner.gather_params(cfg, state.params, mesh)
-            func_rel = func_grad_check(cfg, state.params, mesh, local_batch(batches[0],
-                                       mesh.coords["dp"], mesh.plan.dp))
-            if mesh.rank == 0:
-                results["plans"][name] = {
-                    "plan": repr(mesh.plan), "world": world, "losses": losses,
-                    "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
-                    "param_rel": max(rel(full[k], ref_state.params[k]) for k in full),
-                    "param_norm_rel": max(norm_rel(full[k], ref_state.params[k]) for k in full),
-                    "worst": max(full, key=lambda k: rel(full[k], ref_state.params[k])),
-                    "comm_bytes": comm, "state_bytes": pieces, "func_grad_rel": func_rel,
-                    "source_loss_rel": source_rel}
+        print(rank, case.name, flush=True)
+        r = run_case(case, reference(case, cache), os.path.dirname(os.path.abspath(out_path)))
+        if r is not None:
+            results[case.name] = r
         dist.barrier()
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"plans": results}, f, indent=1)
     dist.destroy_process_group()
 
 

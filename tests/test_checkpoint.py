@@ -17,12 +17,12 @@ import time
 import pytest
 import torch
 
+from conftest import repo_env
 from evo import checkpoint, train
 from evo.models import llama
 from evo.sharding import Plan
 from evo.sharding.mesh import Mesh
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXPERIMENT = textwrap.dedent("""
     from evo import Experiment, Plan, data, models, optim
@@ -43,10 +43,6 @@ def write_experiment(tmp_path, steps, every, run_dir):
     return str(path)
 
 
-def env(**kw):
-    return dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **kw)
-
-
 def evo_train(exp, *sets, nproc=1, check=True):
     extra = [a for s in sets for a in ("--set", s)]
     if nproc == 1:
@@ -54,7 +50,7 @@ def evo_train(exp, *sets, nproc=1, check=True):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(nproc), "-m", "evo", "train", exp, *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=repo_env(), timeout=600)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -79,21 +75,38 @@ def test_kill_9_then_rerun_is_bitwise_the_uninterrupted_run(tmp_path):
     for k in kills:
         run_dir = tmp_path / f"run{k}"
         exp = write_experiment(tmp_path, steps, 3, run_dir)
-        p = subprocess.Popen([sys.executable, "-m", "evo", "train", exp], env=env(),
+        p = subprocess.Popen([sys.executable, "-m", "evo", "train", exp], env=repo_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         metrics = run_dir / "metrics.jsonl"
-        deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None:
-            if metrics.exists() and metrics.read_text().count("\n") >= k:
-                break
+        deadline, logged = time.time() + 120, 0
+        while time.time() < deadline and p.poll() is None and logged < k:
+            logged = metrics.read_text().count("\n") if metrics.exists() else 0
             time.sleep(0.005)
+        running = p.poll() is None
         p.send_signal(signal.SIGKILL)
         p.wait()
+        assert running and p.returncode == -signal.SIGKILL, f"not running at step {k}: {logged}"
+        assert k <= logged < steps, (k, logged)
         r = evo_train(exp)
         assert records(run_dir) == reference, f"killed after {k} steps"
+        assert_same_final_params(run_dir, ref_dir)
         if k >= 3:
             assert "resuming from" in r.stderr
     print("killed after steps", kills)
+
+
+def assert_same_final_params(run_dir, ref_dir):
+    """The last checkpoints of two runs hold bitwise equal parameters."""
+    loaded = []
+    for d in (run_dir, ref_dir):
+        ckpt = checkpoint.resolve(str(d))
+        cfg = checkpoint.model_config(checkpoint.read_index(ckpt))
+        loaded.append((ckpt, checkpoint.load_params(ckpt, cfg, Mesh(Plan().resolve(1), 0))))
+    (ckpt, params), (ref_ckpt, ref) = loaded
+    assert os.path.basename(ckpt) == os.path.basename(ref_ckpt), (ckpt, ref_ckpt)
+    assert params.keys() == ref.keys()
+    assert all(torch.equal(params[k], ref[k]) for k in ref), [
+        k for k in ref if not torch.equal(params[k], ref[k])]
 
 
 def test_save_by_4_processes_continue_on_1_and_on_tp2(tmp_path):
@@ -129,7 +142,7 @@ def test_export_hf_from_a_sharded_checkpoint(tmp_path):
               "data.micro_num=2", nproc=2)
     out = tmp_path / "hf"
     r = subprocess.run([sys.executable, "-m", "evo", "export-hf", str(run_dir), "--out", str(out)],
-                       capture_output=True, text=True, env=env(), timeout=300)
+                       capture_output=True, text=True, env=repo_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     ckpt = checkpoint.resolve(str(run_dir))
     cfg = checkpoint.model_config(checkpoint.read_index(ckpt))
@@ -181,7 +194,7 @@ def test_checkpoint_of_another_model_shape(saved_run):
     other.write_text(open(write_experiment(tmp, 4, 2, run_dir)).read()
                      .replace("hidden_size=64", "hidden_size=32"))
     r = subprocess.run([sys.executable, "-m", "evo", "train", str(other)], capture_output=True,
-                       text=True, env=env(), timeout=300)
+                       text=True, env=repo_env(), timeout=300)
     assert r.returncode != 0 and "model.hidden_size" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -191,7 +204,8 @@ def test_not_a_checkpoint_directory(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="not a complete evo checkpoint"):
         checkpoint.read_index(str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "evo", "export-hf", str(tmp_path / "nope"),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env())
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       env=repo_env())
     assert r.returncode != 0 and "nope" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -234,7 +248,7 @@ def test_kill_9_during_a_save(tmp_path):
     evo_train(write_experiment(tmp_path, steps, 3, ref_dir))
     run_dir = tmp_path / "run"
     exp = write_experiment(tmp_path, steps, 3, run_dir)
-    p = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "train", exp], env=env(),
+    p = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "train", exp], env=repo_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = run_dir / "checkpoints"
     deadline, seen = time.time() + 120, False
@@ -252,7 +266,7 @@ def test_kill_9_during_a_save(tmp_path):
 def test_sigterm_saves_before_exiting(tmp_path):
     run_dir = tmp_path / "run"
     exp = write_experiment(tmp_path, 400, 0, run_dir)
-    p = subprocess.Popen([sys.executable, "-m", "evo", "train", exp], env=env(),
+    p = subprocess.Popen([sys.executable, "-m", "evo", "train", exp], env=repo_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 120
@@ -284,7 +298,7 @@ def test_init_from_a_checkpoint_or_hf_loads_params_only(saved_run, tmp_path):
                       ("from_hf", ["import-hf", str(hf_dir), exp])):
         run_dir = tmp_path / name
         r = subprocess.run([sys.executable, "-m", "evo", *cmd, "--set", f"run_dir={run_dir}",
-                            "--set", "steps=4"], capture_output=True, text=True, env=env(),
+                            "--set", "steps=4"], capture_output=True, text=True, env=repo_env(),
                            timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         first = records(run_dir)[0]

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from conftest import repo_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
 
@@ -51,7 +53,7 @@ def test_python_block_runs(path, index, code, tmp_path, monkeypatch):
         args = first[len("# torchrun "):].split()
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *args,
                             str(script)], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=300, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
+                           timeout=300, env=repo_env())
         assert r.returncode == 0, f"{path} block {index}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         return
     monkeypatch.chdir(tmp_path)
@@ -72,8 +74,7 @@ def test_console_block_runs(path, index, code, console_dir):
     if "pip install" in code:
         pytest.skip("installs the project: .ci/run runs these commands")
     bindir = os.path.dirname(sys.executable)
-    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
-               PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env = repo_env(PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=console_dir, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{path} block {index}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"

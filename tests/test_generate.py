@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import repo_env
 from evo import generate
 from evo.models import llama
 
@@ -94,7 +95,7 @@ def test_evo_generate_command(tmp_path):
         "    data=data.Packed(folder=None, seq_len=32, micro_batch=2),\n"
         f"    optimizer=optim.adamw(lr=1e-3), steps=2, checkpoint_every=2, run_dir={str(tmp_path / 'run')!r},\n"
         "    tokenizer='byte')\n")
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = repo_env()
 
     def evo(*args):
         return subprocess.run([sys.executable, "-m", "evo", *args], capture_output=True, text=True,

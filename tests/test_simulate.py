@@ -3,11 +3,13 @@
 Expected shapes and bytes are written out by hand from the 7B shape (h 4096, 32 layers, 32 heads,
 ffn 11008, vocab 32000) and the plan.
 """
-import resource
+import subprocess
+import sys
 
 import pytest
 import torch.distributed as dist
 
+from conftest import repo_env
 from evo.models import llama
 from evo.sharding import Plan
 from evo.sharding.simulate import plan_report, simulate
@@ -38,7 +40,29 @@ def test_7b_at_world_1024_tp8_zero1_group8():
     shard = 32 * shard_layer + 500 * 4096 + 512 * 4000 + 512
     assert r["bytes"]["optimizer"] == 2 * 4 * shard
     assert not dist.is_initialized()
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 * 2**20  # KiB: < 2 GiB
+
+
+PEAK_RSS = """
+import resource
+from evo.models import llama
+from evo.sharding import Plan
+from evo.sharding.simulate import simulate
+cfg = llama.Config(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+                   intermediate_size=11008)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+simulate(cfg, Plan(tp=8, zero=1, zero_group=8), 1024, rank=9)
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_simulating_7b_allocates_no_weights():
+    """In a fresh process (its peak RSS is its own): simulating the 7B plan raises the peak by
+    less than 256 MiB — one 7B layer alone is 0.8 GB in fp32, the model 27 GB."""
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS], capture_output=True, text=True,
+                       timeout=120, env=repo_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after = map(int, r.stdout.split())  # KiB
+    assert after - before < 256 * 2**10, (before, after)
 
 
 def test_7b_zero3_at_world_1024():
@@ -67,8 +91,6 @@ def test_plan_report_lists_each_plan():
 
 def test_evo_plan_command(tmp_path):
     import os
-    import subprocess
-    import sys
     exp = tmp_path / "l7b.py"
     exp.write_text(
         "from evo import Experiment, Plan, data, models, optim\n"
@@ -78,11 +100,11 @@ def test_evo_plan_command(tmp_path):
         "    plan=Plan(tp=8, zero=1, zero_group=8))\n")
     r = subprocess.run([sys.executable, "-m", "evo", "plan", str(exp), "--world", "1024",
                         "--plans", "zero=3"], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                       env=repo_env())
     assert r.returncode == 0, r.stderr
     assert "dp=128,tp=8,zero=1,zero_group=8" in r.stdout and "zero=3" in r.stdout
     assert "7.06 GiB" in r.stdout  # 4 + 4 + 1 bytes per parameter piece, as computed above
     bad = subprocess.run([sys.executable, "-m", "evo", "plan", str(exp), "--world", "1000"],
                          capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                         env=repo_env())
     assert bad.returncode != 0 and "plan.zero_group=8 must divide plan.dp=125" in bad.stderr

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
+from conftest import repo_env
 from evo.data import DataError, TokenizedDataset, build_stdlib_corpus, load_tokenizer, tokenize
 from test_data_format import reference_write
 
@@ -191,7 +192,7 @@ def test_evo_tokenize_command(tmp_path):
     import sys
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "first"}\n{"text": "second document"}\n')
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = repo_env()
 
     def evo(*args):
         return subprocess.run([sys.executable, "-m", "evo", "tokenize", *args], capture_output=True,

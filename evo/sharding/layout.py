@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from evo.sharding.mesh import mesh_shape
-from evo.sharding.plan import Plan
+from evo.sharding.plan import DEFAULT_RULES, Plan
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,14 @@ def model_layouts(plan: Plan, cfg) -> dict[str, ParamLayout]:
         for field, value in fam.tp_divisors(cfg).items():
             if value % plan.tp:
                 raise ValueError(f"plan.tp={plan.tp} must divide {field}={value}")
+        # The tensor-parallel regions pair a column- with a row-parallel matmul and end in a
+        # vocab-parallel head: another split would sum replicated results tp times.
+        used = {a for s in specs.values() for a in s.axes}
+        for axis, mesh_axis in DEFAULT_RULES:
+            want = () if mesh_axis is None else (mesh_axis,)
+            if axis in used and plan.mesh_axes(axis) != want:
+                raise ValueError(f"plan.rules: with plan.tp={plan.tp} logical axis {axis!r} must "
+                                 f"map to {mesh_axis!r}, not {plan.mesh_axes(axis) or None!r}")
     return {k: param_layout(plan, s.shape, s.axes, k) for k, s in specs.items()}
 
 

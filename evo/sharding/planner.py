@@ -434,14 +434,14 @@ def per_rank_bytes(cfg, plan, dtype: torch.dtype = torch.float32) -> dict[str, i
 
 
 def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
-                        compute_dtype: torch.dtype = torch.float32, sources: int = 0
-                        ) -> dict[str, int]:
+                        compute_dtype: torch.dtype = torch.float32, sources: int = 0,
+                        remat: float = 0.0) -> dict[str, int]:
     """Bytes one rank hands to each collective (``"{kind}/{axis}"``) in one step of a resolved
     ``plan``: the analytic model the step's measured ``comm_bytes`` must equal.
 
     Counts what ``ShardedStep`` does, from the family's blocks: per micro-batch, the
-    tensor-parallel region crossings of forward and backward (and of the layer recomputation
-    under ZeRO-3) and the ZeRO-3 weight gathers and gradient reduce-scatters; per step, the
+    tensor-parallel region crossings of forward and backward (and of the recomputed layers: every
+    layer under ZeRO-3, else the first ``floor(remat · layers)``) and the ZeRO-3 weight gathers and gradient reduce-scatters; per step, the
     gradient synchronisation, the norm and the loss and token counts.
     """
     from collections import Counter
@@ -456,7 +456,7 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     layouts = model_layouts(plan, cfg)
     blocks = models.blocks(cfg)
     act = torch.empty((), dtype=compute_dtype).element_size()
-    _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act)
+    _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act, remat)
     specs = models.param_specs(cfg)
     inside = sum(math.prod(specs[k].shape) for b in blocks for k in b.inside)
     if inside and not (plan.sequence_parallel and plan.tp > 1):   # backward of regions.inside
@@ -474,15 +474,17 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     return dict(out)
 
 
-def _count_regions(add, plan, blocks, micro_num: int, full_act: int) -> None:
+def _count_regions(add, plan, blocks, micro_num: int, full_act: int, remat: float) -> None:
     """Tensor-parallel region crossings: each block's enters and exits, forward and backward.
-    ZeRO-3 recomputes every layer in backward; recomputation stops at the last tensor backward
-    needs, so it skips the layer's final exit."""
+    The recomputed layers (every layer under ZeRO-3, else the first ``floor(remat · layers)``)
+    run forward again in backward; recomputation stops at the last tensor backward needs, so it
+    skips the layer's final exit."""
     enters = sum(b.enters for b in blocks)
     exits = sum(b.exits for b in blocks)
     layers = [b for b in blocks if b.kind == "layer"]
-    re_enters = sum(b.enters for b in layers) if plan.zero == 3 else 0
-    re_exits = sum(b.exits - 1 for b in layers) if plan.zero == 3 else 0
+    layers = layers if plan.zero == 3 else layers[:math.floor(remat * len(layers))]
+    re_enters = sum(b.enters for b in layers)
+    re_exits = sum(b.exits - 1 for b in layers)
     split_act, M = full_act // plan.tp, micro_num
     if plan.sequence_parallel and plan.tp > 1:
         add("all_gather", "tp", split_act, M * (enters + re_enters))    # enter: gather sequence

@@ -1,0 +1,208 @@
+"""Mutation check: does the test suite catch deliberate bugs?
+
+Each mutation replaces one short snippet of the code with a bug, in a scratch copy of the
+repository (the checkout is never edited), runs the tests meant to catch it with that copy first
+on PYTHONPATH, and the table says whether they failed, which test failed first, and, where the
+equivalence sweep ran, the largest error it measured::
+
+    python scripts/mutate.py                    # every mutation (about 15 minutes on 2 CPU cores)
+    python scripts/mutate.py --only zero1-unbucketed-no-dp-all-reduce,bucket-order
+    python scripts/mutate.py --list
+
+Exit status 0 when every mutation was caught, 1 when one was not, 2 when a snippet no longer
+occurs exactly once in its file (the code drifted: update the snippet).
+
+Adding a mutation (a new parallel axis adds its own): append a ``Mutation`` to ``MUTATIONS`` with
+a snippet short enough to survive unrelated edits, the bug as its replacement, and the tests that
+must catch it (pytest arguments: files or node ids). Before the mutations run, the same tests run
+on the unmutated copy and must pass (``--no-control`` skips that).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP = "tests/test_sharding.py"
+BUCKETS = "tests/test_sharding.py::test_buckets_launch_during_backward"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...] = (SWEEP,)
+
+
+MUTATIONS = [
+    # --- ZeRO
+    Mutation("zero1-unbucketed-no-dp-all-reduce", "evo/sharding/planner.py",
+             'grads = {k: _zero_shard(comm.all_reduce(g, "dp"), layouts[k], mesh)',
+             'grads = {k: _zero_shard(g, layouts[k], mesh)'),
+    Mutation("zero-padding-before-the-data", "evo/sharding/planner.py",
+             "return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])",
+             "return torch.cat([x.new_zeros((rows - x.shape[0], *x.shape[1:])), x])"),
+    Mutation("zero2-buckets-no-replica-all-reduce", "evo/sharding/planner.py",
+             'flat = self.comm.all_reduce(flat, "replica")', "flat = flat"),
+    Mutation("bucket-order-forward", "evo/sharding/planner.py",
+             "for k in reversed(names):", "for k in names:", (BUCKETS,)),
+    # --- tensor and sequence parallelism
+    Mutation("grad-norm-counts-tp-replicated-grads-tp-times", "evo/sharding/planner.py",
+             'sq_split = comm.all_reduce(sq_split, "tp")\n',
+             'sq_split = comm.all_reduce(sq_split, "tp")\n'
+             '        sq_whole = comm.all_reduce(sq_whole, "tp")\n'),
+    Mutation("sp-norm-grads-not-all-reduced", "evo/sharding/planner.py",
+             'grads[k] = comm.all_reduce(grads[k], "tp")', "grads[k] = grads[k]"),
+    Mutation("vocab-parallel-ce-offset-by-one", "evo/sharding/planner.py",
+             "local = labels - tp_index * width", "local = labels - tp_index * width + 1"),
+    Mutation("tied-head-not-vocab-parallel", "evo/sharding/planner.py",
+             'tp_dim == (0 if head == "embed" else 1)', "tp_dim == 1"),
+    Mutation("row-parallel-exit-not-reduced", "evo/sharding/planner.py",
+             'if self.sp else \\\n            C.reduce_from(x, self.comm, "tp")\n\n    def cross',
+             'if self.sp else \\\n            C.copy_to(x, self.comm, "tp")\n\n    def cross'),
+    Mutation("vocab-parallel-embedding-keeps-rows-above", "evo/sharding/planner.py",
+             "outside = (local < 0) | (local >= rows)", "outside = local < 0"),
+    # --- checkpoints
+    Mutation("checkpoint-zero-padding-not-restored", "evo/checkpoint.py",
+             "if sharded and t.shape[0] < lay.shard_shape[0]:", "if False:"),
+    # --- packing
+    Mutation("packing-cu-seqlens-shifted", "evo/data/packing.py",
+             "bounds = np.concatenate([[0], np.cumsum(row_lengths)])",
+             "bounds = np.concatenate([[0], np.cumsum(row_lengths) - (row_lengths > 1)])",
+             ("tests/test_data_packing.py",)),
+    Mutation("attention-crosses-documents", "evo_kernels/attention.py",
+             "return (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])",
+             "return idx[None, :] <= idx[:, None]", ("tests/test_hf_reference.py",)),
+]
+
+
+def copy_repo(dst: str) -> None:
+    """The checkout's files as they are now (tracked and untracked, not ignored) into ``dst``."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for f in filter(None, files):
+        src = os.path.join(REPO, f)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dst, f))
+
+
+def check_snippets(mutations: list[Mutation]) -> list[str]:
+    errors = []
+    for m in mutations:
+        n = open(os.path.join(REPO, m.file)).read().count(m.original)
+        if n != 1:
+            errors.append(f"mutation {m.name!r}: its snippet occurs {n} times in {m.file} "
+                          f"(must be once): {m.original!r}")
+    return errors
+
+
+def run_tests(scratch: str, tests: tuple[str, ...]) -> tuple[int, str, dict | None]:
+    """pytest on ``tests`` in the scratch copy: exit status, first failed test, sweep results."""
+    sweep_out = os.path.join(scratch, "sweep-results.json")
+    if os.path.exists(sweep_out):
+        os.remove(sweep_out)
+    path = [scratch] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "EVO_SWEEP_OUT": sweep_out,
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                        "-rfE", *tests], cwd=scratch, env=env, capture_output=True, text=True,
+                       timeout=1800)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
+    sweep = json.load(open(sweep_out)) if os.path.exists(sweep_out) else None
+    return r.returncode, failed[0] if failed else "", sweep
+
+
+def error_size(sweep: dict | None, tests: tuple[str, ...]) -> str:
+    """The sweep's largest update, loss and grad-norm errors over its fp32 plans (bf16 ones differ
+    by rounding), and the checkpoints that differ."""
+    if not sweep:
+        return "the sweep's processes failed" if SWEEP in tests else ""
+    plans = {n: r for n, r in sweep["plans"].items() if r["dtype"] == "float32"}
+    out = []
+    for key, label in (("update_rel", "update"), ("loss_rel", "loss"),
+                       ("grad_norm_rel", "grad norm")):
+        name = max(plans, key=lambda n: plans[n][key])
+        out.append(f"{label} {plans[name][key]:.2g} ({name})")
+    bad = [n for n, r in sweep["plans"].items() if not r["checkpoint_equal"]]
+    if bad:
+        out.append(f"checkpoint differs in {len(bad)} plans ({bad[0]}, ...)")
+    return "; ".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="comma-separated mutation names")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--no-control", action="store_true",
+                    help="skip running the tests on the unmutated copy first")
+    args = ap.parse_args(argv)
+    chosen = MUTATIONS
+    if args.only:
+        names = args.only.split(",")
+        unknown = sorted(set(names) - {m.name for m in MUTATIONS})
+        if unknown:
+            print(f"mutate: error: unknown mutation {unknown[0]!r}; see --list", file=sys.stderr)
+            return 2
+        chosen = [m for m in MUTATIONS if m.name in names]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:48s} {m.file:28s} {' '.join(m.tests)}")
+        return 0
+    errors = check_snippets(chosen)
+    if errors:
+        print("mutate: error: the code drifted from the mutations:\n  " + "\n  ".join(errors),
+              file=sys.stderr)
+        return 2
+    scratch = tempfile.mkdtemp(prefix="evo-mutate-")
+    try:
+        copy_repo(scratch)
+        if not args.no_control:
+            tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            rc, failed, _ = run_tests(scratch, tests)
+            if rc != 0:
+                print(f"mutate: error: the unmutated tests fail ({failed or f'exit {rc}'})",
+                      file=sys.stderr)
+                return 2
+        rows = [run_mutation(scratch, m) for m in chosen]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print_table(rows)
+    return 0 if all(r[1] for r in rows) else 1
+
+
+def run_mutation(scratch: str, m: Mutation) -> tuple[str, bool, str, str]:
+    target = os.path.join(scratch, m.file)
+    original = open(target).read()
+    with open(target, "w") as f:
+        f.write(original.replace(m.original, m.replacement))
+    try:
+        rc, failed, sweep = run_tests(scratch, m.tests)
+    finally:
+        with open(target, "w") as f:
+            f.write(original)
+    caught = rc == 1 and bool(failed)
+    how = failed if caught else ("not caught" if rc == 0 else f"pytest exit {rc}")
+    print(f"{m.name}: {'caught' if caught else 'NOT CAUGHT'} {how}", file=sys.stderr, flush=True)
+    return m.name, caught, how, error_size(sweep, m.tests) if caught else ""
+
+
+def print_table(rows) -> None:
+    w = max(len(r[0]) for r in rows)
+    print(f"| {'mutation':{w}s} | caught | first failing test | sweep's error |")
+    print(f"|{'-' * (w + 2)}|--------|--------------------|---------------|")
+    for name, caught, how, size in rows:
+        print(f"| {name:{w}s} | {'yes' if caught else 'NO'} | {how} | {size} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
