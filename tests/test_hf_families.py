@@ -109,6 +109,7 @@ def test_loss_gradients_equal_transformers_autograd(hf_dirs, name):
     ("qwen2", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
      "yarn"),
+    ("qwen2", {"mlp_bias": True}, "mlp_bias"),
     ("qwen3", {"attention_bias": True}, "attention_bias"),
     ("qwen3", {"use_sliding_window": True}, "use_sliding_window"),
     ("mistral", {"sliding_window": 0}, "sliding_window"),

@@ -38,7 +38,7 @@ class Qwen2(llama.Llama):
     config = Config
     hf_architectures = ("Qwen2ForCausalLM",)
     hf_model_type = "qwen2"
-    hf_unsupported_flags = ("mlp_bias",)      # the q/k/v biases are always there
+    hf_unsupported_flags = ()      # its q/k/v biases are always there; mlp_bias is checked below
 
     def layer_specs(self, cfg: Config) -> dict[str, ParamSpec]:
         specs = super().layer_specs(cfg)
@@ -55,6 +55,9 @@ class Qwen2(llama.Llama):
 
     # -- HF
     def hf_config_fields(self, d: dict, *, source: str) -> dict:
+        if d.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias={d['mlp_bias']!r} is not supported (the "
+                             f"{self.name!r} family's MLP has no biases)")
         reject_sliding_layers(d, source)
         return super().hf_config_fields(d, source=source)
 
