@@ -42,11 +42,9 @@ class Qwen2(llama.Llama):
 
     def layer_specs(self, cfg: Config) -> dict[str, ParamSpec]:
         specs = super().layer_specs(cfg)
-        qkv = specs["attn.wqkv"].shape[1]
-        at = list(specs).index("attn.wqkv") + 1
-        items = list(specs.items())
-        return dict(items[:at] + [("attn.bqkv", ParamSpec((qkv,), ("qkv",), "zeros"))]
-                    + items[at:])
+        width = specs["attn.wqkv"].shape[1]
+        return insert_after(specs, "attn.wqkv",
+                            {"attn.bqkv": ParamSpec((width,), ("qkv",), "zeros")})
 
     def qkv(self, cfg, p, h, ctx):
         q, k, v = super().qkv(cfg, p, h, ctx)
@@ -78,6 +76,14 @@ class Qwen2(llama.Llama):
         if name.endswith(".attn.bqkv"):
             return llama.join_qkv(cfg, *parts.values())
         return super().hf_join(cfg, name, parts)
+
+
+def insert_after(specs: dict[str, ParamSpec], name: str, new: dict[str, ParamSpec]
+                 ) -> dict[str, ParamSpec]:
+    """``specs`` with ``new`` placed right after ``name`` (the table's order is creation order)."""
+    items = list(specs.items())
+    at = list(specs).index(name) + 1
+    return dict(items[:at] + list(new.items()) + items[at:])
 
 
 def reject_sliding_layers(d: dict, source: str) -> None:
