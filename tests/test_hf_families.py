@@ -109,6 +109,7 @@ def test_loss_gradients_equal_transformers_autograd(hf_dirs, name):
     ("qwen2", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
      "yarn"),
+    ("qwen2", {"mlp_bias": True}, "mlp_bias"),
     ("qwen3", {"attention_bias": True}, "attention_bias"),
     ("qwen3", {"use_sliding_window": True}, "use_sliding_window"),
     ("mistral", {"sliding_window": 0}, "sliding_window"),
@@ -141,6 +142,25 @@ def test_config_round_trips(hf_dirs, name):
     cfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
     assert models.family_of(cfg).name == F.FAMILY[name]
     assert hf.config_from_hf(json.loads(json.dumps(hf.config_to_hf(cfg)))) == cfg
+
+
+def test_added_parameters_axes_and_flops(hf_dirs):
+    """The q/k/v bias splits over tp like wqkv's output axis; the per-head norms are replicated
+    and listed as the block's ``inside`` parameters; Mistral's FLOPs count attention scores over at
+    most the window."""
+    q2, _ = hf.load_hf(hf_dirs["qwen2"][0])
+    q3, _ = hf.load_hf(hf_dirs["qwen3"][0])
+    ms, _ = hf.load_hf(hf_dirs["mistral"][0])
+    d = q3.dim_per_head
+    width = (q2.num_heads + 2 * q2.kv_heads) * q2.dim_per_head
+    assert models.param_specs(q2)["layers.1.attn.bqkv"] == ((width,), ("qkv",), "zeros")
+    assert models.param_specs(q3)["layers.1.attn.q_norm"] == ((d,), ("norm",), "ones")
+    assert models.blocks(q3)[2].inside == ("layers.1.attn.q_norm", "layers.1.attn.k_norm")
+    assert all(not b.inside for b in models.blocks(q2) + models.blocks(ms))
+    n = models.family_of(ms).non_embedding_params(ms)
+    attn = ms.num_heads * ms.dim_per_head * ms.num_layers
+    assert models.flops_per_token(ms, 1000) == 6 * n + 12 * attn * F.WINDOW
+    assert models.flops_per_token(ms, 3) == 6 * n + 12 * attn * 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,15 +38,13 @@ class Qwen2(llama.Llama):
     config = Config
     hf_architectures = ("Qwen2ForCausalLM",)
     hf_model_type = "qwen2"
-    hf_unsupported_flags = ("mlp_bias",)      # the q/k/v biases are always there
+    hf_unsupported_flags = ()      # its q/k/v biases are always there; mlp_bias is checked below
 
     def layer_specs(self, cfg: Config) -> dict[str, ParamSpec]:
         specs = super().layer_specs(cfg)
-        qkv = specs["attn.wqkv"].shape[1]
-        at = list(specs).index("attn.wqkv") + 1
-        items = list(specs.items())
-        return dict(items[:at] + [("attn.bqkv", ParamSpec((qkv,), ("qkv",), "zeros"))]
-                    + items[at:])
+        width = specs["attn.wqkv"].shape[1]
+        return insert_after(specs, "attn.wqkv",
+                            {"attn.bqkv": ParamSpec((width,), ("qkv",), "zeros")})
 
     def qkv(self, cfg, p, h, ctx):
         q, k, v = super().qkv(cfg, p, h, ctx)
@@ -55,6 +53,9 @@ class Qwen2(llama.Llama):
 
     # -- HF
     def hf_config_fields(self, d: dict, *, source: str) -> dict:
+        if d.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias={d['mlp_bias']!r} is not supported (the "
+                             f"{self.name!r} family's MLP has no biases)")
         reject_sliding_layers(d, source)
         return super().hf_config_fields(d, source=source)
 
@@ -75,6 +76,14 @@ class Qwen2(llama.Llama):
         if name.endswith(".attn.bqkv"):
             return llama.join_qkv(cfg, *parts.values())
         return super().hf_join(cfg, name, parts)
+
+
+def insert_after(specs: dict[str, ParamSpec], name: str, new: dict[str, ParamSpec]
+                 ) -> dict[str, ParamSpec]:
+    """``specs`` with ``new`` placed right after ``name`` (the table's order is creation order)."""
+    items = list(specs.items())
+    at = list(specs).index(name) + 1
+    return dict(items[:at] + list(new.items()) + items[at:])
 
 
 def reject_sliding_layers(d: dict, source: str) -> None:

@@ -21,7 +21,7 @@ from evo.models import family as F
 from evo.models import llama
 from evo.models.family import Block, ParamSpec
 from evo.models.layers import LOCAL, Regions
-from evo.models.qwen2 import reject_sliding_layers
+from evo.models.qwen2 import insert_after, reject_sliding_layers
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,8 @@ class Qwen3(llama.Llama):
                       "attn.k_norm": "self_attn.k_norm.weight"}
 
     def layer_specs(self, cfg: Config) -> dict[str, ParamSpec]:
-        specs = super().layer_specs(cfg)
-        at = list(specs).index("attn.wqkv") + 1
-        items = list(specs.items())
-        norms = [(f"attn.{x}_norm", ParamSpec((cfg.dim_per_head,), ("norm",), "ones"))
-                 for x in "qk"]
-        return dict(items[:at] + norms + items[at:])
+        norm = ParamSpec((cfg.dim_per_head,), ("norm",), "ones")
+        return insert_after(super().layer_specs(cfg), "attn.wqkv", dict.fromkeys(_HEAD_NORMS, norm))
 
     def blocks(self, cfg: Config) -> list[Block]:
         return [dataclasses.replace(b, inside=tuple(f"{b.name}.{k}" for k in _HEAD_NORMS))
