@@ -41,6 +41,7 @@ from safetensors import safe_open
 
 from evo import train
 from evo.models import llama
+from evo.scaler import ScalerState
 from evo.sharding.layout import ParamLayout, model_layouts
 from evo.sharding.mesh import Mesh
 
@@ -171,7 +172,7 @@ class Saver:
         step = int(state.step)
         pieces = _stored_pieces(cfg, self.mesh, state)
         scalars = {"step": step, "opt_count": int(state.opt_state.count),
-                   "opt_skipped": int(state.opt_state.skipped)}
+                   "opt_skipped": int(state.opt_state.skipped), **_scaler_scalars(state.scaler)}
         layouts = model_layouts(self.mesh.plan, cfg)
         shapes = {p + k: list(l.shape) for k, l in layouts.items()
                   for p in ("params/", "opt/mu/", "opt/nu/")}
@@ -386,8 +387,26 @@ def load_state(path: str, cfg: llama.Config, optimizer, mesh: Mesh, *, device=No
     opt = optimizer.init(mu)._replace(
         mu=mu, nu=nu, count=torch.tensor(s["opt_count"], dtype=torch.int64, device=dev),
         skipped=torch.tensor(s["opt_skipped"], dtype=torch.int64, device=dev))
-    state = train.TrainState(torch.tensor(s["step"], dtype=torch.int64, device=dev), params, opt)
+    state = train.TrainState(torch.tensor(s["step"], dtype=torch.int64, device=dev), params, opt,
+                             _scaler_state(s, dev))
     return state, index.get("loader") or {}
+
+
+def _scaler_scalars(state: ScalerState | None) -> dict:
+    """The float16 loss scaler's state as JSON scalars (an fp32 scale is exact as a double)."""
+    if state is None:
+        return {}
+    return {"loss_scale": float(state.scale), "scaler_growth_step": int(state.growth_step),
+            "scaler_hysteresis_step": int(state.hysteresis_step)}
+
+
+def _scaler_state(scalars: dict, device) -> ScalerState | None:
+    if "loss_scale" not in scalars:
+        return None
+    return ScalerState(
+        torch.tensor(scalars["loss_scale"], dtype=torch.float32, device=device),
+        torch.tensor(scalars["scaler_growth_step"], dtype=torch.int64, device=device),
+        torch.tensor(scalars["scaler_hysteresis_step"], dtype=torch.int64, device=device))
 
 
 def resolve(path: str) -> str:

@@ -21,7 +21,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from evo import optim, tree
+from evo import optim, scaler, tree
 from evo.models import llama
 from evo.models.layers import LOCAL, Regions, cross_entropy_sum
 from evo.models.llama import is_concrete  # noqa: E402
@@ -40,6 +40,7 @@ class TrainState(NamedTuple):
     step: torch.Tensor                 # 0-dim int64: optimizer steps taken
     params: dict[str, torch.Tensor]    # fp32 master weights
     opt_state: optim.AdamState
+    scaler: scaler.ScalerState | None = None  # float16 loss scaling (None: not used yet)
 
 
 def init_state(params: dict[str, torch.Tensor], optimizer: optim.AdamW) -> TrainState:
@@ -76,6 +77,8 @@ class Step:
     of each source). ``compile``: run each micro-batch's forward and backward through
     ``torch.compile`` (one graph per input shape; the optimizer update stays eager, foreach).
     ``kernels``: "torch" or "triton" elementwise ops in the model (``llama.ops``).
+    ``loss_scale``: the dynamic loss scaling of a float16 step (default ``scaler.LossScale()``;
+    ignored for other dtypes); metrics then gain ``loss_scale``, the scale this step used.
     """
     model: llama.Config
     optimizer: optim.AdamW
@@ -86,6 +89,7 @@ class Step:
     sources: int = 0
     compile: bool = False
     kernels: str = "torch"
+    loss_scale: scaler.LossScale | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.remat <= 1.0:
@@ -94,6 +98,27 @@ class Step:
         if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"Step.compute_dtype must be float32, bfloat16, float16 or float64, got "
                              f"{self.compute_dtype}")
+        if self.scaling is not None and not self.optimizer.skip_nonfinite:
+            raise ValueError("Step: float16 loss scaling skips the steps that overflow, so "
+                             "optimizer.skip_nonfinite must be True")
+
+    @property
+    def scaling(self) -> scaler.LossScale | None:
+        """The loss scaling this step applies: float16 compute only."""
+        if self.compute_dtype != torch.float16:
+            return None
+        return self.loss_scale or scaler.LossScale()
+
+    def scaler_state(self, state: TrainState) -> scaler.ScalerState | None:
+        """The loss scaler's state this step starts from (its initial state at first)."""
+        if self.scaling is None:
+            return None
+        return state.scaler if state.scaler is not None else \
+            self.scaling.init(state.step.device)
+
+    def next_scaler(self, current: scaler.ScalerState | None, info: dict
+                    ) -> scaler.ScalerState | None:
+        return None if current is None else self.scaling.update(current, info["skipped"])
 
     def token_losses(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
                      cu_seqlens=None, regions: Regions = LOCAL) -> torch.Tensor:
@@ -121,7 +146,7 @@ class Step:
 
     def grads(self, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
               normalizer: torch.Tensor | None = None, regions: Regions = LOCAL,
-              on_ready: "GradSink | None" = None
+              on_ready: "GradSink | None" = None, loss_scale: torch.Tensor | None = None
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Gradients of the batch's mean loss in the master weights' dtype, and ``{"loss": the
         mean loss (0-dim)}`` (with ``source_loss_sum`` and ``source_tokens`` when ``sources``).
@@ -132,6 +157,8 @@ class Step:
         ``evo.models.layers.Regions``). ``on_ready``: receives each parameter's complete gradient
         the moment the last micro-batch's backward produces it (so its reduction can overlap the
         rest of backward); the gradients returned are then what ``on_ready.finish()`` returns.
+        ``loss_scale``: backward runs on the loss times this factor (gradients come out scaled by
+        it; the returned loss is not).
         """
         n = valid_tokens(batch) if normalizer is None else normalizer
         scale = 1.0 / n.clamp(min=1).to(torch.float32)
@@ -159,7 +186,8 @@ class Step:
                 src_loss.index_add_(0, src.clamp(min=0), losses.detach().float() * keep)
                 src_tokens.index_add_(0, src.clamp(min=0), keep)
             loss = losses.sum() * scale
-            g = torch.autograd.grad(loss, inputs, allow_unused=True)
+            g = torch.autograd.grad(loss if loss_scale is None else loss * loss_scale, inputs,
+                                    allow_unused=True)
             total = total + loss.detach()
             if hooks:
                 for h in hooks:
@@ -184,12 +212,18 @@ class Step:
 
     def __call__(self, state: TrainState, batch: dict[str, torch.Tensor]
                  ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        grads, aux = self.grads(state.params, batch)
+        scaled = self.scaler_state(state)
+        grads, aux = self.grads(state.params, batch,
+                                loss_scale=None if scaled is None else scaled.scale)
+        if scaled is not None:
+            scaler.unscale_(grads, scaled)
         new_state, info = self.apply_grads(state, grads)
         metrics = {**aux, "grad_norm": info["grad_norm"], "lr": info["lr"],
                    "skipped": info["skipped"], "tokens": torch.tensor(batch["tokens"].numel()),
                    "valid_tokens": valid_tokens(batch)}
-        return new_state, metrics
+        if scaled is not None:
+            metrics["loss_scale"] = scaled.scale
+        return new_state._replace(scaler=self.next_scaler(scaled, info)), metrics
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from evo import train, tree
+from evo import scaler, train, tree
 from evo.models import llama
 from evo.models.layers import Regions, cross_entropy_tokens
 from evo.sharding import comm as C
@@ -321,8 +321,9 @@ class ShardedStep:
         sink = BucketedReduction(comm, plan, layouts, list(layouts),
                                  int(plan.bucket_mb * 2**20)) if bucketed else None
         clock = _Clock(batch["tokens"].device)
+        scaled = step.scaler_state(state)
         grads, aux = step.grads(state.params, batch, normalizer=n, regions=regions,
-                                on_ready=sink)
+                                on_ready=sink, loss_scale=None if scaled is None else scaled.scale)
         t_backward = clock.lap()
         loss = comm.all_reduce(aux["loss"], "dp")
         sources = {k: comm.all_reduce(aux[k], "dp")
@@ -349,6 +350,8 @@ class ShardedStep:
             grads = {k: comm.all_reduce(g, "replica") for k, g in grads.items()}
 
         t_comm = clock.lap()
+        if scaled is not None:  # the reduced gradients, so the norm below is the true one
+            scaler.unscale_(grads, scaled)
         norm = self._grad_norm(grads, layouts, comm)
         params = _opt_view(state.params, layouts, mesh)
         new, opt_state, info = step.optimizer.update(grads, state.opt_state, params, state.step,
@@ -368,7 +371,10 @@ class ShardedStep:
                    "valid_tokens": n, "comm_bytes": dict(comm.log.bytes),
                    "time": {"forward_backward": t_backward, "comm": t_comm,
                             "optimizer": t_optimizer}}
-        return train.TrainState(state.step + 1, new, opt_state), metrics
+        if scaled is not None:
+            metrics["loss_scale"] = scaled.scale
+        return train.TrainState(state.step + 1, new, opt_state,
+                                step.next_scaler(scaled, info)), metrics
 
     def _grad_norm(self, grads, layouts, comm: C.Comm) -> torch.Tensor:
         """Global L2 norm: squares of split gradients summed over the ranks holding the pieces."""
