@@ -28,6 +28,7 @@ it directly and keep the files readable by anything that reads safetensors.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -164,6 +165,7 @@ class Saver:
         self.asynchronous, self.poll_timeout = asynchronous, poll_timeout
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.last_step: int | None = None  # the step of the last save started
 
     def save(self, cfg: llama.Config, state: train.TrainState, *, loader_state: dict,
              meta: dict) -> None:
@@ -180,17 +182,38 @@ class Saver:
                  "model": dataclasses.asdict(cfg), "plan": repr(self.mesh.plan),
                  "world_size": self.mesh.plan.world_size, "meta": meta, "shapes": shapes}
         args = (step, pieces, index)
+        self.last_step = step
         if self.asynchronous:
             self.thread = threading.Thread(target=self._write_safely, args=args, daemon=False)
             self.thread.start()
         else:
-            self._write(*args)
+            self._write_or_clean(*args)
 
     def _write_safely(self, *args) -> None:
         try:
-            self._write(*args)
-        except BaseException as e:  # reported by wait()
+            self._write_or_clean(*args)
+        except BaseException as e:  # reported by check() or wait()
             self.error = e
+
+    def _write_or_clean(self, step: int, pieces: dict, index: dict) -> None:
+        """Write the checkpoint; on a failed write (disk full, permissions) remove what was
+        written and raise one CheckpointError naming the checkpoint and the last good one."""
+        try:
+            self._write(step, pieces, index)
+        except OSError as e:
+            shutil.rmtree(os.path.join(self.root, ".tmp-" + _step_name(step)), ignore_errors=True)
+            done = complete_checkpoints(self.root)
+            last = done[-1][1] if done else "none (no checkpoint of this run is complete)"
+            raise CheckpointError(
+                f"checkpoint {_step_name(step)} could not be written to "
+                f"{os.path.join(self.root, _step_name(step))} ({e.strerror or e}); the last good "
+                f"checkpoint is {last}") from None
+
+    def check(self) -> None:
+        """Raise the error of a background save that has finished and failed; called every
+        step, so a failed asynchronous save stops the run at once."""
+        if self.thread is not None and not self.thread.is_alive():
+            self.wait()
 
     def _write(self, step: int, pieces: dict, index: dict) -> None:
         rank, world = self.mesh.rank, self.mesh.plan.world_size
@@ -209,6 +232,8 @@ class Saver:
         deadline = time.time() + self.poll_timeout
         listings = [os.path.join(tmp, f"rank-{r:05d}.json") for r in range(world)]
         while not all(os.path.exists(p) for p in listings):
+            if not os.path.isdir(tmp):  # another rank failed and removed it
+                raise OSError(errno.EIO, "another rank could not write its pieces")
             if time.time() > deadline:
                 raise TimeoutError(f"checkpoint {tmp}: not every rank wrote its pieces within "
                                    f"{self.poll_timeout:.0f}s")
@@ -350,6 +375,16 @@ def check_model(index: dict, cfg: llama.Config, path: str) -> None:
         if saved.get(field) != mine.get(field):
             raise CheckpointError(f"{path}: saved for model.{field}={saved.get(field)!r}, but "
                                   f"this run has model.{field}={mine.get(field)!r}")
+
+
+def model_changes(index: dict, cfg) -> dict[str, tuple]:
+    """Every model-config field whose value in the checkpoint differs from ``cfg``'s, as
+    ``{field: (saved, now)}``. The whole config is compared in its JSON form, so a field a config
+    gains is covered with no list to keep up to date."""
+    saved = index.get("model") or {}
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return {k: (saved.get(k), mine.get(k)) for k in sorted(saved.keys() | mine.keys())
+            if saved.get(k) != mine.get(k)}
 
 
 def load_params(path: str, cfg: llama.Config, mesh: Mesh, *, device=None
