@@ -393,9 +393,18 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
     return state, record
 
 
+class RunWriteError(ValueError):
+    """A file of the run directory could not be written (a full disk, a permission)."""
+
+
 def _report(r: _Run, record: dict) -> None:
     if r.lead:
-        r.metrics_out.write(record)
+        try:
+            r.metrics_out.write(record)
+        except OSError as e:
+            r.saver.wait()  # a save that filled the disk is the likelier culprit: its error first
+            raise RunWriteError(f"{r.metrics_out.path} could not be written ({e.strerror or e}); "
+                                f"it holds the records up to step {record['step'] - 1}") from None
         if r.board:
             r.board.write(record)
     r.alerts.check(record)

@@ -374,3 +374,36 @@ def test_float16_loss_scaling_is_the_same_under_a_4_process_plan(tmp_path):
     assert a[0]["skipped"] == 1 and a[-1]["skipped"] < 8  # overflows and clean steps both
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-4 * abs(ra["loss"]), (ra["loss"], rb["loss"])
+
+
+def _can_mount_tmpfs() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs "
+                               "/mnt"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -rm to mount a tmpfs")
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_really_full_disk(tmp_path, asynchronous):
+    """run_dir on a 640 KiB tmpfs (in a user and mount namespace): two checkpoints of ~260 KiB
+    fit, the third does not. One line names it and the last good one, exit 2, the full
+    checkpoint's files are gone, and metrics.jsonl is whole."""
+    run_dir, copy = tmp_path / "run", tmp_path / "copy"
+    os.makedirs(run_dir)
+    exp = write_experiment(tmp_path, run_dir, steps=40, every=2)
+    script = (f"mount -t tmpfs -o size=640k tmpfs {run_dir} && "
+              f"{{ {sys.executable} -m evo train {exp} --set tensorboard=false "
+              f"--set async_checkpoint={asynchronous} 2> {tmp_path / 'err'}; echo $? > "
+              f"{tmp_path / 'rc'}; }}; cp -a {run_dir} {copy}")
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env(), timeout=300, check=True)
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "2" and "Traceback" not in err, err[-2000:]
+    root = run_dir / "checkpoints"
+    assert err.strip().splitlines()[-1] == (
+        f"evo: error: checkpoint step-00000006 could not be written to {root / 'step-00000006'} "
+        f"(No space left on device); the last good checkpoint is {root / 'step-00000004'}")
+    assert sorted(os.listdir(copy / "checkpoints")) == ["step-00000002", "step-00000004"]
+    steps = [x["step"] for x in records(copy)]
+    assert steps == list(range(1, len(steps) + 1)) and 6 <= len(steps) <= 8
