@@ -427,17 +427,17 @@ def load_state(path: str, cfg: llama.Config, optimizer, mesh: Mesh, *, device=No
     return state, index.get("loader") or {}
 
 
-def _scaler_scalars(state: ScalerState | None) -> dict:
+def _scaler_scalars(state: ScalerState | tuple) -> dict:
     """The float16 loss scaler's state as JSON scalars (an fp32 scale is exact as a double)."""
-    if state is None:
+    if not state:
         return {}
     return {"loss_scale": float(state.scale), "scaler_growth_step": int(state.growth_step),
             "scaler_hysteresis_step": int(state.hysteresis_step)}
 
 
-def _scaler_state(scalars: dict, device) -> ScalerState | None:
+def _scaler_state(scalars: dict, device) -> ScalerState | tuple:
     if "loss_scale" not in scalars:
-        return None
+        return ()
     return ScalerState(
         torch.tensor(scalars["loss_scale"], dtype=torch.float32, device=device),
         torch.tensor(scalars["scaler_growth_step"], dtype=torch.int64, device=device),

@@ -40,7 +40,9 @@ class TrainState(NamedTuple):
     step: torch.Tensor                 # 0-dim int64: optimizer steps taken
     params: dict[str, torch.Tensor]    # fp32 master weights
     opt_state: optim.AdamState
-    scaler: scaler.ScalerState | None = None  # float16 loss scaling (None: not used yet)
+    # float16 loss scaling; () when not (yet) used: an empty node in torch's pytrees and optree's
+    # alike, where None would be a leaf to one and nothing to the other
+    scaler: scaler.ScalerState | tuple = ()
 
 
 def init_state(params: dict[str, torch.Tensor], optimizer: optim.AdamW) -> TrainState:
@@ -113,12 +115,11 @@ class Step:
         """The loss scaler's state this step starts from (its initial state at first)."""
         if self.scaling is None:
             return None
-        return state.scaler if state.scaler is not None else \
-            self.scaling.init(state.step.device)
+        return state.scaler if state.scaler else self.scaling.init(state.step.device)
 
     def next_scaler(self, current: scaler.ScalerState | None, info: dict
-                    ) -> scaler.ScalerState | None:
-        return None if current is None else self.scaling.update(current, info["skipped"])
+                    ) -> scaler.ScalerState | tuple:
+        return () if current is None else self.scaling.update(current, info["skipped"])
 
     def token_losses(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
                      cu_seqlens=None, regions: Regions = LOCAL) -> torch.Tensor:
