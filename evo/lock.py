@@ -19,14 +19,15 @@ import time
 from typing import Callable
 
 
-class RunDirInUse(ValueError):
-    """Another process holds the run directory."""
+class RunDirError(ValueError):
+    """The run directory cannot be taken: another process holds it, or it is not a directory."""
 
 
 class RunDirLock:
     """Hold ``RUN_DIR/.lock`` while the run writes: ``with RunDirLock(run_dir, log=print): ...``.
 
-    Raises RunDirInUse, naming the holder's pid and host, when another process holds it.
+    ``acquire`` raises RunDirError, naming the holder's pid and host, when another process holds
+    it; ``release`` empties the file and unlocks it.
     """
 
     def __init__(self, run_dir: str, *, log: Callable[[str], None] = lambda _: None):
@@ -35,8 +36,15 @@ class RunDirLock:
         self.fd: int | None = None
 
     def __enter__(self) -> RunDirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
         if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
-            raise RunDirInUse(f"run_dir {self.run_dir} is a file, not a directory")
+            raise RunDirError(f"run_dir {self.run_dir} is a file, not a directory")
         os.makedirs(self.run_dir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -44,7 +52,7 @@ class RunDirLock:
         except BlockingIOError:
             os.close(fd)
             pid, host = _holder(self.path)
-            raise RunDirInUse(f"run_dir {self.run_dir} is in use by pid {pid} on {host} (it "
+            raise RunDirError(f"run_dir {self.run_dir} is in use by pid {pid} on {host} (it "
                               f"holds {self.path}); wait for that run to end or give this run "
                               f"another run_dir") from None
         previous = os.read(fd, 256).decode(errors="replace").split()
@@ -54,9 +62,8 @@ class RunDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def release(self) -> None:
         if self.fd is not None:
             os.ftruncate(self.fd, 0)  # an empty file: released cleanly
             fcntl.flock(self.fd, fcntl.LOCK_UN)

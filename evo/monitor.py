@@ -236,6 +236,8 @@ class Alerts:
         step, loss = record["step"], record["loss"]
         bad = [k for k in ("loss", "grad_norm") if k in record and record[k] is not None
                and not math.isfinite(record[k])]
+        if bad == ["grad_norm"] and "loss_scale" in record:
+            bad = []  # a float16 overflow: the loss scaler skipped the step and lowers the scale
         if bad:
             out.append(self.raise_("nonfinite", step, f"non-finite {' and '.join(bad)} at step "
                                    f"{step}; the update was skipped", value=record.get(bad[0])))

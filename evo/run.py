@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from evo import checkpoint, data, generate, monitor, train
 from evo.config import Experiment
-from evo.lock import RunDirInUse, RunDirLock
+from evo.lock import RunDirError, RunDirLock
 from evo.models import llama
 from evo.sharding import planner, shard
 from evo.sharding.mesh import build_mesh
@@ -112,25 +112,25 @@ def run(exp: Experiment, *, device: str | None = None, stream: IO[str] | None = 
 @contextlib.contextmanager
 def _run_dir_locked(run_dir: str, stream: IO[str]):
     """Hold the run directory's lock (rank 0) for the run; every rank of a run that may not
-    start raises the same RunDirInUse before anything is written."""
+    start raises the same RunDirError before anything is written."""
     lead = not dist.is_initialized() or dist.get_rank() == 0
     lock = RunDirLock(run_dir, log=lambda text: print(text, file=stream, flush=True))
     refused = None
     if lead:
         try:
-            lock.__enter__()
-        except RunDirInUse as e:
+            lock.acquire()
+        except RunDirError as e:
             refused = str(e)
     if dist.is_initialized():
         box = [refused]
         dist.broadcast_object_list(box, src=0)
         refused = box[0]
     if refused is not None:
-        raise RunDirInUse(refused)
+        raise RunDirError(refused)
     try:
         yield
     finally:
-        lock.__exit__()
+        lock.release()
 
 
 def _keep_records(path: str, last_step: int) -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from evo import Experiment, checkpoint, data, optim, run, scaler, train
-from evo.lock import RunDirInUse, RunDirLock
+from evo.lock import RunDirError, RunDirLock
 from evo.models import llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,9 +78,9 @@ def steps_of(run_dir):
 
 def test_lock_refuses_a_second_holder_and_is_released(tmp_path):
     with RunDirLock(str(tmp_path)):
-        with pytest.raises(RunDirInUse, match=rf"in use by pid {os.getpid()} on "
+        with pytest.raises(RunDirError, match=rf"in use by pid {os.getpid()} on "
                                               rf"{socket.gethostname()}"):
-            RunDirLock(str(tmp_path)).__enter__()
+            RunDirLock(str(tmp_path)).acquire()
     assert (tmp_path / ".lock").read_text() == ""  # released cleanly: nothing to take over
     messages = []
     with RunDirLock(str(tmp_path), log=messages.append):
@@ -107,6 +107,13 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
             f"evo: error: run_dir {run_dir} is in use by pid {a.pid} on {socket.gethostname()} "
             f"(it holds {run_dir / '.lock'}); wait for that run to end or give this run another "
             f"run_dir"), b.stderr
+        # under torchrun, rank 0 tries the lock and every rank learns the answer
+        b2 = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+             "2", "-m", "evo", "train", exp, "--set", "plan.dp=2", "--set", "data.micro_num=1"],
+            capture_output=True, text=True, env=env(), timeout=300)
+        assert b2.returncode != 0
+        assert b2.stderr.count(f"evo: error: run_dir {run_dir} is in use by pid {a.pid}") == 2
         time.sleep(1.0)  # A goes on writing
         a.send_signal(signal.SIGKILL)
         a.wait()
@@ -372,6 +379,7 @@ def test_float16_loss_scaling_is_the_same_under_a_4_process_plan(tmp_path):
     assert [(r["loss_scale"], r["skipped"]) for r in a] == \
         [(r["loss_scale"], r["skipped"]) for r in b]
     assert a[0]["skipped"] == 1 and a[-1]["skipped"] < 8  # overflows and clean steps both
+    assert "alert" not in one.stderr  # the scaler's overflows are handled, not alerts
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-4 * abs(ra["loss"]), (ra["loss"], rb["loss"])
 
