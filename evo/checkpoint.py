@@ -27,6 +27,7 @@ it directly and keep the files readable by anything that reads safetensors.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import torch
 from safetensors import safe_open
 
 from evo import models, train
+from evo.scaler import ScalerState
 from evo.sharding.layout import ParamLayout, model_layouts
 from evo.sharding.mesh import Mesh, mesh_shape
 
@@ -159,6 +161,7 @@ class Saver:
         self.asynchronous, self.poll_timeout = asynchronous, poll_timeout
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.last_step: int | None = None  # the step of the last save started
 
     def save(self, cfg, state: train.TrainState, *, loader_state: dict,
              meta: dict) -> None:
@@ -167,7 +170,7 @@ class Saver:
         step = int(state.step)
         pieces = _stored_pieces(cfg, self.mesh, state)
         scalars = {"step": step, "opt_count": int(state.opt_state.count),
-                   "opt_skipped": int(state.opt_state.skipped)}
+                   "opt_skipped": int(state.opt_state.skipped), **_scaler_scalars(state.scaler)}
         layouts = model_layouts(self.mesh.plan, cfg)
         shapes = {p + k: list(l.shape) for k, l in layouts.items()
                   for p in ("params/", "opt/mu/", "opt/nu/")}
@@ -175,17 +178,38 @@ class Saver:
                  **model_record(cfg), "plan": repr(self.mesh.plan),
                  "world_size": self.mesh.plan.world_size, "meta": meta, "shapes": shapes}
         args = (step, pieces, index)
+        self.last_step = step
         if self.asynchronous:
             self.thread = threading.Thread(target=self._write_safely, args=args, daemon=False)
             self.thread.start()
         else:
-            self._write(*args)
+            self._write_or_clean(*args)
 
     def _write_safely(self, *args) -> None:
         try:
-            self._write(*args)
-        except BaseException as e:  # reported by wait()
+            self._write_or_clean(*args)
+        except BaseException as e:  # reported by check() or wait()
             self.error = e
+
+    def _write_or_clean(self, step: int, pieces: dict, index: dict) -> None:
+        """Write the checkpoint; on a failed write (disk full, permissions) remove what was
+        written and raise one CheckpointError naming the checkpoint and the last good one."""
+        try:
+            self._write(step, pieces, index)
+        except OSError as e:
+            shutil.rmtree(os.path.join(self.root, ".tmp-" + _step_name(step)), ignore_errors=True)
+            done = complete_checkpoints(self.root)
+            last = done[-1][1] if done else "none (no checkpoint of this run is complete)"
+            raise CheckpointError(
+                f"checkpoint {_step_name(step)} could not be written to "
+                f"{os.path.join(self.root, _step_name(step))} ({e.strerror or e}); the last good "
+                f"checkpoint is {last}") from None
+
+    def check(self) -> None:
+        """Raise the error of a background save that has finished and failed; called every
+        step, so a failed asynchronous save stops the run at once."""
+        if self.thread is not None and not self.thread.is_alive():
+            self.wait()
 
     def _write(self, step: int, pieces: dict, index: dict) -> None:
         rank, world = self.mesh.rank, self.mesh.plan.world_size
@@ -204,6 +228,8 @@ class Saver:
         deadline = time.time() + self.poll_timeout
         listings = [os.path.join(tmp, f"rank-{r:05d}.json") for r in range(world)]
         while not all(os.path.exists(p) for p in listings):
+            if not os.path.isdir(tmp):  # another rank failed and removed it
+                raise OSError(errno.EIO, "another rank could not write its pieces")
             if time.time() > deadline:
                 raise TimeoutError(f"checkpoint {tmp}: not every rank wrote its pieces within "
                                    f"{self.poll_timeout:.0f}s")
@@ -361,6 +387,16 @@ def check_model(index: dict, cfg, path: str) -> None:
                                   f"this run has model.{field}={mine.get(field)!r}")
 
 
+def model_changes(index: dict, cfg) -> dict[str, tuple]:
+    """Every model-config field whose value in the checkpoint differs from ``cfg``'s, as
+    ``{field: (saved, now)}``. The whole config is compared in its JSON form (as its family
+    records it), so a field a config gains is covered with no list to keep up to date."""
+    saved = index.get("model") or {}
+    mine = json.loads(json.dumps(models.family_of(cfg).config_to_dict(cfg)))
+    return {k: (saved.get(k), mine.get(k)) for k in sorted(saved.keys() | mine.keys())
+            if saved.get(k) != mine.get(k)}
+
+
 def load_params(path: str, cfg, mesh: Mesh, *, device=None
                 ) -> dict[str, torch.Tensor]:
     """This rank's parameter pieces under ``mesh.plan``, from a checkpoint of any plan."""
@@ -396,8 +432,26 @@ def load_state(path: str, cfg, optimizer, mesh: Mesh, *, device=None
     opt = optimizer.init(mu)._replace(
         mu=mu, nu=nu, count=torch.tensor(s["opt_count"], dtype=torch.int64, device=dev),
         skipped=torch.tensor(s["opt_skipped"], dtype=torch.int64, device=dev))
-    state = train.TrainState(torch.tensor(s["step"], dtype=torch.int64, device=dev), params, opt)
+    state = train.TrainState(torch.tensor(s["step"], dtype=torch.int64, device=dev), params, opt,
+                             _scaler_state(s, dev))
     return state, index.get("loader") or {}
+
+
+def _scaler_scalars(state: ScalerState | tuple) -> dict:
+    """The float16 loss scaler's state as JSON scalars (an fp32 scale is exact as a double)."""
+    if not state:
+        return {}
+    return {"loss_scale": float(state.scale), "scaler_growth_step": int(state.growth_step),
+            "scaler_hysteresis_step": int(state.hysteresis_step)}
+
+
+def _scaler_state(scalars: dict, device) -> ScalerState | tuple:
+    if "loss_scale" not in scalars:
+        return ()
+    return ScalerState(
+        torch.tensor(scalars["loss_scale"], dtype=torch.float32, device=device),
+        torch.tensor(scalars["scaler_growth_step"], dtype=torch.int64, device=device),
+        torch.tensor(scalars["scaler_hysteresis_step"], dtype=torch.int64, device=device))
 
 
 def resolve(path: str) -> str:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from evo import data, models, optim
+from evo.scaler import LossScale
 from evo.sharding import Plan
 
 
@@ -27,7 +28,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 class Experiment:
     """One training run.
 
-    ``compute_dtype``: "float32" or "bfloat16" (master weights and optimizer state stay fp32).
+    ``compute_dtype``: "float32", "bfloat16" or "float16" (master weights and optimizer state
+    stay fp32); float16 trains with dynamic loss scaling, ``loss_scale`` (see ``evo.scaler``).
     ``remat``: fraction of layers recomputed in backward. ``eval_every``: steps between validation
     passes over ``data.valid_folder`` (0: only before the first and after the last step).
     ``sample_prompt``: when set, the run ends by printing a sampled continuation of it (needs
@@ -42,6 +44,10 @@ class Experiment:
     ``"START:END"`` profiles steps START through END (1-based) into ``RUN_DIR/profile``.
     ``compile``: run forward and backward through ``torch.compile``. ``kernels``: "torch" or
     "triton" elementwise ops in the model (the fused Triton kernels; same results).
+    ``final_checkpoint``: end every run with a checkpoint of its final state (so ``evo generate
+    RUN_DIR`` works after any run). ``resume_with_changes``: resume from a checkpoint saved with
+    another model config (a changed ``rope_theta``, ``norm_eps`` ...); without it that is an
+    error naming the field, and with it the change is recorded in the checkpoints' ``meta``.
     """
     model: object                   # the config of a registered model family (evo.models)
     data: data.Packed
@@ -71,6 +77,9 @@ class Experiment:
     profile: str | None = None
     compile: bool = False
     kernels: str = "torch"
+    loss_scale: LossScale = field(default_factory=LossScale)
+    final_checkpoint: bool = True
+    resume_with_changes: bool = False
 
     def __post_init__(self):
         try:
@@ -108,6 +117,16 @@ class Experiment:
             self.profile_steps()
         if self.kernels not in ("torch", "triton"):
             raise ConfigError(f"experiment.kernels must be 'torch' or 'triton', got {self.kernels!r}")
+        for name in ("final_checkpoint", "resume_with_changes", "async_checkpoint"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"experiment.{name} must be True or False, got "
+                                  f"{getattr(self, name)!r}")
+        if not isinstance(self.loss_scale, LossScale):
+            raise ConfigError(f"experiment.loss_scale must be an evo.scaler.LossScale, got "
+                              f"{type(self.loss_scale).__name__}")
+        if self.compute_dtype == "float16" and not self.optimizer.skip_nonfinite:
+            raise ConfigError("experiment.optimizer.skip_nonfinite must be True with "
+                              "compute_dtype='float16': loss scaling skips the steps that overflow")
         if self.sample_prompt is not None and self.tokenizer is None:
             raise ConfigError("experiment.sample_prompt needs experiment.tokenizer to encode it")
         if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):

@@ -60,19 +60,31 @@ class Throughput:
 
 
 class JsonlWriter:
-    """One JSON object per line, flushed each write so a crash loses at most the line in flight."""
+    """One JSON object per line, written whole or not at all: each line goes to the file in one
+    unbuffered write, and a write that fails part-way (a full disk) is cut off again, so the
+    file never holds a cut line."""
 
     def __init__(self, path: str, *, append: bool = False):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
-        self._f: IO[str] = open(path, "a" if append else "w", encoding="utf-8")
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else
+                                                             os.O_TRUNC), 0o644)
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
-        self._f.flush()
+        line = (json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n").encode()
+        size = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            done = 0
+            while done < len(line):
+                done += os.write(self._fd, line[done:])
+        except OSError:
+            os.ftruncate(self._fd, size)
+            raise
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _jsonable(v):
@@ -224,6 +236,8 @@ class Alerts:
         step, loss = record["step"], record["loss"]
         bad = [k for k in ("loss", "grad_norm") if k in record and record[k] is not None
                and not math.isfinite(record[k])]
+        if bad == ["grad_norm"] and "loss_scale" in record:
+            bad = []  # a float16 overflow: the loss scaler skipped the step and lowers the scale
         if bad:
             out.append(self.raise_("nonfinite", step, f"non-finite {' and '.join(bad)} at step "
                                    f"{step}; the update was skipped", value=record.get(bad[0])))

@@ -22,7 +22,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from evo import models, optim, tree
+from evo import models, optim, scaler, tree
 from evo.models.layers import LOCAL, Regions, cross_entropy_sum, ops
 
 IGNORE = -100
@@ -39,6 +39,9 @@ class TrainState(NamedTuple):
     step: torch.Tensor                 # 0-dim int64: optimizer steps taken
     params: dict[str, torch.Tensor]    # fp32 master weights
     opt_state: optim.AdamState
+    # float16 loss scaling; () when not (yet) used: an empty node in torch's pytrees and optree's
+    # alike, where None would be a leaf to one and nothing to the other
+    scaler: scaler.ScalerState | tuple = ()
 
 
 def init_state(params: dict[str, torch.Tensor], optimizer: optim.AdamW) -> TrainState:
@@ -77,6 +80,8 @@ class Step:
     ``kernels``: "torch" or "triton" elementwise ops in the model (``layers.ops``).
     ``model``: the config of any registered model family (``evo.models``). ``schedule``: how the
     micro-batches run (``Sequential``: one after another; a pipeline schedule replaces it).
+    ``loss_scale``: the dynamic loss scaling of a float16 step (default ``scaler.LossScale()``;
+    ignored for other dtypes); metrics then gain ``loss_scale``, the scale this step used.
     """
     model: object
     optimizer: optim.AdamW
@@ -88,6 +93,7 @@ class Step:
     compile: bool = False
     kernels: str = "torch"
     schedule: "Schedule" = dataclasses.field(default_factory=lambda: Sequential())
+    loss_scale: scaler.LossScale | None = None
 
     def __post_init__(self):
         try:
@@ -100,6 +106,26 @@ class Step:
         if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"Step.compute_dtype must be float32, bfloat16, float16 or float64, got "
                              f"{self.compute_dtype}")
+        if self.scaling is not None and not self.optimizer.skip_nonfinite:
+            raise ValueError("Step: float16 loss scaling skips the steps that overflow, so "
+                             "optimizer.skip_nonfinite must be True")
+
+    @property
+    def scaling(self) -> scaler.LossScale | None:
+        """The loss scaling this step applies: float16 compute only."""
+        if self.compute_dtype != torch.float16:
+            return None
+        return self.loss_scale or scaler.LossScale()
+
+    def scaler_state(self, state: TrainState) -> scaler.ScalerState | None:
+        """The loss scaler's state this step starts from (its initial state at first)."""
+        if self.scaling is None:
+            return None
+        return state.scaler if state.scaler else self.scaling.init(state.step.device)
+
+    def next_scaler(self, current: scaler.ScalerState | None, info: dict
+                    ) -> scaler.ScalerState | tuple:
+        return () if current is None else self.scaling.update(current, info["skipped"])
 
     def token_losses(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
                      cu_seqlens=None, regions: Regions = LOCAL) -> torch.Tensor:
@@ -128,7 +154,7 @@ class Step:
 
     def grads(self, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
               normalizer: torch.Tensor | None = None, regions: Regions = LOCAL,
-              on_ready: "GradSink | None" = None
+              on_ready: "GradSink | None" = None, loss_scale: torch.Tensor | None = None
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Gradients of the batch's mean loss in the master weights' dtype, and ``{"loss": the
         mean loss (0-dim)}`` (with ``source_loss_sum`` and ``source_tokens`` when ``sources``).
@@ -139,12 +165,14 @@ class Step:
         ``evo.models.layers.Regions``). ``on_ready``: receives each parameter's complete gradient
         the moment the last micro-batch's backward produces it (so its reduction can overlap the
         rest of backward); the gradients returned are then what ``on_ready.finish()`` returns.
+        ``loss_scale``: backward runs on the loss times this factor (gradients come out scaled by
+        it; the returned loss is not).
         """
         n = valid_tokens(batch) if normalizer is None else normalizer
         scale = 1.0 / n.clamp(min=1).to(torch.float32)
         leaves = {k: v.detach().to(self.compute_dtype).requires_grad_(True)
                   for k, v in params.items()}
-        acc = Accumulator(params, batch, self.sources, self.compute_dtype)
+        acc = Accumulator(params, batch, self.sources, self.compute_dtype, loss_scale)
         self.schedule(self, leaves, batch, scale, regions, acc, on_ready)
         return acc.finish(on_ready)
 
@@ -160,7 +188,8 @@ class Step:
                  for k, x in leaves.items()] if on_ready is not None else []
         losses = self.token_losses(leaves, tokens, labels, positions, cu, regions)
         acc.add_losses(index, labels, losses, scale)
-        g = torch.autograd.grad(losses.sum() * scale, list(leaves.values()), allow_unused=True)
+        g = torch.autograd.grad(acc.backward_loss(losses.sum() * scale), list(leaves.values()),
+                                allow_unused=True)
         for h in hooks:
             h.remove()
         if on_ready is None:
@@ -175,12 +204,18 @@ class Step:
 
     def __call__(self, state: TrainState, batch: dict[str, torch.Tensor]
                  ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        grads, aux = self.grads(state.params, batch)
+        scaled = self.scaler_state(state)
+        grads, aux = self.grads(state.params, batch,
+                                loss_scale=None if scaled is None else scaled.scale)
+        if scaled is not None:
+            scaler.unscale_(grads, scaled)
         new_state, info = self.apply_grads(state, grads)
         metrics = {**aux, "grad_norm": info["grad_norm"], "lr": info["lr"],
                    "skipped": info["skipped"], "tokens": torch.tensor(batch["tokens"].numel()),
                    "valid_tokens": valid_tokens(batch)}
-        return new_state, metrics
+        if scaled is not None:
+            metrics["loss_scale"] = scaled.scale
+        return new_state._replace(scaler=self.next_scaler(scaled, info)), metrics
 
 
 class Accumulator:
@@ -188,9 +223,11 @@ class Accumulator:
     loss, and (with ``sources``) per-source losses and labelled tokens."""
 
     def __init__(self, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                 sources: int, compute_dtype: torch.dtype):
+                 sources: int, compute_dtype: torch.dtype,
+                 loss_scale: torch.Tensor | None = None):
         self.dtypes = {k: v.dtype for k, v in params.items()}
         self.grads: dict[str, torch.Tensor] = {}
+        self.loss_scale = loss_scale
         self.loss = torch.zeros((), dtype=torch.promote_types(torch.float32, compute_dtype))
         self.batch, self.sources = batch, sources if "source" in batch else 0
         dev = batch["tokens"].device
@@ -204,6 +241,10 @@ class Accumulator:
             keep = ((src >= 0) & (labels.reshape(-1) != IGNORE)).float()
             self.src_loss.index_add_(0, src.clamp(min=0), losses.detach().float() * keep)
             self.src_tokens.index_add_(0, src.clamp(min=0), keep)
+
+    def backward_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """What backward differentiates: the loss times the float16 loss scale, if any."""
+        return loss if self.loss_scale is None else loss * self.loss_scale
 
     def complete(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """The last micro-batch's gradient of ``name`` plus the earlier ones'."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from evo import models, train, tree
+from evo import models, scaler, train, tree
 from evo.models.layers import Regions, cross_entropy_tokens
 from evo.sharding import comm as C
 from evo.sharding.layout import ParamLayout, model_layouts
@@ -321,10 +321,14 @@ class ShardedStep:
         n = comm.all_reduce(train.valid_tokens(batch), "dp")
         clock = _Clock(batch["tokens"].device)
         sink = self._bucketed_reduction(comm, layouts, regions)
-        grads, aux = step.grads(state.params, batch, normalizer=n, regions=regions, on_ready=sink)
+        scaled = step.scaler_state(state)
+        grads, aux = step.grads(state.params, batch, normalizer=n, regions=regions, on_ready=sink,
+                                loss_scale=None if scaled is None else scaled.scale)
         t_backward = clock.lap()
         grads = self._synchronise(grads, layouts, comm, regions, bucketed=sink is not None)
         t_comm = clock.lap()
+        if scaled is not None:  # the reduced gradients, so the norm below is the true one
+            scaler.unscale_(grads, scaled)
         norm = self._grad_norm(grads, layouts, comm)
         new, opt_state, info = step.optimizer.update(
             grads, state.opt_state, _opt_view(state.params, layouts, self.mesh), state.step,
@@ -341,7 +345,10 @@ class ShardedStep:
                    "valid_tokens": n, "comm_bytes": dict(comm.log.bytes),
                    "time": {"forward_backward": t_backward, "comm": t_comm,
                             "optimizer": t_optimizer}}
-        return train.TrainState(state.step + 1, new, opt_state), metrics
+        if scaled is not None:
+            metrics["loss_scale"] = scaled.scale
+        return train.TrainState(state.step + 1, new, opt_state,
+                                step.next_scaler(scaled, info)), metrics
 
     def _check_sequence(self, batch) -> None:
         plan = self.mesh.plan
