@@ -17,7 +17,7 @@ from typing import IO
 import torch
 import torch.distributed as dist
 
-from evo import checkpoint, data, generate, monitor, train
+from evo import checkpoint, data, generate, monitor, orbax_io, train
 from evo.config import Experiment
 from evo.models import llama
 from evo.sharding import planner, shard
@@ -36,8 +36,10 @@ def non_embedding_params(cfg: llama.Config) -> int:
     return n + (cfg.vocab_size * cfg.hidden_size if cfg.tie_embeddings else 0)
 
 
-def evaluate_sets(exp: Experiment, params, sets: dict[str, list], device) -> dict[str, dict]:
-    """Loss, perplexity and next-token accuracy per named validation set."""
+def evaluate_sets(exp: Experiment, params, sets: dict[str, list], device,
+                  text_bytes: dict[str, int] | None = None) -> dict[str, dict]:
+    """Loss, perplexity and next-token accuracy per named validation set; bits per byte too where
+    ``text_bytes`` gives the bytes of text each set's targets spell."""
     out = {}
     for name, batches in sets.items():
         loss_sum, count, correct = 0.0, 0, 0
@@ -50,7 +52,18 @@ def evaluate_sets(exp: Experiment, params, sets: dict[str, list], device) -> dic
         loss = loss_sum / max(count, 1)
         out[name] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
                      "accuracy": correct / max(count, 1), "tokens": count}
+        if text_bytes and text_bytes.get(name):
+            out[name]["bits_per_byte"] = loss_sum / math.log(2) / text_bytes[name]
     return out
+
+
+def _text_bytes(exp: Experiment, sets: dict[str, list]) -> dict[str, int] | None:
+    """Bytes of text the targets of each validation set spell, where the tokenizer knows them."""
+    table = data.load_tokenizer(exp.tokenizer).token_bytes() if exp.tokenizer else None
+    if table is None:
+        return None
+    return {name: sum(data.target_bytes(b["labels"], table) for b in batches)
+            for name, batches in sets.items()}
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -133,13 +146,14 @@ def _stop_request(run_dir: str) -> int:
 
 
 def _initial_params(exp: Experiment, mesh, device):
-    """Fresh parameters, or those of ``exp.init_from`` (an HF directory or an evo run/checkpoint:
-    parameters only, optimizer fresh)."""
+    """Fresh parameters, or those of ``exp.init_from`` (an HF directory, an evo Orbax export or an
+    evo run/checkpoint: parameters only, optimizer fresh)."""
     if exp.init_from is None:
         return planner.init_params(exp.model, exp.seed, mesh, device=device)
-    if os.path.isfile(os.path.join(exp.init_from, "config.json")):
+    orbax = orbax_io.is_export(exp.init_from)
+    if orbax or os.path.isfile(os.path.join(exp.init_from, "config.json")):
         from evo import hf
-        cfg, params = hf.load_hf(exp.init_from)
+        cfg, params = (orbax_io.load if orbax else hf.load_hf)(exp.init_from)
         checkpoint.check_model({"model": dataclasses.asdict(cfg)}, exp.model, exp.init_from)
         return {k: v.to(device) for k, v in planner.shard_params(exp.model, params, mesh).items()}
     return checkpoint.load_params(checkpoint.resolve(exp.init_from), exp.model, mesh,
@@ -209,14 +223,17 @@ def _train(exp: Experiment, device: torch.device, stream: IO[str]) -> dict:
     def full_params():
         return planner.gather_params(exp.model, state.params, mesh)
 
+    text_bytes = _text_bytes(exp, valid)
+
     def run_eval(step: int) -> dict:
-        results = evaluate_sets(exp, full_params(), valid, device)
+        results = evaluate_sets(exp, full_params(), valid, device, text_bytes)
         for name, r in results.items():
             if lead:
                 eval_out.write({"step": step, "set": name, **r})
                 if board:
                     board.write({"step": step, **r}, group=f"eval/{name}")
-            progress.message(f"eval step {step} [{name}]  loss {r['loss']:.4f}  "
+            bpb = f"  {r['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in r else ""
+            progress.message(f"eval step {step} [{name}]  loss {r['loss']:.4f}{bpb}  "
                              f"ppl {r['perplexity']:.2f}  acc {r['accuracy']:.3f}")
         return results
 
