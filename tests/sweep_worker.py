@@ -104,7 +104,7 @@ def func_grad_check(cfg, params, mesh, batch):
 
 
 def main(out_path):
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=900))
     rank = dist.get_rank()
     batches = global_batches()
     reference = {}

@@ -51,7 +51,7 @@ def test_python_block_runs(path, index, code, tmp_path, monkeypatch):
         args = first[len("# torchrun "):].split()
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *args,
                             str(script)], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=300, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
+                           timeout=900, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
         assert r.returncode == 0, f"{path} block {index}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         return
     monkeypatch.chdir(tmp_path)
@@ -75,5 +75,5 @@ def test_console_block_runs(path, index, code, console_dir):
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
                PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=console_dir, env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{path} block {index}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
