@@ -15,13 +15,12 @@ train_folder, valid_folder = data.build_stdlib_corpus(corpus, vocab_size=4096, t
                                                       max_files=300)
 
 model = models.llama.Config(vocab_size=4096, hidden_size=192, num_layers=4, num_heads=6,
-                            num_kv_heads=2, intermediate_size=512, max_seq_len=1024,
-                            tie_embeddings=True)
+                            num_kv_heads=2, intermediate_size=512, max_seq_len=1024)
 experiment = Experiment(
     model=model,
     data=data.Packed(folder=train_folder, valid_folder=valid_folder, seq_len=256, micro_batch=4,
                      micro_num=1, seed=0),
-    optimizer=optim.adamw(lr=optim.warmup_cosine(peak=3e-3, warmup=0.1, floor=3e-4),
+    optimizer=optim.adamw(lr=optim.warmup_cosine(peak=1e-3, warmup=0.1, floor=1e-4),
                           weight_decay=0.1, clip_norm=1.0),
     plan=Plan(dp=-1, tp=1, zero=0),
     steps=400,
