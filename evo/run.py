@@ -59,7 +59,7 @@ def evaluate_sets(exp: Experiment, params, sets: dict[str, list], device,
 
 def _text_bytes(exp: Experiment, sets: dict[str, list]) -> dict[str, int] | None:
     """Bytes of text the targets of each validation set spell, where the tokenizer knows them."""
-    table = data.load_tokenizer(exp.tokenizer).token_bytes() if exp.tokenizer else None
+    table = data.load_tokenizer(exp.tokenizer).token_bytes() if exp.tokenizer and sets else None
     if table is None:
         return None
     return {name: sum(data.target_bytes(b["labels"], table) for b in batches)
