@@ -85,6 +85,12 @@ def _export_hf(args) -> None:
     print(f"evo: wrote {args.out} from {src}")
 
 
+def _export_orbax(args) -> None:
+    from evo import orbax_io
+    src = orbax_io.export(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"evo: wrote {args.out} from {src}")
+
+
 def _import_hf(args) -> None:
     """Train an experiment starting from HF weights: `--set init_from=DIR` spelled as a command."""
     args.set = [*args.set, f"init_from={args.hf_dir}"]
@@ -128,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     e.set_defaults(fn=_export_hf)
 
+    o = sub.add_parser("export-orbax", help="write a checkpoint's params as an Orbax checkpoint "
+                                            "for JAX (needs the orbax extra)")
+    o.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint")
+    o.add_argument("--out", required=True, help="output directory (items params/ and evo/)")
+    o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    o.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    o.set_defaults(fn=_export_orbax)
+
     i = sub.add_parser("import-hf", help="train an experiment starting from HF LLaMA weights")
     i.add_argument("hf_dir", help="an HF LLaMA or InternLM2 directory")
     i.add_argument("experiment", help="the experiment to train (its model must match)")
@@ -169,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     from evo.config import ConfigError
     from evo.data import DataError
     from evo.checkpoint import CheckpointError
+    from evo.orbax_io import OrbaxError
     from evo.run import DistributedFailure
     try:
         args.fn(args)
-    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError,
+    except (ConfigError, DataError, CheckpointError, OrbaxError, ValueError, FileNotFoundError,
             DistributedFailure) as e:
         if os.environ.get("EVO_DEBUG"):
             traceback.print_exc()

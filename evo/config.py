@@ -272,9 +272,10 @@ def _set(obj, path: list[str], text: str, key: str):
 
 
 def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
-    """``["plan.tp=2", "steps=10"]`` applied in order; unknown keys and bad values raise
-    ConfigError naming them."""
-    for item in overrides:
+    """``["plan.tp=2", "steps=10"]`` applied in order, ``model.*`` keys first (the data is checked
+    against the model: ``data.seq_len=2048 model.max_seq_len=2048`` works in either order);
+    unknown keys and bad values raise ConfigError naming them."""
+    for item in sorted(overrides, key=lambda item: not item.strip().startswith("model.")):
         key, eq, text = item.partition("=")
         key = key.strip()
         if not eq or not key:

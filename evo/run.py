@@ -18,7 +18,7 @@ from typing import IO
 import torch
 import torch.distributed as dist
 
-from evo import checkpoint, data, generate, models, monitor, train
+from evo import checkpoint, data, generate, models, monitor, orbax_io, train
 from evo.config import Experiment
 from evo.lock import RunDirError, RunDirLock
 from evo.sharding import planner, shard
@@ -29,8 +29,10 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def evaluate_sets(exp: Experiment, params, sets: dict[str, list], device) -> dict[str, dict]:
-    """Loss, perplexity and next-token accuracy per named validation set."""
+def evaluate_sets(exp: Experiment, params, sets: dict[str, list], device,
+                  text_bytes: dict[str, int] | None = None) -> dict[str, dict]:
+    """Loss, perplexity and next-token accuracy per named validation set; bits per byte too where
+    ``text_bytes`` gives the bytes of text each set's targets spell."""
     out = {}
     for name, batches in sets.items():
         loss_sum, count, correct = 0.0, 0, 0
@@ -43,7 +45,18 @@ def evaluate_sets(exp: Experiment, params, sets: dict[str, list], device) -> dic
         loss = loss_sum / max(count, 1)
         out[name] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
                      "accuracy": correct / max(count, 1), "tokens": count}
+        if text_bytes and text_bytes.get(name):
+            out[name]["bits_per_byte"] = loss_sum / math.log(2) / text_bytes[name]
     return out
+
+
+def _text_bytes(exp: Experiment, sets: dict[str, list]) -> dict[str, int] | None:
+    """Bytes of text the targets of each validation set spell, where the tokenizer knows them."""
+    table = data.load_tokenizer(exp.tokenizer).token_bytes() if exp.tokenizer and sets else None
+    if table is None:
+        return None
+    return {name: sum(data.target_bytes(b["labels"], table) for b in batches)
+            for name, batches in sets.items()}
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -151,13 +164,14 @@ def _stop_request(run_dir: str) -> int:
 
 
 def _initial_params(exp: Experiment, mesh, device):
-    """Fresh parameters, or those of ``exp.init_from`` (an HF directory or an evo run/checkpoint:
-    parameters only, optimizer fresh)."""
+    """Fresh parameters, or those of ``exp.init_from`` (an HF directory, an evo Orbax export or an
+    evo run/checkpoint: parameters only, optimizer fresh)."""
     if exp.init_from is None:
         return planner.init_params(exp.model, exp.seed, mesh, device=device)
-    if os.path.isfile(os.path.join(exp.init_from, "config.json")):
+    orbax = orbax_io.is_export(exp.init_from)
+    if orbax or os.path.isfile(os.path.join(exp.init_from, "config.json")):
         from evo import hf
-        cfg, params = hf.load_hf(exp.init_from)
+        cfg, params = (orbax_io.load if orbax else hf.load_hf)(exp.init_from)
         checkpoint.check_model(checkpoint.model_record(cfg), exp.model, exp.init_from)
         return {k: v.to(device) for k, v in planner.shard_params(exp.model, params, mesh).items()}
     return checkpoint.load_params(checkpoint.resolve(exp.init_from), exp.model, mesh,
@@ -175,6 +189,7 @@ class _Run:
     step_fn: object
     saver: checkpoint.Saver
     valid: dict
+    text_bytes: dict | None           # bytes of text each validation set spells (bits per byte)
     meta: dict
     progress: monitor.Progress
     metrics_out: monitor.JsonlWriter | None
@@ -305,7 +320,7 @@ def _open_run(exp: Experiment, mesh, device, loader, progress, first: int, meta:
     progress.message(f"evo: {exp.steps} steps of {n_params / 1e6:.2f}M params on "
                      f"{plan.world_size} × {device_name or device.type}, plan {plan}")
     return _Run(
-        exp, mesh, device, loader, step_fn, saver, valid, meta, progress,
+        exp, mesh, device, loader, step_fn, saver, valid, _text_bytes(exp, valid), meta, progress,
         metrics_out=monitor.JsonlWriter(metrics_path, append=True) if lead else None,
         eval_out=monitor.JsonlWriter(eval_path, append=True) if lead else None,
         board=monitor.TensorBoardWriter(os.path.join(exp.run_dir, "tensorboard"),
@@ -430,13 +445,14 @@ def _save(r: _Run, state: train.TrainState) -> None:
 def _evaluate(r: _Run, state: train.TrainState, step: int) -> dict:
     """Loss, perplexity and accuracy on every validation set, written and printed."""
     params = planner.gather_params(r.exp.model, state.params, r.mesh)
-    results = evaluate_sets(r.exp, params, r.valid, r.device)
+    results = evaluate_sets(r.exp, params, r.valid, r.device, r.text_bytes)
     for name, res in results.items():
         if r.lead:
             r.eval_out.write({"step": step, "set": name, **res})
             if r.board:
                 r.board.write({"step": step, **res}, group=f"eval/{name}")
-        r.progress.message(f"eval step {step} [{name}]  loss {res['loss']:.4f}  "
+        bpb = f"  {res['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in res else ""
+        r.progress.message(f"eval step {step} [{name}]  loss {res['loss']:.4f}{bpb}  "
                            f"ppl {res['perplexity']:.2f}  acc {res['accuracy']:.3f}")
     return results
 

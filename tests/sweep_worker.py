@@ -236,7 +236,7 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
 
 
 def main(out_path):
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=900))
     rank = dist.get_rank()
     results, cache = {}, {}
     only = os.environ.get("SWEEP_ONLY")

@@ -40,7 +40,7 @@ def exp_file(tmp_path):
 def evo(*args, cwd=None):
     env = repo_env()
     return subprocess.run([sys.executable, "-m", "evo", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+                          cwd=cwd, env=env, timeout=900)
 
 
 def test_overrides_replace_fields_with_typed_values(exp_file):
@@ -139,7 +139,7 @@ def test_torchrun_plan_logs_the_losses_of_one_process(tmp_path):
          "-m", "evo", "train", *common, "--set", "plan.dp=2", "--set", "plan.tp=2",
          "--set", "plan.zero=3", "--set", "data.micro_num=1",
          "--set", f"run_dir={tmp_path / 'dist'}"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert dist_run.returncode == 0, dist_run.stderr[-3000:]
     one = evo("train", *common, "--set", "data.micro_num=2", "--set", f"run_dir={tmp_path / 'one'}",
               cwd=REPO)
@@ -170,28 +170,54 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(exp_file, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in (0, 1)]
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 900
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGKILL)
     killed = time.time()
     try:
-        _, err = procs[0].communicate(timeout=90)
+        _, err = procs[0].communicate(timeout=900)
     finally:
         for p in procs:
             p.kill()
     assert procs[0].returncode != 0
     assert "rank 0 of 2 stopped" in err and "Traceback" not in err, err[-2000:]
-    assert time.time() - killed < 60
+    assert time.time() - killed < 300  # 10 × EVO_DIST_TIMEOUT: bounded, even on a loaded machine
 
 
-def test_demo_held_out_loss_falls_by_a_third(tmp_path):
-    """The README's demo, as it is: held-out loss falls at least 30 % from its first value and the
-    run ends with a sample."""
+def test_demo_reports_bits_per_byte_and_reads_as_python(tmp_path):
+    """The README's demo, as it is (no time limit: the machine may be shared). The held-out bits
+    per byte the run reports agree with its loss and the held-out text's bytes per token as the
+    tokenizers package decodes it, and end at most 2.9 (the byte-level demo this replaced ended at
+    3.78); no loss-spike alert; the sample is text a person reads as Python."""
+    import keyword
+    import math
+    import re
     r = evo("train", "experiments/tiny.py", "--set", f"run_dir={tmp_path / 'tiny'}", cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     evals = [json.loads(x) for x in (tmp_path / "tiny" / "eval.jsonl").read_text().splitlines()]
     first, last = evals[0], evals[-1]
-    assert first["step"] == 0 and last["step"] == 300
+    assert first["step"] == 0 and last["step"] == 400
     assert last["loss"] <= 0.7 * first["loss"], (first["loss"], last["loss"])
-    assert "sample:\ndef fibonacci(n):" in r.stderr
+    assert last["bits_per_byte"] <= 2.9, last
+    # the unit, independently: the held-out text's bytes per token, from the tokenizers package's
+    # own decoding of the held-out files. The evaluated batches are a part of them, so 20 %: a
+    # wrong unit is off by a factor (ln 2: 1.44; bytes per token: about 3.5)
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(REPO, "data", "stdlib-bpe", "tokenizer.json"))
+    held_out = data.TokenizedDataset(os.path.join(REPO, "data", "stdlib-bpe", "valid"))
+    docs = [held_out[i][0][:-1].tolist() for i in range(len(held_out))]  # without the EOS
+    bytes_per_token = sum(len(tok.decode(d).encode()) for d in docs) / sum(map(len, docs))
+    for e in evals:
+        expected = e["loss"] / math.log(2) / bytes_per_token
+        assert abs(e["bits_per_byte"] - expected) <= 0.2 * expected, (e, expected)
+    alerts = tmp_path / "tiny" / "alerts.jsonl"
+    kinds = [json.loads(x)["kind"] for x in alerts.read_text().splitlines()] \
+        if alerts.exists() else []
+    assert "loss_spike" not in kinds, kinds
+    sample = r.stderr.split("sample:\n", 1)[1]
+    assert sample.startswith("def fibonacci(n):\n")
+    new = sample[len("def fibonacci(n):\n"):]
+    words = re.findall(r"[A-Za-z_][A-Za-z_0-9]*", new)
+    assert len(words) >= 15 and len({w for w in words if keyword.iskeyword(w)}) >= 2, new
+    assert sum(c.isspace() for c in new) <= 0.5 * len(new), new

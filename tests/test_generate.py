@@ -99,7 +99,7 @@ def test_evo_generate_command(tmp_path):
 
     def evo(*args):
         return subprocess.run([sys.executable, "-m", "evo", *args], capture_output=True, text=True,
-                              env=env, timeout=300)
+                              env=env, timeout=900)
     assert evo("train", str(exp)).returncode == 0
     r = evo("generate", str(tmp_path / "run"), "--prompt", "ab", "--prompt", "xyz",
             "--max-new-tokens", "5", "--temperature", "0")

@@ -121,6 +121,13 @@ def test_the_loader_never_numbers_more_positions_than_the_check_allows(tmp_path)
         assert top == cfg.positions, (cfg, top)
 
 
+def test_model_overrides_apply_first_so_either_order_works(exp_file):
+    for order in (["data.seq_len=8192", "model.max_seq_len=8192"],
+                  ["model.max_seq_len=8192", "data.seq_len=8192"]):
+        exp = config.apply_overrides(config.load(exp_file), order)
+        assert (exp.data.seq_len, exp.model.max_seq_len) == (8192, 8192)
+
+
 def test_positions_from_the_command_line(exp_file):
     one_error(evo("plan", exp_file, "--world", "1", "--set", "data.seq_len=8192"),
               "--set data.seq_len=8192", "model.max_seq_len = 4096")

@@ -52,7 +52,7 @@ def sweep(tmp_path_factory):
     keep = os.environ.get("EVO_SWEEP_OUT")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
                         "--standalone", os.path.join(HERE, "sweep_worker.py"), str(out)],
-                       capture_output=True, text=True, timeout=600, env=repo_env())
+                       capture_output=True, text=True, timeout=900, env=repo_env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     if keep:
         with open(keep, "w") as f:

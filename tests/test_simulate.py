@@ -99,12 +99,12 @@ def test_evo_plan_command(tmp_path):
         "    data=data.Packed(folder=None, seq_len=4096), optimizer=optim.adamw(lr=3e-4),\n"
         "    plan=Plan(tp=8, zero=1, zero_group=8))\n")
     r = subprocess.run([sys.executable, "-m", "evo", "plan", str(exp), "--world", "1024",
-                        "--plans", "zero=3"], capture_output=True, text=True, timeout=120,
+                        "--plans", "zero=3"], capture_output=True, text=True, timeout=900,
                        env=repo_env())
     assert r.returncode == 0, r.stderr
     assert "dp=128,tp=8,zero=1,zero_group=8" in r.stdout and "zero=3" in r.stdout
     assert "7.06 GiB" in r.stdout  # 4 + 4 + 1 bytes per parameter piece, as computed above
     bad = subprocess.run([sys.executable, "-m", "evo", "plan", str(exp), "--world", "1000"],
-                         capture_output=True, text=True, timeout=120,
+                         capture_output=True, text=True, timeout=900,
                          env=repo_env())
     assert bad.returncode != 0 and "plan.zero_group=8 must divide plan.dp=125" in bad.stderr

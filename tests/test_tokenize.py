@@ -196,7 +196,7 @@ def test_evo_tokenize_command(tmp_path):
 
     def evo(*args):
         return subprocess.run([sys.executable, "-m", "evo", "tokenize", *args], capture_output=True,
-                              text=True, env=env, timeout=120)
+                              text=True, env=env, timeout=900)
     r = evo(str(src), "--out", str(tmp_path / "cli"), "--eos", "--quiet")
     assert r.returncode == 0, r.stderr
     tokenize([str(src)], str(tmp_path / "fn"), add_eos=True, progress=False)
@@ -208,3 +208,31 @@ def test_evo_tokenize_command(tmp_path):
     bad.write_text('{"text": "ok"}\nnot json\n')
     r = evo(str(bad), "--out", str(tmp_path / "bad"), "--quiet")
     assert r.returncode == 2 and "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bpe_stdlib_corpus_and_the_bytes_each_token_stands_for(tmp_path):
+    """A BPE demo corpus: its documents decode (with the tokenizers package itself) to the stdlib
+    files; each document's token_bytes sum to the file's size; target_bytes counts the labels."""
+    from tokenizers import Tokenizer
+
+    from evo.data import IGNORE, target_bytes
+    out = str(tmp_path / "bpe")
+    train, valid = build_stdlib_corpus(out, max_files=40, vocab_size=400, tests=False)
+    ref = Tokenizer.from_file(f"{out}/tokenizer.json")
+    tok = load_tokenizer(f"{out}/tokenizer.json")
+    assert tok.vocab_size == ref.get_vocab_size() == 400 and tok.eos_id == 0
+    root = sysconfig.get_paths()["stdlib"]
+    names = sorted(n for n in os.listdir(root) if n.endswith(".py"))[:40]
+    files = {open(os.path.join(root, n), "rb").read() for n in names}
+    table = tok.token_bytes()
+    ds = TokenizedDataset(train)
+    for i in range(len(ds)):
+        ids = ds[i][0].tolist()
+        assert ids[-1] == tok.eos_id
+        text = ref.decode(ids[:-1]).encode()
+        assert text in files and int(table[ids[:-1]].sum()) == len(text)
+    labels = np.array([[ids[0], IGNORE, ids[2], tok.eos_id]])
+    assert target_bytes(labels, table) == table[ids[0]] + table[ids[2]]
+    assert load_tokenizer("byte").token_bytes().tolist() == [1] * 256 + [0, 0]
+    with pytest.raises(DataError, match="holds a corpus built as"):
+        build_stdlib_corpus(out, max_files=40, vocab_size=500, tests=False)

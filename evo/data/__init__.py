@@ -6,7 +6,7 @@ Data knows tokens, not models: nothing here imports the rest of evo. See docs/da
 from .format import BinWriter, DataError, TokenizedDataset, format_lines, parse_line, write_bin
 from .loader import EvalSet, Loader, Packed, eval_batches, parse_skip_batches
 from .packing import IGNORE, pack_documents
-from .tokenize import ByteTokenizer, build_stdlib_corpus, load_tokenizer, tokenize
+from .tokenize import ByteTokenizer, build_stdlib_corpus, load_tokenizer, target_bytes, tokenize
 
 __all__ = [
     "DataError",
@@ -26,4 +26,5 @@ __all__ = [
     "load_tokenizer",
     "tokenize",
     "build_stdlib_corpus",
+    "target_bytes",
 ]

@@ -27,7 +27,7 @@ import numpy as np
 
 from .format import BinWriter, DataError, format_lines
 
-__all__ = ["ByteTokenizer", "load_tokenizer", "tokenize", "build_stdlib_corpus"]
+__all__ = ["ByteTokenizer", "load_tokenizer", "tokenize", "build_stdlib_corpus", "target_bytes"]
 
 _CHUNK_BYTES = 4 << 20  # JSONL is cut into chunks of about this size, one task each
 _MAX_SHARD_BYTES = 2**31 - 1  # int32 offsets in the .meta
@@ -50,6 +50,10 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        """int64 [vocab_size]: the bytes of text each id stands for (BOS/EOS: none)."""
+        return np.array([1] * 256 + [0, 0], dtype=np.int64)
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -94,6 +98,26 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def token_bytes(self) -> np.ndarray | None:
+        """int64 [vocab_size]: the bytes of text each id stands for, known for a byte-level
+        tokenizer (each character of a token's string is one byte; added tokens stand for none);
+        None for other tokenizers."""
+        spec = json.loads(self._tok.to_str())
+        if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+            return None
+        from tokenizers.pre_tokenizers import ByteLevel
+        alphabet = set(ByteLevel.alphabet())
+        added = {t["id"] for t in spec.get("added_tokens") or []}
+        table = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            token = self._tok.id_to_token(i)
+            if i in added or token is None:
+                continue
+            if not set(token) <= alphabet:
+                return None
+            table[i] = len(token)
+        return table
+
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r})"
 
@@ -124,13 +148,18 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> None:
+        """Unknown for sentencepiece models (pieces are not bytes)."""
+        return None
+
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({self.path!r})"
 
 
 def load_tokenizer(spec: str):
     """``"byte"``, a tokenizers ``.json`` path or a sentencepiece ``.model`` path -> a tokenizer with
-    ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``bos_id``, ``eos_id``."""
+    ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``bos_id``, ``eos_id``
+    and ``token_bytes()`` (bytes of text per id, or None where unknown)."""
     if spec == "byte":
         return ByteTokenizer()
     if not spec.endswith((".json", ".model")):
@@ -333,14 +362,33 @@ def tokenize(
 
 
 # --------------------------------------------------------------------------------------------------
+# Bytes of text, for bits per byte
+
+
+def target_bytes(labels, token_bytes: np.ndarray) -> int:
+    """UTF-8 bytes of the text that the loss targets of ``labels`` spell.
+
+    ``labels``: int array or tensor of any shape, ``IGNORE`` (-100) where there is no target;
+    ``token_bytes``: int64 [vocab_size] from a tokenizer's ``token_bytes()``. Summed loss (nats) /
+    ln 2 / this = bits per byte, comparable across tokenizers.
+    """
+    labels = np.asarray(labels)
+    return int(token_bytes[labels[labels >= 0]].sum())
+
+
+# --------------------------------------------------------------------------------------------------
 # The demo corpus
 
+_TEST_FOLDERS = ("test", "tests", "idle_test")
+EOS_TOKEN = "<|endoftext|>"
 
-def _stdlib_files(max_files: int | None) -> list[tuple[str, bytes]]:
+
+def _stdlib_files(max_files: int | None, tests: bool) -> list[tuple[str, bytes]]:
     root = sysconfig.get_paths()["stdlib"]
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__")
+                             and (tests or d not in _TEST_FOLDERS))
         for name in sorted(filenames):
             if not name.endswith(".py"):
                 continue
@@ -357,22 +405,72 @@ def _stdlib_files(max_files: int | None) -> list[tuple[str, bytes]]:
     return files
 
 
-def build_stdlib_corpus(out_dir: str, *, valid_fraction: float = 0.05, max_files: int | None = None) -> tuple[str, str]:
-    """Build the demo corpus: the Python standard library's ``.py`` files, byte-level tokenized.
+def _train_bpe(texts: list[str], vocab_size: int, path: str) -> None:
+    """A byte-level BPE of ``vocab_size`` ids (``EOS_TOKEN`` is id 0, the only special token)
+    trained on ``texts`` with the ``tokenizers`` package, written atomically to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    tok.save(tmp)
+    os.replace(tmp, path)
+
+
+def _corpus_docs(out_dir: str, files: list[tuple[str, bytes]], valid_fraction: float,
+                 vocab_size: int | None) -> dict[str, list[np.ndarray]]:
+    """Each file's ids with EOS appended, split into train/valid by a CRC32 of its path; trains the
+    BPE on the train split first when ``vocab_size`` is set."""
+    split = {"train": [], "valid": []}
+    for rel, data in files:
+        split["valid" if zlib.crc32(rel.encode()) / 2**32 < valid_fraction else "train"].append(data)
+    if vocab_size is None:
+        tok = ByteTokenizer()
+    else:
+        path = os.path.join(out_dir, "tokenizer.json")
+        if not os.path.exists(path):
+            os.makedirs(out_dir, exist_ok=True)
+            _train_bpe([d.decode("utf-8") for d in split["train"]], vocab_size, path)
+        tok = HFTokenizer(path)
+        if tok.vocab_size != vocab_size:
+            raise DataError(f"{path}: a tokenizer of {tok.vocab_size} ids, not {vocab_size}; delete "
+                            "it to rebuild")
+    eos = np.array([tok.eos_id], dtype=np.int64)
+    return {name: [np.concatenate([ids.astype(np.int64), eos]) for ids in
+                   tok.encode_batch([d.decode("utf-8") for d in datas])]
+            for name, datas in split.items()}
+
+
+def build_stdlib_corpus(out_dir: str, *, valid_fraction: float = 0.05, max_files: int | None = None,
+                        vocab_size: int | None = None, tests: bool = True) -> tuple[str, str]:
+    """Build the demo corpus: the Python standard library's ``.py`` files, tokenized.
 
     One document per file (EOS appended), sorted by path, split into train/valid by a CRC32 of the
     relative path (valid when ``crc32 / 2**32 < valid_fraction``), written to
     ``out_dir/train/stdlib/`` and ``out_dir/valid/stdlib/`` (one ``stdlib.bin`` each, with a
-    ``corpus.json`` stating how it was built). Idempotent and safe under concurrent callers: each
-    folder is built in a temporary folder and renamed into place; a finished corpus is returned at
-    once. Returns (train_folder, valid_folder).
+    ``corpus.json`` stating how it was built). ``vocab_size=None`` tokenizes bytes (``"byte"``);
+    an int trains a byte-level BPE of that many ids on the train split's text (EOS is
+    ``<|endoftext|>``) and writes it as ``out_dir/tokenizer.json``. ``tests=False`` leaves out the
+    stdlib's test folders (``test/``, ``tests/``, ``idle_test/``: 60 % of its bytes). Idempotent and
+    safe under concurrent callers: each folder is built in a temporary folder and renamed into
+    place; a finished corpus is returned at once. Returns (train_folder, valid_folder).
     """
     if not 0 <= valid_fraction < 1:
         raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     if max_files is not None and max_files < 1:
         raise DataError(f"max_files must be >= 1 or None, got {max_files}")
-    recipe = {"source": sysconfig.get_paths()["stdlib"], "tokenizer": "byte", "eos": True,
-              "valid_fraction": valid_fraction, "max_files": max_files}
+    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 257):
+        raise DataError(f"vocab_size must be an int >= 257 (256 bytes + EOS) or None, got {vocab_size!r}")
+    recipe = {"source": sysconfig.get_paths()["stdlib"],
+              "tokenizer": "byte" if vocab_size is None else f"bpe {vocab_size} tokenizer.json",
+              "eos": True, "valid_fraction": valid_fraction, "max_files": max_files}
+    if not tests:
+        recipe["tests"] = False
     finals = {split: os.path.join(out_dir, split, "stdlib") for split in ("train", "valid")}
 
     def complete(folder: str) -> bool:
@@ -387,33 +485,29 @@ def build_stdlib_corpus(out_dir: str, *, valid_fraction: float = 0.05, max_files
 
     if all(complete(f) for f in finals.values()):
         return finals["train"], finals["valid"]
-    tok = ByteTokenizer()
-    docs = {"train": [], "valid": []}
-    for rel, data in _stdlib_files(max_files):
-        split = "valid" if zlib.crc32(rel.encode()) / 2**32 < valid_fraction else "train"
-        ids = np.empty(len(data) + 1, dtype=np.int64)
-        ids[:-1] = np.frombuffer(data, dtype=np.uint8)
-        ids[-1] = tok.eos_id
-        docs[split].append(ids)
+    docs = _corpus_docs(out_dir, _stdlib_files(max_files, tests), valid_fraction, vocab_size)
     for split, final in finals.items():
-        if complete(final):
-            continue
-        parent = os.path.dirname(final)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".stdlib-", dir=parent)  # hidden: readers skip it
-        try:
-            os.chmod(tmp, 0o755)
-            with BinWriter(os.path.join(tmp, "stdlib.bin")) as w:
-                for i in range(0, len(docs[split]), 256):
-                    w.write(docs[split][i : i + 256])
-            with open(os.path.join(tmp, "corpus.json"), "w") as f:
-                json.dump({"recipe": recipe, "documents": w.documents, "tokens": w.tokens}, f)
-            try:
-                os.rename(tmp, final)  # atomic; fails if another process got there first
-            except OSError:
-                if not complete(final):
-                    raise
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+        if not complete(final):
+            _write_corpus_folder(final, docs[split], recipe, complete)
     return finals["train"], finals["valid"]
+
+
+def _write_corpus_folder(final: str, docs: list[np.ndarray], recipe: dict, complete) -> None:
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".stdlib-", dir=parent)  # hidden: readers skip it
+    try:
+        os.chmod(tmp, 0o755)
+        with BinWriter(os.path.join(tmp, "stdlib.bin")) as w:
+            for i in range(0, len(docs), 256):
+                w.write(docs[i : i + 256])
+        with open(os.path.join(tmp, "corpus.json"), "w") as f:
+            json.dump({"recipe": recipe, "documents": w.documents, "tokens": w.tokens}, f)
+        try:
+            os.rename(tmp, final)  # atomic; fails if another process got there first
+        except OSError:
+            if not complete(final):
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
