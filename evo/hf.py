@@ -211,14 +211,9 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32):
-    """Read a checkpoint directory → ``(cfg, params)`` in evo's layout, tensors cast to ``dtype``
-    (None keeps the stored dtype); config.json's ``architectures`` chooses the family.
-
-    Raises ValueError naming the file (and tensor) for a missing directory, config.json or shard,
-    an architecture no family reads, an unreadable (e.g. truncated) safetensors file, or a tensor
-    missing or shaped unlike the config. Tensors the model does not use (e.g. rotary buffers) are
-    ignored."""
+def read_config(path: str | os.PathLike):
+    """The model config of a checkpoint directory's config.json, in the family its
+    ``architectures`` name; reads no tensor. ValueError naming the file as ``load_hf``'s."""
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"{root}: no such checkpoint directory")
@@ -230,8 +225,20 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float3
         raw = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    fam = family_from_hf(raw, source=str(config_path))
-    cfg = fam.config_from_hf(raw, source=str(config_path))
+    return config_from_hf(raw, source=str(config_path))
+
+
+def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32):
+    """Read a checkpoint directory → ``(cfg, params)`` in evo's layout, tensors cast to ``dtype``
+    (None keeps the stored dtype); config.json's ``architectures`` chooses the family.
+
+    Raises ValueError naming the file (and tensor) for a missing directory, config.json or shard,
+    an architecture no family reads, an unreadable (e.g. truncated) safetensors file, or a tensor
+    missing or shaped unlike the config. Tensors the model does not use (e.g. rotary buffers) are
+    ignored."""
+    root = Path(path)
+    cfg = read_config(root)
+    fam = models.family_of(cfg)
     where, listing = _tensor_files(root)          # tensor name -> file holding it
     # The names and shapes the config expects, from the family's map (meta tensors: no memory).
     expected = fam.to_hf(cfg, models.init(cfg, device="meta"))

@@ -89,6 +89,7 @@ def run(exp: Experiment, *, device: str | None = None, stream: IO[str] | None = 
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NPROCS", "1")))
     exp.plan.resolve(world)  # a plan that does not fit the world fails before anything starts
     planner.model_layouts(exp.plan.resolve(world), exp.model)
+    _check_init_from(exp)
     cuda = torch.cuda.is_available() and device != "cpu"
     if world > 1:
         _distributed(world, "cuda" if cuda else "cpu")
@@ -111,6 +112,15 @@ def run(exp: Experiment, *, device: str | None = None, stream: IO[str] | None = 
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_init_from(exp: Experiment) -> None:
+    """An HF directory given as ``init_from`` holds a model of this run's family and shapes:
+    checked from its config.json before the run writes anything."""
+    if exp.init_from is not None and os.path.isfile(os.path.join(exp.init_from, "config.json")):
+        from evo import hf
+        cfg = hf.read_config(exp.init_from)
+        checkpoint.check_model(checkpoint.model_record(cfg), exp.model, exp.init_from)
 
 
 @contextlib.contextmanager
