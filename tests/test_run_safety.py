@@ -200,7 +200,8 @@ def test_an_overflowing_step_is_skipped_counted_and_backs_the_scale_off():
     skipped, and (hysteresis 2) the second overflow halves the scale; a scale that fits trains
     and grows after ``growth_interval`` clean steps."""
     opt = optim.adamw(lr=1e-2)
-    tokens = torch.randint(0, CFG.vocab_size, (2, 2, 16), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, CFG.vocab_size, (2, 2, 16),
+                           generator=torch.Generator().manual_seed(0))
     batch = {"tokens": tokens, "labels": tokens}
     params = llama.init(CFG, seed=0)
     step = train.Step(CFG, opt, compute_dtype=torch.float16,
@@ -273,6 +274,20 @@ def test_resume_with_a_changed_model_field_is_refused_unless_asked(tmp_path):
     assert meta["resumed_with_changes"] == [
         {"step": 3, "field": "model.rope_theta", "saved": 10000.0, "now": 500000.0}]
     assert [x["step"] for x in records(run_dir)] == [1, 2, 3, 4]
+
+
+def test_model_changes_compares_the_whole_config_as_saved():
+    """The comparison is generic: nested values (rope scaling) and any field, in the JSON form
+    index.json holds; an unchanged config has no changes."""
+    scaled = dataclasses.replace(CFG, rope_scaling=llama.RopeScaling(factor=8.0))
+    index = json.loads(json.dumps({"model": dataclasses.asdict(scaled)}))
+    assert checkpoint.model_changes(index, scaled) == {}
+    other = dataclasses.replace(scaled, rope_scaling=llama.RopeScaling(factor=4.0))
+    changes = checkpoint.model_changes(index, other)
+    assert list(changes) == ["rope_scaling"]
+    saved, now = changes["rope_scaling"]
+    assert saved["factor"] == 8.0 and now["factor"] == 4.0
+    assert list(checkpoint.model_changes(index, dataclasses.replace(CFG))) == ["rope_scaling"]
 
 
 # --------------------------------------------------------------------------- disk full
