@@ -415,10 +415,9 @@ def expected_comm_bytes(cfg: llama.Config, plan, *, micro_num: int, tokens_per_m
     ``plan``: the analytic model the step's measured ``comm_bytes`` must equal.
 
     Counts what ``ShardedStep`` does: per micro-batch, the tensor-parallel region crossings of
-    forward and backward (and of the recomputed layers: every layer under ZeRO-3, else
-    the first ``floor(remat · num_layers)``) and the ZeRO-3 weight
-    gathers and gradient reduce-scatters; per step, the gradient synchronisation, the norm and the
-    loss and token counts.
+    forward and backward (and of the recomputed layers: every layer under ZeRO-3, else the first
+    ``floor(remat · num_layers)``) and the ZeRO-3 weight gathers and gradient reduce-scatters; per
+    step, the gradient synchronisation, the norm and the loss and token counts.
     """
     from collections import Counter
     layouts = model_layouts(plan, cfg)
