@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def repo_env(**extra: str) -> dict[str, str]:
     """The environment of every subprocess a test starts: this repository first on PYTHONPATH
-    (it supplies both ``evo`` and ``evo_kernels``, ahead of any installed or other checkout), one
-    thread per process (tests run several processes on few cores), then ``extra``."""
+    (it supplies both ``evo`` and ``evo_kernels``, ahead of any installed or other checkout),
+    then ``extra`` (e.g. ``OMP_NUM_THREADS="1"`` where a test runs several processes)."""
     path = [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1", **extra}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **extra}

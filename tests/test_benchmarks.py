@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_step_smoke(tmp_path):
-    env = repo_env(TRITON_INTERPRET="1")
+    env = repo_env(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_step.py"), "--smoke",
                         "--steps", "2", "--warmup", "1", "--triton", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=900, env=env)

@@ -43,6 +43,10 @@ def write_experiment(tmp_path, steps, every, run_dir):
     return str(path)
 
 
+def env():
+    return repo_env(OMP_NUM_THREADS="1")  # several processes at once on few cores
+
+
 def evo_train(exp, *sets, nproc=1, check=True):
     extra = [a for s in sets for a in ("--set", s)]
     if nproc == 1:
@@ -50,7 +54,7 @@ def evo_train(exp, *sets, nproc=1, check=True):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(nproc), "-m", "evo", "train", exp, *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=repo_env(), timeout=900)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=900)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -75,7 +79,7 @@ def test_kill_9_then_rerun_is_bitwise_the_uninterrupted_run(tmp_path):
     for k in kills:
         run_dir = tmp_path / f"run{k}"
         exp = write_experiment(tmp_path, steps, 3, run_dir)
-        p = subprocess.Popen([sys.executable, "-m", "evo", "train", exp], env=repo_env(),
+        p = subprocess.Popen([sys.executable, "-m", "evo", "train", exp], env=env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         metrics = run_dir / "metrics.jsonl"
         deadline, logged = time.time() + 900, 0
@@ -142,7 +146,7 @@ def test_export_hf_from_a_sharded_checkpoint(tmp_path):
               "data.micro_num=2", nproc=2)
     out = tmp_path / "hf"
     r = subprocess.run([sys.executable, "-m", "evo", "export-hf", str(run_dir), "--out", str(out)],
-                       capture_output=True, text=True, env=repo_env(), timeout=900)
+                       capture_output=True, text=True, env=env(), timeout=900)
     assert r.returncode == 0, r.stderr
     ckpt = checkpoint.resolve(str(run_dir))
     cfg = checkpoint.model_config(checkpoint.read_index(ckpt))
@@ -194,7 +198,7 @@ def test_checkpoint_of_another_model_shape(saved_run):
     other.write_text(open(write_experiment(tmp, 4, 2, run_dir)).read()
                      .replace("hidden_size=64", "hidden_size=32"))
     r = subprocess.run([sys.executable, "-m", "evo", "train", str(other)], capture_output=True,
-                       text=True, env=repo_env(), timeout=900)
+                       text=True, env=env(), timeout=900)
     assert r.returncode != 0 and "model.hidden_size" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -204,8 +208,7 @@ def test_not_a_checkpoint_directory(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="not a complete evo checkpoint"):
         checkpoint.read_index(str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "evo", "export-hf", str(tmp_path / "nope"),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                       env=repo_env())
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env())
     assert r.returncode != 0 and "nope" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -248,7 +251,7 @@ def test_kill_9_during_a_save(tmp_path):
     evo_train(write_experiment(tmp_path, steps, 3, ref_dir))
     run_dir = tmp_path / "run"
     exp = write_experiment(tmp_path, steps, 3, run_dir)
-    p = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "train", exp], env=repo_env(),
+    p = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "train", exp], env=env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = run_dir / "checkpoints"
     deadline, seen = time.time() + 900, False
@@ -266,7 +269,7 @@ def test_kill_9_during_a_save(tmp_path):
 def test_sigterm_saves_before_exiting(tmp_path):
     run_dir = tmp_path / "run"
     exp = write_experiment(tmp_path, 400, 0, run_dir)
-    p = subprocess.Popen([sys.executable, "-m", "evo", "train", exp], env=repo_env(),
+    p = subprocess.Popen([sys.executable, "-m", "evo", "train", exp], env=env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 900
@@ -298,7 +301,7 @@ def test_init_from_a_checkpoint_or_hf_loads_params_only(saved_run, tmp_path):
                       ("from_hf", ["import-hf", str(hf_dir), exp])):
         run_dir = tmp_path / name
         r = subprocess.run([sys.executable, "-m", "evo", *cmd, "--set", f"run_dir={run_dir}",
-                            "--set", "steps=4"], capture_output=True, text=True, env=repo_env(),
+                            "--set", "steps=4"], capture_output=True, text=True, env=env(),
                            timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]
         first = records(run_dir)[0]

@@ -133,7 +133,7 @@ def test_torchrun_plan_logs_the_losses_of_one_process(tmp_path):
     micro_num 1 logs the losses of one process with micro_num 2 (fp32, 1e-5 relative)."""
     common = ["experiments/tiny.py", "--set", "steps=3", "--set", "eval_every=0",
               "--set", "sample_tokens=1"]
-    env = repo_env()
+    env = repo_env(OMP_NUM_THREADS="1")
     dist_run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
          "-m", "evo", "train", *common, "--set", "plan.dp=2", "--set", "plan.tp=2",
@@ -163,7 +163,7 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(exp_file, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = repo_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
-                   EVO_DIST_TIMEOUT="30")
+                   EVO_DIST_TIMEOUT="30", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "evo", "train", exp_file, "--set", "plan.dp=2",
            "--set", "steps=100000"]
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),

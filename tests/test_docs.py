@@ -53,7 +53,7 @@ def test_python_block_runs(path, index, code, tmp_path, monkeypatch):
         args = first[len("# torchrun "):].split()
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *args,
                             str(script)], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=900, env=repo_env())
+                           timeout=900, env=repo_env(OMP_NUM_THREADS="1"))
         assert r.returncode == 0, f"{path} block {index}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         return
     monkeypatch.chdir(tmp_path)
@@ -74,7 +74,8 @@ def test_console_block_runs(path, index, code, console_dir):
     if "pip install" in code:
         pytest.skip("installs the project: .ci/run runs these commands")
     bindir = os.path.dirname(sys.executable)
-    env = repo_env(PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+    env = repo_env(PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+                   OMP_NUM_THREADS="1")
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=console_dir, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{path} block {index}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"

@@ -1,8 +1,8 @@
 """Every plan computes the same function: the equivalence sweep (CPU, gloo, 4 processes).
 
 One torchrun launch of tests/sweep_worker.py runs every case of its ``CASES`` (2-process plans
-on the first two ranks) against the single-process step of the same model and compute dtype on the
-same global batches, 3 steps at a learning rate that lowers the loss by ≈ 0.3 and with gradient
+on the first two ranks) against the single-process step of the same model and compute dtype on
+the same global batches, 3 steps at a learning rate that lowers the loss by ≈ 0.3 and with gradient
 clipping active (``clip_norm`` below every step's norm, asserted).
 
 Tolerances, from the compute dtype's machine epsilon (fp32: 2^-23 ≈ 1.2e-7; bf16: 2^-8 ≈ 3.9e-3),
@@ -52,7 +52,8 @@ def sweep(tmp_path_factory):
     keep = os.environ.get("EVO_SWEEP_OUT")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
                         "--standalone", os.path.join(HERE, "sweep_worker.py"), str(out)],
-                       capture_output=True, text=True, timeout=900, env=repo_env())
+                       capture_output=True, text=True, timeout=900,
+                       env=repo_env(OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     if keep:
         with open(keep, "w") as f:

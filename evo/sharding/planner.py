@@ -450,8 +450,9 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
 
     Counts what ``ShardedStep`` does, from the family's blocks: per micro-batch, the
     tensor-parallel region crossings of forward and backward (and of the recomputed layers: every
-    layer under ZeRO-3, else the first ``floor(remat · layers)``) and the ZeRO-3 weight gathers and gradient reduce-scatters; per step, the
-    gradient synchronisation, the norm and the loss and token counts.
+    layer under ZeRO-3, else the first ``floor(remat · layers)``) and the ZeRO-3 weight gathers
+    and gradient reduce-scatters; per step, the gradient synchronisation, the norm and the loss
+    and token counts.
     """
     from collections import Counter
     sizes = {"tp": plan.tp, "dp": plan.dp, "zero": plan.zero_group,
