@@ -18,8 +18,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from evo import optim, train, tree
-from evo.models import llama
+from evo import models, optim, train, tree
+from evo.models import llama, qwen3
 from evo.sharding import Plan, planner
 from evo.sharding.mesh import build_mesh
 
@@ -34,11 +34,15 @@ MODELS = {
     # ZeRO padding runs
     "llama-odd": _ODD,
     "llama-odd-tied": dataclasses.replace(_ODD, tie_embeddings=True),
+    # Qwen3: per-head q/k norms (replicated weights whose gradients tensor parallelism completes
+    # through regions.inside) and a head_dim (12) independent of hidden_size / num_heads
+    "qwen3-odd": qwen3.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
+                              num_kv_heads=4, intermediate_size=50, head_dim=12),
 }
 
 
 def init_params(cfg):
-    return llama.init(cfg, seed=0)
+    return models.init(cfg, seed=0)
 
 
 # clip_norm sits below every step's gradient norm (≈ 0.84–1.12 on this data): clipping is active
@@ -89,6 +93,13 @@ CASES = [
     Case("tp2-sp-bf16-remat", Plan(dp=1, tp=2, sequence_parallel=True), 2, dtype="bfloat16",
          remat=1.0),
     Case("dp2-tp2-zero3-bf16", Plan(dp=2, tp=2, zero=3), 4, dtype="bfloat16"),
+    # a second family on the same plans
+    Case("qwen3-dp4-zero1-group2", Plan(dp=4, zero=1, zero_group=2), 4, "qwen3-odd"),
+    Case("qwen3-dp2-zero3-unbucketed", Plan(dp=2, zero=3, bucket_mb=0), 2, "qwen3-odd"),
+    Case("qwen3-tp2-sp", Plan(dp=1, tp=2, sequence_parallel=True), 2, "qwen3-odd"),
+    Case("qwen3-dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4, "qwen3-odd"),
+    Case("qwen3-dp2-tp2-zero2-sp-remat", Plan(dp=2, tp=2, zero=2, sequence_parallel=True), 4,
+         "qwen3-odd", remat=0.5),
 ]
 
 

@@ -181,7 +181,7 @@ def test_rules_that_do_not_fit_the_model():
     with pytest.raises(ValueError, match="'norm' has no rule"):
         model_layouts(Plan(rules=no_norm).resolve(1), cfg)
     embed_too = tuple((a, "tp" if a == "embed" else m) for a, m in Plan().rules)
-    with pytest.raises(ValueError, match="over tp on 2 dimensions"):
+    with pytest.raises(ValueError, match="mesh axis .tp. on dimensions 0 and 1"):
         model_layouts(Plan(rules=embed_too).resolve(1), cfg)
 
 
