@@ -34,6 +34,7 @@ class RunDirLock:
         self.run_dir, self.log = run_dir, log
         self.path = os.path.join(run_dir, ".lock")
         self.fd: int | None = None
+        self.created = False   # acquire made the directory
 
     def __enter__(self) -> RunDirLock:
         self.acquire()
@@ -45,6 +46,7 @@ class RunDirLock:
     def acquire(self) -> None:
         if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
             raise RunDirError(f"run_dir {self.run_dir} is a file, not a directory")
+        self.created = not os.path.exists(self.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -69,6 +71,10 @@ class RunDirLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+            if self.created and os.listdir(self.run_dir) == [".lock"]:
+                # a run that stopped before writing anything leaves no directory behind
+                os.remove(self.path)
+                os.rmdir(self.run_dir)
 
 
 def _holder(path: str) -> tuple[str, str]:

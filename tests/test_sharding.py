@@ -177,10 +177,11 @@ def test_tp_needs_the_default_split(axis, to):
 def test_rules_that_do_not_fit_the_model():
     cfg = llama.Config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
                        intermediate_size=48)
-    no_norm = tuple(r for r in Plan().rules if r[0] != "norm")
-    with pytest.raises(ValueError, match="'norm' has no rule"):
-        model_layouts(Plan(rules=no_norm).resolve(1), cfg)
-    embed_too = tuple((a, "tp" if a == "embed" else m) for a, m in Plan().rules)
+    # an axis with no rule ("embed", "norm" by default) is replicated
+    layouts = model_layouts(Plan(tp=2).resolve(2), cfg)
+    assert all(layouts[k].tp_dim is None for k in ("norm", "layers.0.attn_norm"))
+    assert layouts["layers.0.mlp.w2"].tp_dim == 0  # ("mlp", "embed"): only "mlp" is split
+    embed_too = Plan().rules + (("embed", "tp"),)
     with pytest.raises(ValueError, match="mesh axis .tp. on dimensions 0 and 1"):
         model_layouts(Plan(rules=embed_too).resolve(1), cfg)
 

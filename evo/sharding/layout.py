@@ -73,16 +73,13 @@ def param_layout(plan: Plan, shape: tuple[int, ...], axes: tuple[str, ...], name
 
 
 def check_rules(plan: Plan, model_axes: dict[str, tuple[str, ...]]) -> None:
-    """Every rule names a logical axis the model uses, and every axis the model uses has a rule."""
+    """Every rule names a logical axis the model uses (an axis with no rule is replicated)."""
     used = {a for ax in model_axes.values() for a in ax}
     ruled = {r[0] for r in plan.rules}
     unknown = sorted(ruled - used)
     if unknown:
         raise ValueError(f"plan.rules: logical axis {unknown[0]!r} is not used by the model "
                          f"(its axes are {sorted(used)})")
-    missing = sorted(used - ruled)
-    if missing:
-        raise ValueError(f"plan.rules: the model's logical axis {missing[0]!r} has no rule")
 
 
 def model_layouts(plan: Plan, cfg) -> dict[str, ParamLayout]:

@@ -16,9 +16,9 @@ Rule = tuple[str, "str | tuple[str, ...] | None"]
 
 # Weights are [in, out]: splitting an output axis ("qkv", "mlp", "vocab" of the head) makes a
 # column-parallel matmul, splitting an input axis ("heads", "mlp" of w2) a row-parallel one, and
-# "vocab" of the embedding a vocab-parallel lookup.
-DEFAULT_RULES: tuple[Rule, ...] = (
-    ("vocab", "tp"), ("qkv", "tp"), ("heads", "tp"), ("mlp", "tp"), ("embed", None), ("norm", None))
+# "vocab" of the embedding a vocab-parallel lookup. A logical axis with no rule (the hidden size
+# "embed", a norm weight's axis) is replicated.
+DEFAULT_RULES: tuple[Rule, ...] = (("vocab", "tp"), ("qkv", "tp"), ("heads", "tp"), ("mlp", "tp"))
 
 
 @dataclass(frozen=True)
