@@ -57,13 +57,15 @@ def family_from_hf(d: dict, *, source: str = CONFIG_FILE) -> models.Family:
     if not isinstance(d, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
     archs = d.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ValueError(f"{source}: architectures={archs!r} is not a list of class names")
     for arch in archs:
         fam = models.for_architecture(arch)
         if fam is not None:
             return fam
-    if not archs:
+    if not archs and d.get("model_type") is not None:
         for name in models.names():
-            if getattr(models.get(name), "hf_model_type", None) == d.get("model_type"):
+            if models.get(name).hf_model_type == d["model_type"]:
                 return models.get(name)
     what = f"architecture {archs[0]!r}" if archs else f"model_type {d.get('model_type')!r}"
     raise ValueError(f"{source}: {what} is not supported; evo reads "

@@ -351,3 +351,15 @@ def test_plans_on_the_experiment_file_family_equal_one_process(tmp_path, monkeyp
         expected = planner.expected_comm_bytes(cfg, resolved, tokens_per_micro=T, sources=SOURCES,
                                                micro_num=GLOBAL_MICRO // resolved.dp)
         assert all(measured == expected for measured in got["comm_bytes"]), (name, expected)
+
+
+def test_internlm2_config_refuses_what_its_config_json_cannot_say():
+    with pytest.raises(ValueError, match="Config.head_dim=16: InternLM2's head size is "):
+        internlm2.Config(**{**TINY, "head_dim": 16})
+    with pytest.raises(ValueError, match="Config.rope_scaling: InternLM2 has no LLaMA-3"):
+        internlm2.Config(**TINY, rope_scaling=llama.RopeScaling())
+    conf = hf.config_to_hf(internlm2.Config(**TINY))
+    conf["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
+    with pytest.raises(ValueError, match="config.json: rope_scaling type 'dynamic' is not "
+                                         "supported"):
+        hf.config_from_hf(conf)

@@ -70,6 +70,7 @@ class Family:
     name: ClassVar[str] = ""
     config: ClassVar[type] = object
     hf_architectures: ClassVar[tuple[str, ...]] = ()   # config.json "architectures" it reads
+    hf_model_type: ClassVar[str | None] = None         # config.json "model_type" it writes
     shape_fields: ClassVar[tuple[str, ...]] = ()       # config fields that decide param shapes
 
     # -- parameters and blocks

@@ -18,8 +18,17 @@ from evo.models import llama
 
 @dataclass(frozen=True)
 class Config(llama.Config):
-    """An InternLM2 model: the fields of ``llama.Config``."""
+    """An InternLM2 model: the fields of ``llama.Config``, without the two InternLM2 has no
+    config.json key for (a head size other than hidden / heads, LLaMA-3 rope scaling)."""
     family: ClassVar[str] = "internlm2"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head_dim not in (None, self.hidden_size // self.num_heads):
+            raise ValueError(f"Config.head_dim={self.head_dim}: InternLM2's head size is "
+                             f"hidden_size / num_heads = {self.hidden_size // self.num_heads}")
+        if self.rope_scaling is not None:
+            raise ValueError("Config.rope_scaling: InternLM2 has no LLaMA-3 rope scaling")
 
 
 class InternLM2(llama.Llama):

@@ -8,15 +8,17 @@ What each plan does, per step:
 - ZeRO 0: gradients all-reduced over ``dp``; every rank updates everything.
   ZeRO 1: gradients all-reduced, each rank updates its shard of the parameters and optimizer
   state (fp32 master), shards all-gathered back. ZeRO 2: gradients reduce-scattered over the zero
-  group (and all-reduced across replicas). ZeRO 3: parameters stay sharded; each layer's weights
-  are all-gathered just before use, released after, gathered again in backward (the layer is
-  recomputed), and their gradients reduce-scattered. Hybrid ZeRO: ``zero_group < dp``.
-- tensor parallel: weights split by the plan's rules (column-parallel ``wqkv``/``w1``/``w3``/head,
-  row-parallel ``wo``/``w2``, vocab-parallel embedding and cross-entropy, no rank holding full-vocab
-  logits); with sequence parallelism the residual stream between regions is split on the sequence,
-  entered by all-gather and left by reduce-scatter.
+  group (and all-reduced across replicas). ZeRO 3: parameters stay sharded; each of the model's
+  blocks has its weights all-gathered just before use (the next block's gathers start meanwhile),
+  released after, gathered again in backward (a layer block is recomputed), and their gradients
+  reduce-scattered. Hybrid ZeRO: ``zero_group < dp``.
+- tensor parallel: weights split by the plan's rules on their logical axes (column-parallel where
+  the output dimension is split, row-parallel where the input is, vocab-parallel embedding and
+  cross-entropy, no rank holding full-vocab logits); with sequence parallelism the residual stream
+  between regions is split on the sequence, entered by all-gather and left by reduce-scatter.
 
-The model takes part only through its ``Regions`` hooks (``evo.models.layers``).
+The model takes part only through its family's blocks and its ``Regions`` hooks
+(``evo.models.family``, ``evo.models.layers``); the planner names no parameter.
 """
 from __future__ import annotations
 
