@@ -45,15 +45,15 @@ def initial_params(cfg):
             else v for k, v in models.init(cfg, seed=0).items()}
 
 
-def check(cfg, plan, world, batches, reference):
-    """This plan's losses, params and comm bytes against the single-process ``reference`` (None
-    on a rank outside the plan's world)."""
+def check(cfg, plan, world, batches, reference, opt=OPT):
+    """This plan's losses, params and comm bytes against the single-process ``reference`` (the
+    step with the same ``opt``; None on a rank outside the plan's world)."""
     params0, ref_state, ref_losses = reference
     mesh = build_mesh(plan, ranks=list(range(world)))
     if mesh is None:
         return None
-    sharded = planner.shard(train.Step(cfg, OPT, sources=SOURCES), plan, mesh)
-    state = planner.init_state(cfg, OPT, planner.shard_params(cfg, params0, mesh), mesh)
+    sharded = planner.shard(train.Step(cfg, opt, sources=SOURCES), plan, mesh)
+    state = planner.init_state(cfg, opt, planner.shard_params(cfg, params0, mesh), mesh)
     losses, comm = [], []
     for b in batches:
         state, m = sharded(state, local_batch(b, mesh.coords["dp"], mesh.plan.dp))

@@ -11,9 +11,9 @@ import sys
 import torch.distributed as dist
 
 from evo import data, models, optim, train, tree
-from evo.sharding import Plan, planner
-from evo.sharding.mesh import build_mesh
-from sweep_worker import SOURCES, global_batches, local_batch, norm_rel, rel
+from evo.sharding import Plan
+from families_tp_worker import check
+from sweep_worker import SOURCES, global_batches
 
 # AdamW at the learning rate the tolerances of test_families.py were set for (the main sweep moves
 # faster and judges each update against its own size)
@@ -38,7 +38,7 @@ def gelu_config():
 
 
 def main(out_path):
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=900))
     cfg = gelu_config()
     batches = global_batches(cfg.vocab_size)
     params0 = models.init(cfg, seed=0)
@@ -48,22 +48,9 @@ def main(out_path):
         ref_losses.append(float(m["loss"]))
     results = {}
     for name, plan, world in PLANS:
-        mesh = build_mesh(plan, ranks=list(range(world)))
-        if mesh is not None:
-            step = planner.shard(train.Step(cfg, OPT, sources=SOURCES), plan, mesh)
-            state = planner.init_state(cfg, OPT, planner.shard_params(cfg, params0, mesh), mesh)
-            losses, comm = [], []
-            for b in batches:
-                state, m = step(state, local_batch(b, mesh.coords["dp"], mesh.plan.dp))
-                losses.append(float(m["loss"]))
-                comm.append(m["comm_bytes"])
-            full = planner.gather_params(cfg, state.params, mesh)
-            if mesh.rank == 0:
-                results[name] = {
-                    "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
-                    "param_rel": max(rel(full[k], ref.params[k]) for k in full),
-                    "param_norm_rel": max(norm_rel(full[k], ref.params[k]) for k in full),
-                    "comm_bytes": comm}
+        r = check(cfg, plan, world, batches, (params0, ref, ref_losses), OPT)
+        if r is not None and dist.get_rank() == 0:
+            results[name] = r
         dist.barrier()
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:

@@ -2,13 +2,12 @@
 command line, no traceback) before anything is trained or written."""
 import os
 import stat
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from test_cli import evo
 from evo import Experiment, config, data, hf, optim
 from evo.models import llama
 
@@ -33,12 +32,6 @@ def exp_file(tmp_path):
     path = tmp_path / "exp.py"
     path.write_text(EXPERIMENT.replace("RUN_DIR", repr(str(tmp_path / "run"))))
     return str(path)
-
-
-def evo(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "evo", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=900)
 
 
 def one_error(r, *culprits):
