@@ -93,9 +93,10 @@ def test_todays_layout_is_unchanged():
     assert len(plans) == 68
     for plan in plans:
         assert mesh_shape(plan).sizes == {"tp": plan.tp, "dp": plan.dp, "zero": plan.zero_group,
-                                          "replica": plan.dp // plan.zero_group}
+                                          "replica": plan.dp // plan.zero_group,
+                                          "pp": 1, "cp": 1, "sp": 1}
         for rank in range(plan.world_size):
-            assert coords(plan, rank) == _old_coords(plan, rank)
+            assert coords(plan, rank) == {**_old_coords(plan, rank), "pp": 0, "cp": 0, "sp": 0}
             for axis in ("tp", "dp", "zero", "replica"):
                 assert members(plan, rank, axis) == _old_members(plan, rank, axis)
     shape = mesh_shape(Plan(dp=4, tp=2, zero_group=2).resolve(8))   # pinned by hand
@@ -147,8 +148,8 @@ def test_bad_mesh_shape(base, derived, culprit):
 
 def test_reserved_axis_order():
     assert AXIS_ORDER == ("pp", "replica", "zero", "ep", "cp", "sp", "tp")
-    with pytest.raises(ValueError, match="unknown mesh axis 'pp'"):
-        mesh_shape(Plan(tp=2).resolve(4)).members(0, "pp")
+    with pytest.raises(ValueError, match="unknown mesh axis 'ep'"):
+        mesh_shape(Plan(tp=2).resolve(4)).members(0, "ep")
 
 
 # ------------------------------------------------------------------------------------- rules
@@ -257,3 +258,45 @@ def test_evo_train_with_a_rule_it_cannot_run(tmp_path, mlp, culprit):
     assert r.returncode == 2, r.stderr
     assert culprit in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.count("evo: error") == 1 and not run_dir.exists()   # nothing written
+
+
+def test_pipeline_and_sequence_axes_take_their_places():
+    """pp outermost, then the data-parallel ranks, then cp, sp and tp innermost:
+    rank = ((pp·dp + dp_index)·cp + cp_index)·sp·tp + sp_index·tp + tp_index."""
+    plan = Plan(pp=2, cp=2, sp=2, tp=2, zero=1).resolve(32)
+    assert plan.dp == 2 and plan.model_parallel == 16 and plan.world_size == 32
+    shape = mesh_shape(plan)
+    for rank in range(32):
+        c = shape.coords(rank)
+        assert rank == (((c["pp"] * 2 + c["dp"]) * 2 + c["cp"]) * 2 + c["sp"]) * 2 + c["tp"]
+    assert shape.members(0, "pp") == [0, 16]
+    assert shape.members(0, "dp") == [0, 8]
+    assert shape.members(0, "cp") == [0, 4]
+    assert shape.members(0, "sp") == [0, 2]
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(pp_schedule="gpipe"), "plan.pp_schedule must be one of"),
+    (dict(pp=2, pp_schedule="zbv", pp_virtual=1), "plan.pp_virtual must be 2"),
+    (dict(pp=2, pp_schedule="interleaved"), "plan.pp_virtual >= 2"),
+    (dict(pp=2, pp_virtual=2), "plan.pp_virtual must be 1"),
+    (dict(pp=2, pp_layers=(3,)), "plan.pp_layers has 1 entries"),
+    (dict(pp=2, pp_layers=(4, 0)), "stage 1 has no block"),
+    (dict(pp=0), "plan.pp must be a positive integer"),
+    (dict(sp=-1), "plan.sp must be a positive integer"),
+    (dict(dp=4, ep=3), "plan.ep=3 must divide plan.dp=4"),
+    (dict(weight_parallel=True), "plan.weight_parallel needs a sequence group"),
+])
+def test_bad_parallel_fields_name_the_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        Plan(**fields)
+
+
+def test_resolve_leaves_dp_to_the_model_parallel_product():
+    assert Plan(pp=2, tp=2).resolve(8).dp == 2
+    assert Plan(cp=2, sp=2).resolve(8).dp == 2
+    assert Plan(pp=2, pp_layers=[2, 2]).pp_layers == (2, 2)
+    with pytest.raises(ValueError, match=r"plan.pp=2 × plan.cp=2 × plan.sp=1 × plan.tp=1 = 4 must divide"):
+        Plan(pp=2, cp=2).resolve(6)
+    with pytest.raises(ValueError, match="plan.ep=4 must divide plan.dp=2"):
+        Plan(pp=2, ep=4).resolve(4)

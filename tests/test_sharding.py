@@ -117,9 +117,10 @@ def test_mesh_coordinates_cover_the_world():
         groups = {tuple(members(plan, r, axis)) for r in range(8)}
         assert all(len(g) == size for g in groups)
         assert sorted(r for g in groups for r in g) == list(range(8))  # a partition
-    assert coords(plan, 5) == {"tp": 1, "dp": 2, "zero": 0, "replica": 1}
-    with pytest.raises(ValueError, match="unknown mesh axis 'pp'"):
-        members(plan, 0, "pp")
+    assert coords(plan, 5) == {"tp": 1, "dp": 2, "zero": 0, "replica": 1, "pp": 0, "cp": 0,
+                               "sp": 0}
+    with pytest.raises(ValueError, match="unknown mesh axis 'ep'"):
+        members(plan, 0, "ep")
     with pytest.raises(ValueError, match="resolved against a world size"):
         Plan().world_size
     assert build_mesh(Plan(zero=1)) == Mesh(Plan(zero=1).resolve(1), 0)  # no process group

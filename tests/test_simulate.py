@@ -20,7 +20,8 @@ CFG_7B = llama.Config(vocab_size=32000, hidden_size=4096, num_layers=32, num_hea
 
 def test_7b_at_world_1024_tp8_zero1_group8():
     r = simulate(CFG_7B, Plan(tp=8, zero=1, zero_group=8), 1024, rank=9)
-    assert r["plan"].dp == 128 and r["coords"] == {"tp": 1, "dp": 1, "zero": 1, "replica": 0}
+    assert r["plan"].dp == 128 and r["coords"] == {"tp": 1, "dp": 1, "zero": 1, "replica": 0, "pp": 0,
+                                                 "cp": 0, "sp": 0}
     s = r["shapes"]
     # tensor parallel splits: qkv 3·4096 / 8, heads 4096 / 8, mlp 11008 / 8, vocab 32000 / 8
     assert s["layers.0.attn.wqkv"]["tp_piece"] == (4096, 1536)

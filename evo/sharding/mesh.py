@@ -105,8 +105,10 @@ class MeshShape:
 
 
 def mesh_shape(plan: Plan) -> MeshShape:
-    """The mesh of a resolved plan: ``replica × zero × tp`` with ``dp = (replica, zero)``."""
-    return MeshShape(base=(("replica", plan.dp // plan.zero_group), ("zero", plan.zero_group),
+    """The mesh of a resolved plan: ``pp × replica × zero × cp × sp × tp`` with the derived
+    ``dp = (replica, zero)``. (Expert parallelism will take its place as a factor of ``dp``.)"""
+    return MeshShape(base=(("pp", plan.pp), ("replica", plan.dp // plan.zero_group),
+                           ("zero", plan.zero_group), ("cp", plan.cp), ("sp", plan.sp),
                            ("tp", plan.tp)),
                      derived=(("dp", ("replica", "zero")),))
 

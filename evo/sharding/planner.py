@@ -422,6 +422,10 @@ def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
     if unsupported:
         raise ValueError("shard: plan.rules map logical axis {!r} to mesh axis {!r}, which the "
                          "planner does not implement yet (only 'tp')".format(*unsupported[0]))
+    pending = [f"plan.{f}={getattr(plan, f)}" for f in ("pp", "sp", "cp", "ep")
+               if getattr(plan, f) > 1] + (["plan.weight_parallel"] if plan.weight_parallel else [])
+    if pending:
+        raise ValueError(f"shard: {pending[0]} is not implemented by the planner yet")
     mesh = mesh or build_mesh(plan)
     if mesh.plan != plan.resolve(mesh.plan.world_size):
         raise ValueError(f"shard: the mesh was built for {mesh.plan}, not {plan}")
