@@ -15,6 +15,12 @@ The op: ``attention(q, k, v, cu_seqlens=None, window=None)`` with
 
 Returns ``[batch, seq, heads, head_dim]`` in q's dtype. ``reference`` is the definition (fp32-exact
 on CPU); faster backends plug in through ``BACKENDS`` and are tested against it.
+
+Attention with its log-sum-exp, ``attention_lse(q, k, v, mask)`` → ``(out, lse)``: one block of
+queries against one block of keys under an explicit boolean mask, with ``lse [batch, n, heads]``
+fp32 (fp64 for fp64 inputs) the log of each query row's softmax denominator (``-inf`` where a row sees no key). Partial
+results over disjoint key blocks merge exactly by ``merge_lse`` (ring attention). ``LSE_BACKENDS``
+holds the implementations that can return it.
 """
 from __future__ import annotations
 
@@ -164,3 +170,77 @@ def attention_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2).nan_to_num(0.0)
+
+
+# ------------------------------------------------------------------------ attention with LSE
+
+def reference_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [b, n, heads, d]`` against ``k``, ``v`` ``[b, m, kv_heads, d]`` where ``mask [b, n, m]``
+    bool allows → out ``[b, n, heads, d]`` in q's dtype (0 on rows with no allowed key) and lse
+    ``[b, n, heads]`` fp32 (fp64 for fp64 inputs) (``-inf`` there). Scores in fp32 (fp64 for fp64 inputs); gradients are
+    finite everywhere, rows with no key included."""
+    b, n, h, d = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    rep = h // k.shape[2]
+    kf = k.to(acc).repeat_interleave(rep, dim=2) if rep > 1 else k.to(acc)
+    vf = v.to(acc).repeat_interleave(rep, dim=2) if rep > 1 else v.to(acc)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q.to(acc), kf) * d ** -0.5
+    allowed = mask[:, None]
+    empty = ~allowed.any(-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores.masked_fill(empty, 0.0), -1, keepdim=True)
+    p = torch.exp(scores - lse)
+    out = torch.einsum("bhnm,bmhd->bnhd", p, vf)
+    lse = lse.masked_fill(empty, float("-inf")).squeeze(-1).transpose(1, 2)
+    return out.to(q.dtype), lse
+
+
+def flex_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference_lse`` on ``flex_attention`` (``return_lse``), compiled: CUDA (flex has no
+    backward on a CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    b, n, h, d = q.shape
+    m = k.shape[1]
+
+    def allowed(batch, head, qi, ki):
+        return mask[batch, qi, ki]
+    block = create_block_mask(allowed, b, None, n, m, device=q.device)
+    out, lse = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                block_mask=block, enable_gqa=h != k.shape[2], return_lse=True)
+    lse = lse.float().transpose(1, 2)
+    empty = ~mask.any(-1)[..., None]
+    return out.transpose(1, 2).masked_fill(empty[..., None], 0.0), lse.masked_fill(
+        empty, float("-inf"))
+
+
+# name -> implementation returning (out, lse); "sdpa" (torch's fused SDPA) cannot.
+LSE_BACKENDS: dict[str, Callable] = {"reference": reference_lse, "flex": flex_lse}
+
+
+def choose_lse_backend(device: torch.device, backend: str = "auto") -> Callable:
+    """The attention-with-LSE implementation: ``backend`` by name, or for "auto" flex on CUDA and
+    the reference elsewhere. ValueError for a backend that cannot return its log-sum-exp."""
+    if backend == "auto":
+        backend = "flex" if torch.device(device).type == "cuda" else "reference"
+    if backend not in LSE_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} cannot return the log-sum-exp ring "
+                         f"attention merges by; choose one of {['auto', *LSE_BACKENDS]}")
+    return LSE_BACKENDS[backend]
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    return choose_lse_backend(q.device, backend)(q, k, v, mask)
+
+
+def merge_lse(out: torch.Tensor, lse: torch.Tensor, out_i: torch.Tensor, lse_i: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets from the attention over each: outputs
+    ``[b, n, heads, d]`` (accumulated in ``out``'s dtype) weighted by ``exp(lse_x - lse)``, lse
+    ``[b, n, heads]`` the log of the summed denominators. ``lse`` must be finite (each query row
+    sees a key in the first set); ``lse_i`` may be ``-inf``."""
+    new = torch.logaddexp(lse, lse_i)
+    w, w_i = torch.exp(lse - new)[..., None], torch.exp(lse_i - new)[..., None]
+    return out * w + out_i.to(out.dtype) * w_i, new
