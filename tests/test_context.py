@@ -13,8 +13,8 @@ from evo import optim, train
 from evo.models import llama
 from evo.sharding import Plan, context, planner
 from evo.sharding.mesh import Mesh
-from evo_kernels.attention import (attention_lse, choose_lse_backend, merge_lse, reference,
-                                   reference_lse)
+from evo_kernels.attention import (Span, attention_lse, choose_lse_backend, merge_lse,
+                                   reference, reference_lse)
 
 
 def _qkv(dtype, s=24, h=4, kv=2, d=8, seed=0):
@@ -45,7 +45,10 @@ def test_two_key_blocks_merged_by_lse_equal_one_attention(dtype, tol):
     # merge in the order whose first block every query row sees (a query's own position)
     out, lse = merge_lse(o1.to(l1.dtype), l1, o2, l2)
     assert (out - ref).abs().max() <= tol * ref.abs().max()
-    full_out, full_lse = reference_lse(q, k, v, mask)
+    idx = torch.arange(s)
+    span = Span(idx, torch.tensor([0] * 7 + [7] * 8 + [15] * 9)[None], idx)
+    assert torch.equal(span.dense(), mask)   # the same mask, described by indices
+    full_out, full_lse = reference_lse(q, k, v, span)
     assert (lse - full_lse).abs().max() <= tol * full_lse.abs().max()
     assert (full_out - ref).abs().max() <= tol * ref.abs().max()
     g = torch.autograd.grad((out * w).sum(), (q, k, v))

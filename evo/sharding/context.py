@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from evo import models
 from evo.sharding import comm as C
-from evo_kernels.attention import attention_lse, choose_lse_backend, merge_lse, \
+from evo_kernels.attention import Span, attention_lse, choose_lse_backend, merge_lse, \
     positions_from_cu_seqlens
 
 SEQUENCE_AXES = ("cp", "sp")
@@ -261,12 +261,9 @@ class SequenceAttention:
         out = lse = None
         for i in range(n):
             pending = launch_shift(self.comm, kv.detach(), "cp") if i < n - 1 else None
-            k_idx = cp_indices(seq, n, (c - i) % n).to(q.device)
-            mask = (k_idx <= q_idx[:, None]) & (k_idx >= q_start[..., None])
-            if window is not None:
-                mask = mask & (k_idx > q_idx[:, None] - window)
-            if i == 0 or bool(mask.any()):
-                o_i, l_i = attention_lse(q, kv[0], kv[1], mask, backend=self.backend)
+            span = Span(q_idx, q_start, cp_indices(seq, n, (c - i) % n).to(q.device), window)
+            if i == 0 or _sees_any(span):
+                o_i, l_i = attention_lse(q, kv[0], kv[1], span, backend=self.backend)
                 out, lse = (o_i.to(l_i.dtype), l_i) if out is None else \
                     merge_lse(out, lse, o_i, l_i)
             else:   # a block no query sees: tied in with weight 0, so that backward still runs
@@ -274,6 +271,11 @@ class SequenceAttention:
             if pending is not None:
                 kv = _Shift.apply(kv, self.comm, "cp", pending)
         return out.to(q.dtype)
+
+
+def _sees_any(span: Span) -> bool:
+    """Whether any query of the span sees any of its keys (the dense mask is transient)."""
+    return bool(span.dense().any())
 
 
 # --------------------------------------------------------------------------------- gradients
@@ -323,28 +325,41 @@ def _head_dim(cfg) -> int:
 # ------------------------------------------------------------------------- memory (evo plan)
 
 def activation_bytes(cfg, plan, seq: int, act: int = 4) -> dict[str, int]:
-    """A rough per-rank count of the activations one micro-batch of ``seq`` tokens keeps for
-    backward, by kind: per-token tensors (``[tokens, hidden]``-sized, over the local ``seq /
-    (cp·sp)`` tokens) and attention (the score blocks of the reference backend, ``seq² / (cp·sp)``
-    per head group in total over the ring). Arithmetic on shapes."""
+    """Bytes one rank keeps for backward over one micro-batch row of ``seq`` tokens (packed
+    documents, no recomputation, ``act``-byte activations), by part — arithmetic on shapes,
+    counting what the LLaMA-shaped layer saves (``benchmarks/long_context.py`` measures it):
+
+    - ``per_token``: per local token (``seq / (cp·sp)``), each layer's 8 hidden- and 4
+      ffn-wide tensors, the head's hidden- and vocabulary-wide ones, rotary tables, norms;
+    - ``attention``: one process, the reference backend's q, k, v, output (5 head-widths) and its
+      dense ``[seq, seq]`` additive mask per layer; under sp / cp the ring's tensors per layer:
+      q, the ``cp`` visiting k/v blocks, the ``cp`` block outputs and ``cp − 1`` merged ones
+      (all linear in the local tokens: probabilities are recomputed in backward)."""
     layers = sum(b.kind == "layer" for b in models.blocks(cfg))
     local = seq // (plan.cp * plan.sp)
-    h, ffn = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
-    heads = cfg.num_heads // plan.tp
-    per_token = (6 * h + (cfg.num_heads + 2 * cfg.kv_heads) * _head_dim(cfg) // plan.tp +
-                 3 * ffn // plan.tp) * act
-    scores = heads // plan.sp * (seq // plan.cp) * seq * 4 // 2 * 2   # scores and probabilities
-    return {"per_token": layers * local * per_token, "attention": layers * scores,
-            "total": layers * (local * per_token + scores)}
+    d, h = _head_dim(cfg), cfg.hidden_size
+    heads, kv = cfg.num_heads // plan.tp, cfg.kv_heads // plan.tp
+    ffn = getattr(cfg, "intermediate_size", 4 * h) // plan.tp
+    per_token = layers * (8 * h + 4 * ffn + 2) * act + (h + cfg.vocab_size // plan.tp) * act \
+        + 2 * d * act + 4 + 16
+    if plan.cp * plan.sp == 1:
+        attention = layers * (seq * (5 * heads * d + heads) * act + seq * seq * 4)
+    else:
+        cp, sent = plan.cp, kv_heads_sent(kv, plan.sp) if plan.sp > 1 else kv
+        widths = heads * d * (2 * cp) + 2 * cp * sent * d + (3 * cp - 2) * heads
+        attention = layers * local * widths * act
+    return {"per_token": local * per_token, "attention": attention,
+            "total": local * per_token + attention}
 
 
 def bytes_per_layer(cfg, plan, seq: int, act: int = 2) -> dict[str, int]:
     """Bytes one rank sends per layer and micro-batch of ``seq`` tokens, forward and backward:
     Ulysses all-to-alls over sp, ring shifts over cp."""
-    sizes = {}
+    sizes, degree = {}, {"cp": plan.cp, "sp": plan.sp}
 
     def add(kind, axis, nbytes, times=1):
-        sizes[f"{kind}/{axis}"] = sizes.get(f"{kind}/{axis}", 0) + nbytes * times
+        if degree.get(axis, 1) > 1:
+            sizes[f"{kind}/{axis}"] = sizes.get(f"{kind}/{axis}", 0) + nbytes * times
     count_comm(add, plan, dataclasses.replace(cfg, num_layers=1), 1, seq, act, 0, 0, 0)
     return {k: v for k, v in sizes.items() if k.split("/")[0] in ("all_to_all", "send_recv")
             and v}
