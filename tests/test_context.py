@@ -132,3 +132,37 @@ def test_a_sequence_the_group_cannot_split_fails_before_communicating(plan, seq,
     tokens = torch.zeros(1, seq, dtype=torch.int64)
     with pytest.raises(ValueError, match=culprit):
         sharded(None, {"tokens": tokens, "labels": tokens})
+
+
+def test_bytes_per_layer_follow_the_closed_forms():
+    """Per layer and micro-batch of S tokens, forward and backward (the sweep checks the same
+    model against measured bytes): Ulysses sends q, k, v and the output, each S/sp tokens wide,
+    twice (all-to-all and its transpose) — 2·(S/sp)·(2·H + 2·KV)·d·bytes, with KV replicated up
+    to sp; the ring sends k and v of S/cp tokens cp − 1 times each way — 2·(cp−1)·2·(S/cp)·KV·d
+    bytes, independent of cp in the limit."""
+    cfg = llama.Config(vocab_size=64, hidden_size=64, num_layers=3, num_heads=8, num_kv_heads=2,
+                       intermediate_size=96)
+    S, d, a = 8192, 8, 2
+    for sp in (2, 4, 8):
+        kv = max(2, sp)
+        got = context.bytes_per_layer(cfg, Plan(sp=sp).resolve(sp), S, a)
+        assert got == {"all_to_all/sp": 2 * (S // sp) * (2 * 8 + 2 * kv) * d * a}, sp
+    for cp in (2, 4, 8):
+        got = context.bytes_per_layer(cfg, Plan(cp=cp).resolve(cp), S, a)
+        assert got == {"send_recv/cp": 2 * (cp - 1) * 2 * (S // cp) * 2 * d * a}, cp
+
+
+def test_evo_plan_long_context_table():
+    """`evo plan`'s long-context rows: the activation model per rank at 8k-64k for one process
+    and each sp / cp plan, and the bytes sent per layer at 64k. Under sp4 or cp4 the activations
+    of a long row fall below a quarter of one process's (the one process also keeps a dense mask
+    per layer)."""
+    from evo.sharding.simulate import long_context_report
+    text = long_context_report(CFG, [Plan(sp=2), Plan(cp=4), Plan(tp=2)], 4)
+    lines = text.splitlines()
+    assert len(lines) == 4 and "act@64k" in lines[0] and "tp=2" not in text
+    one = context.activation_bytes(CFG, Plan().resolve(1), 65536)["total"]
+    cp4 = context.activation_bytes(CFG, Plan(cp=4).resolve(4), 65536)["total"]
+    assert lines[3].split()[4] == f"{cp4 / 2**20:.0f}" and "send_recv/cp" in lines[3]
+    assert lines[1].split()[4] == f"{one / 2**20:.0f}"
+    assert cp4 < one / 4
