@@ -51,7 +51,7 @@ def measure(plan: Plan, seq: int, ranks: list[int]) -> dict | None:
     if mesh is None:
         return None
     step = train.Step(CFG, optim.adamw(lr=1e-3))
-    sharded = planner.shard(step, plan, mesh)
+    planner.shard(step, plan, mesh)   # the plan's checks
     params = planner.init_params(CFG, 0, mesh)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, CFG.vocab_size, (1, seq), generator=g)

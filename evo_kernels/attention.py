@@ -17,10 +17,11 @@ Returns ``[batch, seq, heads, head_dim]`` in q's dtype. ``reference`` is the def
 on CPU); faster backends plug in through ``BACKENDS`` and are tested against it.
 
 Attention with its log-sum-exp, ``attention_lse(q, k, v, mask)`` → ``(out, lse)``: one block of
-queries against one block of keys under an explicit boolean mask, with ``lse [batch, n, heads]``
-fp32 (fp64 for fp64 inputs) the log of each query row's softmax denominator (``-inf`` where a row sees no key). Partial
-results over disjoint key blocks merge exactly by ``merge_lse`` (ring attention). ``LSE_BACKENDS``
-holds the implementations that can return it.
+queries against one block of keys under an explicit mask (boolean, or a ``Span`` of token
+indices), with ``lse [batch, n, heads]`` fp32 (fp64 for fp64 inputs) the log of each query row's
+softmax denominator (``-inf`` where a row sees no key). Partial results over disjoint key blocks
+merge exactly by ``merge_lse`` (ring attention). ``LSE_BACKENDS`` holds the implementations that
+can return it.
 """
 from __future__ import annotations
 
@@ -193,8 +194,8 @@ class Span(NamedTuple):
 def reference_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [b, n, heads, d]`` against ``k``, ``v`` ``[b, m, kv_heads, d]`` where ``mask [b, n, m]``
-    bool (or a ``Span``) allows → out ``[b, n, heads, d]`` in q's dtype (0 on rows with no allowed key) and lse
-    ``[b, n, heads]`` fp32 (fp64 for fp64 inputs; ``-inf`` on those rows). Scores in fp32 (fp64
+    bool (or a ``Span``) allows → out ``[b, n, heads, d]`` in q's dtype (0 on rows with no
+    allowed key) and lse ``[b, n, heads]`` fp32 (fp64 for fp64 inputs; ``-inf`` on those rows). Scores in fp32 (fp64
     for fp64 inputs). Backward recomputes the probabilities from q, k and lse instead of keeping
     them (the memory kept is linear in the tokens, as with flash attention), and is exact for
     gradients arriving at the output and at the lse."""
