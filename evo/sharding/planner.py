@@ -16,6 +16,9 @@ What each plan does, per step:
   the output dimension is split, row-parallel where the input is, vocab-parallel embedding and
   cross-entropy, no rank holding full-vocab logits); with sequence parallelism the residual stream
   between regions is split on the sequence, entered by all-gather and left by reduce-scatter.
+- long context (``plan.sp``, ``plan.cp``; ``evo.sharding.context``): every packed row split over
+  the sequence group, Ulysses all-to-alls and zigzag ring attention around attention (the
+  ``Regions.attention`` hook), gradients and loss sums all-reduced over cp and sp.
 
 The model takes part only through its family's blocks and its ``Regions`` hooks
 (``evo.models.family``, ``evo.models.layers``); the planner names no parameter.
