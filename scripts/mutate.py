@@ -85,8 +85,9 @@ MUTATIONS = [
     # --- long context (plan.sp, plan.cp)
     Mutation("sequence-group-grads-not-summed", "evo/sharding/planner.py",
              "        grads = context.reduce_over_sequence(grads, comm)\n", ""),
-    Mutation("ring-mask-document-start-shifted", "evo/sharding/context.py",
-             "& (k_idx >= q_start[..., None])", "& (k_idx >= q_start[..., None] - 1)"),
+    Mutation("ring-mask-document-start-shifted", "evo_kernels/attention.py",
+             "& (k >= self.q_start[..., None])", "& (k >= self.q_start[..., None] - 1)",
+             (SWEEP, "tests/test_context.py")),
     Mutation("sequence-positions-from-the-local-chunk", "evo/sharding/context.py",
              'out["positions"] = positions.index_select(-1, idx)',
              'out["positions"] = positions[..., :idx.numel()]'),
