@@ -258,8 +258,8 @@ class _AttentionLSE(torch.autograd.Function):
 
 def flex_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference_lse`` on ``flex_attention`` (``return_lse``), compiled: CUDA (flex has no
-    backward on a CPU)."""
+    """``reference_lse`` on ``flex_attention`` (its log-sum-exp returned), compiled: CUDA (flex
+    has no backward on a CPU). Not yet run on a GPU by the test suite's CI."""
     from torch.nn.attention.flex_attention import create_block_mask
     b, n, h, d = q.shape
     m = k.shape[1]
@@ -268,9 +268,14 @@ def flex_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     def allowed(batch, head, qi, ki):
         return mask[batch, qi, ki]
     block = create_block_mask(allowed, b, None, n, m, device=q.device)
-    out, lse = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                block_mask=block, enable_gqa=h != k.shape[2], return_lse=True)
-    lse = lse.float().transpose(1, 2)
+    try:   # torch >= 2.9 spells it return_aux (return_lse is deprecated there)
+        from torch.nn.attention.flex_attention import AuxRequest
+        ask = {"return_aux": AuxRequest(lse=True)}
+    except ImportError:
+        ask = {"return_lse": True}
+    out, aux = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                block_mask=block, enable_gqa=h != k.shape[2], **ask)
+    lse = (aux.lse if hasattr(aux, "lse") else aux).float().transpose(1, 2)
     empty = ~mask.any(-1)[..., None]
     return out.transpose(1, 2).masked_fill(empty[..., None], 0.0), lse.masked_fill(
         empty, float("-inf"))
