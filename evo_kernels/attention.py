@@ -259,7 +259,7 @@ class _AttentionLSE(torch.autograd.Function):
 def flex_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference_lse`` on ``flex_attention`` (its log-sum-exp returned), compiled: CUDA (flex
-    has no backward on a CPU). Not yet run on a GPU by the test suite's CI."""
+    has no backward on a CPU; ``tests/test_context.py`` checks it where CUDA is present)."""
     from torch.nn.attention.flex_attention import create_block_mask
     b, n, h, d = q.shape
     m = k.shape[1]
