@@ -83,6 +83,7 @@ def _stored_pieces(cfg, mesh: Mesh, state: train.TrainState) -> dict[str, tuple]
               ("opt/nu/", state.opt_state.nu, plan.zero >= 1))
     for prefix, tensors, sharded in groups:
         writer = c["replica"] == 0 if sharded else c["dp"] == 0   # one copy of each piece
+        writer = writer and c["cp"] == 0 and c["sp"] == 0         # the sequence group's copies
         if not writer:
             continue
         for k, lay in layouts.items():

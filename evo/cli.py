@@ -69,6 +69,9 @@ def _plan(args) -> None:
           f"tokens, bf16 activations, fp32 master):")
     print(plan_report(exp.model, plans, args.world, micro_num=exp.data.micro_num,
                       tokens_per_micro=tokens))
+    if any(p.sp * p.cp > 1 for p in plans):
+        from evo.sharding.simulate import long_context_report
+        print(long_context_report(exp.model, plans, args.world))
     r = simulate(exp.model, exp.plan, args.world)
     print(f"checked {r['plan']} on a fake process group of {args.world}: rank 0 holds "
           f"{r['bytes']['total'] / 2**30:.2f} GiB of params, grads and AdamW state")

@@ -15,11 +15,18 @@ The op: ``attention(q, k, v, cu_seqlens=None, window=None)`` with
 
 Returns ``[batch, seq, heads, head_dim]`` in q's dtype. ``reference`` is the definition (fp32-exact
 on CPU); faster backends plug in through ``BACKENDS`` and are tested against it.
+
+Attention with its log-sum-exp, ``attention_lse(q, k, v, mask)`` → ``(out, lse)``: one block of
+queries against one block of keys under an explicit mask (boolean, or a ``Span`` of token
+indices), with ``lse [batch, n, heads]`` fp32 (fp64 for fp64 inputs) the log of each query row's
+softmax denominator (``-inf`` where a row sees no key). Partial results over disjoint key blocks
+merge exactly by ``merge_lse`` (ring attention). ``LSE_BACKENDS`` holds the implementations that
+can return it.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -164,3 +171,142 @@ def attention_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2).nan_to_num(0.0)
+
+
+# ------------------------------------------------------------------------ attention with LSE
+
+class Span(NamedTuple):
+    """A document-causal mask described by token indices instead of stored: query ``i`` (global
+    index ``q_index [n]``, its document starting at ``q_start [b, n]``) sees key ``j``
+    (``k_index [m]``) when ``q_start <= j <= i`` (and ``i - j < window``). ``dense()`` → bool
+    ``[b, n, m]``. Memory linear in the tokens, where the dense mask is quadratic."""
+    q_index: torch.Tensor
+    q_start: torch.Tensor
+    k_index: torch.Tensor
+    window: int | None = None
+
+    def dense(self) -> torch.Tensor:
+        k = self.k_index
+        mask = (k <= self.q_index[:, None]) & (k >= self.q_start[..., None])
+        return mask if self.window is None else mask & (k > self.q_index[:, None] - self.window)
+
+
+def reference_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [b, n, heads, d]`` against ``k``, ``v`` ``[b, m, kv_heads, d]`` where ``mask [b, n, m]``
+    bool (or a ``Span``) allows → out ``[b, n, heads, d]`` in q's dtype (0 on rows with no
+    allowed key) and lse ``[b, n, heads]`` fp32 (fp64 for fp64 inputs; ``-inf`` on those rows). Scores in fp32 (fp64
+    for fp64 inputs). Backward recomputes the probabilities from q, k and lse instead of keeping
+    them (the memory kept is linear in the tokens, as with flash attention), and is exact for
+    gradients arriving at the output and at the lse."""
+    return _AttentionLSE.apply(q, k, v, mask)
+
+
+def _probabilities(q, k, mask, lse=None):
+    """Scores ``[b, heads, n, m]`` (fp32 or wider) with k's heads repeated to q's, and the
+    probabilities ``exp(scores - lse)`` (lse computed here when not given)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    rep = q.shape[2] // k.shape[2]
+    kf = k.to(acc).repeat_interleave(rep, dim=2) if rep > 1 else k.to(acc)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q.to(acc), kf) * q.shape[-1] ** -0.5
+    dense = mask.dense() if isinstance(mask, Span) else mask
+    scores = scores.masked_fill(~dense[:, None], float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(scores, -1).transpose(1, 2)            # [b, n, heads]
+    finite = lse.masked_fill(torch.isinf(lse), 0.0)
+    return torch.exp(scores - finite.transpose(1, 2)[..., None]), lse
+
+
+def _repeat(t, rep):
+    return t.repeat_interleave(rep, dim=2) if rep > 1 else t
+
+
+class _AttentionLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, mask):
+        p, lse = _probabilities(q, k, mask)
+        out = torch.einsum("bhnm,bmhd->bnhd", p, _repeat(v.to(p.dtype), q.shape[2] // k.shape[2]))
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask = inputs
+        ctx.mask = mask if isinstance(mask, Span) else None
+        ctx.save_for_backward(q, k, v, *output, *(() if ctx.mask else (mask,)))
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        q, k, v, out, lse, *stored = ctx.saved_tensors
+        mask = ctx.mask or stored[0]
+        rep = q.shape[2] // k.shape[2]
+        p, _ = _probabilities(q, k, mask, lse)
+        acc = p.dtype
+        g_out = g_out.to(acc)
+        vf, kf = _repeat(v.to(acc), rep), _repeat(k.to(acc), rep)
+        dv = torch.einsum("bhnm,bnhd->bmhd", p, g_out)
+        dp = torch.einsum("bnhd,bmhd->bhnm", g_out, vf)
+        # d lse / d scores = p: the lse's gradient joins the softmax's row term
+        row = (g_out * out.to(acc)).sum(-1) - (0 if g_lse is None else g_lse.to(acc))
+        ds = p * (dp - row.transpose(1, 2)[..., None]) * q.shape[-1] ** -0.5
+        dq = torch.einsum("bhnm,bmhd->bnhd", ds, kf)
+        dk = torch.einsum("bhnm,bnhd->bmhd", ds, q.to(acc))
+        b, m, kv, d = k.shape
+        if rep > 1:   # a kv head's gradient sums over the query heads that read it
+            dk, dv = (t.view(b, m, kv, rep, d).sum(3) for t in (dk, dv))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def flex_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference_lse`` on ``flex_attention`` (its log-sum-exp returned), compiled: CUDA (flex
+    has no backward on a CPU; ``tests/test_context.py`` checks it where CUDA is present)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    b, n, h, d = q.shape
+    m = k.shape[1]
+    mask = mask.dense() if isinstance(mask, Span) else mask
+
+    def allowed(batch, head, qi, ki):
+        return mask[batch, qi, ki]
+    block = create_block_mask(allowed, b, None, n, m, device=q.device)
+    try:   # torch >= 2.9 spells it return_aux (return_lse is deprecated there)
+        from torch.nn.attention.flex_attention import AuxRequest
+        ask = {"return_aux": AuxRequest(lse=True)}
+    except ImportError:
+        ask = {"return_lse": True}
+    out, aux = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                block_mask=block, enable_gqa=h != k.shape[2], **ask)
+    lse = (aux.lse if hasattr(aux, "lse") else aux).float().transpose(1, 2)
+    empty = ~mask.any(-1)[..., None]
+    return out.transpose(1, 2).masked_fill(empty[..., None], 0.0), lse.masked_fill(
+        empty, float("-inf"))
+
+
+# name -> implementation returning (out, lse); "sdpa" (torch's fused SDPA) cannot.
+LSE_BACKENDS: dict[str, Callable] = {"reference": reference_lse, "flex": flex_lse}
+
+
+def choose_lse_backend(device: torch.device, backend: str = "auto") -> Callable:
+    """The attention-with-LSE implementation: ``backend`` by name, or for "auto" flex on CUDA and
+    the reference elsewhere. ValueError for a backend that cannot return its log-sum-exp."""
+    if backend == "auto":
+        backend = "flex" if torch.device(device).type == "cuda" else "reference"
+    if backend not in LSE_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} cannot return the log-sum-exp ring "
+                         f"attention merges by; choose one of {['auto', *LSE_BACKENDS]}")
+    return LSE_BACKENDS[backend]
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    return choose_lse_backend(q.device, backend)(q, k, v, mask)
+
+
+def merge_lse(out: torch.Tensor, lse: torch.Tensor, out_i: torch.Tensor, lse_i: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets from the attention over each: outputs
+    ``[b, n, heads, d]`` (accumulated in ``out``'s dtype) weighted by ``exp(lse_x - lse)``, lse
+    ``[b, n, heads]`` the log of the summed denominators. ``lse`` must be finite (each query row
+    sees a key in the first set); ``lse_i`` may be ``-inf``."""
+    new = torch.logaddexp(lse, lse_i)
+    w, w_i = torch.exp(lse - new)[..., None], torch.exp(lse_i - new)[..., None]
+    return out * w + out_i.to(out.dtype) * w_i, new

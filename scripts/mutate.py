@@ -82,6 +82,21 @@ MUTATIONS = [
     Mutation("attention-crosses-documents", "evo_kernels/attention.py",
              "return (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])",
              "return idx[None, :] <= idx[:, None]", ("tests/test_hf_reference.py",)),
+    # --- long context (plan.sp, plan.cp)
+    Mutation("sequence-group-grads-not-summed", "evo/sharding/planner.py",
+             "        grads = context.reduce_over_sequence(grads, comm)\n", ""),
+    Mutation("ring-mask-document-start-shifted", "evo_kernels/attention.py",
+             "& (k >= self.q_start[..., None])", "& (k >= self.q_start[..., None] - 1)",
+             (SWEEP, "tests/test_context.py")),
+    Mutation("sequence-positions-from-the-local-chunk", "evo/sharding/context.py",
+             'out["positions"] = positions.index_select(-1, idx)',
+             'out["positions"] = positions[..., :idx.numel()]'),
+    Mutation("ulysses-kv-heads-replicated-in-the-wrong-order", "evo/sharding/context.py",
+             "k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)",
+             "k, v = k.repeat(1, 1, rep, 1), v.repeat(1, 1, rep, 1)"),
+    Mutation("lse-merge-weights-the-new-block-wrongly", "evo_kernels/attention.py",
+             "torch.exp(lse_i - new)[..., None]", "torch.exp(lse_i - lse)[..., None]",
+             (SWEEP, "tests/test_context.py")),
 ]
 
 

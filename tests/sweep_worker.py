@@ -38,6 +38,8 @@ MODELS = {
     # through regions.inside) and a head_dim (12) independent of hidden_size / num_heads
     "qwen3-odd": qwen3.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
                               num_kv_heads=4, intermediate_size=50, head_dim=12),
+    # two kv heads: Ulysses over 4 ranks replicates each kv head twice
+    "llama-kv2": dataclasses.replace(_ODD, num_kv_heads=2),
 }
 
 
@@ -100,6 +102,15 @@ CASES = [
     Case("qwen3-dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4, "qwen3-odd"),
     Case("qwen3-dp2-tp2-zero2-sp-remat", Plan(dp=2, tp=2, zero=2, sequence_parallel=True), 4,
          "qwen3-odd", remat=0.5),
+    # long context: each packed row (documents crossing the rank chunks) split over the sequence
+    # group; Ulysses all-to-alls (sp), zigzag ring attention (cp), and both
+    Case("sp2", Plan(dp=1, sp=2), 2),
+    Case("sp4-kv2", Plan(dp=1, sp=4), 4, "llama-kv2"),
+    Case("cp2", Plan(dp=1, cp=2), 2),
+    Case("cp4-zigzag", Plan(dp=1, cp=4), 4),
+    Case("sp2-cp2", Plan(dp=1, sp=2, cp=2), 4),
+    Case("cp2-dp2-zero1", Plan(dp=2, cp=2, zero=1), 4),
+    Case("cp2-tp2", Plan(dp=1, cp=2, tp=2), 4),
 ]
 
 
@@ -152,10 +163,13 @@ def func_grad_check(step, params, mesh, batch):
     from evo.sharding.layout import model_layouts
     regions = planner.ShardedRegions(C.Comm(mesh.groups, mesh.sizes, C.CommLog()), mesh,
                                      model_layouts(mesh.plan, step.model), step.model)
-    tokens, labels, _, cu = next(train.micro_batches(batch))
+    if mesh.plan.cp * mesh.plan.sp > 1:   # this rank's part of the sequence
+        from evo.sharding import context
+        batch = context.split_batch(batch, mesh.plan, mesh.coords)
+    tokens, labels, positions, cu = next(train.micro_batches(batch))
 
     def loss(p):
-        return step.loss_sum(p, tokens, labels, None, cu, regions)[0]
+        return step.loss_sum(p, tokens, labels, positions, cu, regions)[0]
     g_func = torch.func.grad(loss)(params)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     g_auto = torch.autograd.grad(loss(leaves), list(leaves.values()))

@@ -340,7 +340,8 @@ def forward(cfg, params: dict[str, torch.Tensor], tokens: torch.Tensor,
             positions = torch.arange(s, device=tokens.device).expand(b, s)
         else:
             positions = positions_from_cu_seqlens(cu_seqlens, b * s).view(b, s)
-    return run_blocks(fam, cfg, params, tokens, positions, Attend(cu_seqlens, attention),
+    return run_blocks(fam, cfg, params, tokens, positions,
+                      regions.attention(Attend(cu_seqlens, attention), positions),
                       regions=regions, op=ops(kernels), remat=remat)
 
 

@@ -116,6 +116,12 @@ class Regions:
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return cross_entropy_tokens(logits, labels)
 
+    def attention(self, attend, positions: torch.Tensor):
+        """The attention one forward pass uses, given the one it would use alone (``attend(layer,
+        q, k, v, window=None)``) and the tokens' positions ``[batch, seq]``: a layout that splits
+        the sequence returns one that sees the whole sequence."""
+        return attend
+
 
 LOCAL = Regions()
 

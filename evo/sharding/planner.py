@@ -16,6 +16,9 @@ What each plan does, per step:
   the output dimension is split, row-parallel where the input is, vocab-parallel embedding and
   cross-entropy, no rank holding full-vocab logits); with sequence parallelism the residual stream
   between regions is split on the sequence, entered by all-gather and left by reduce-scatter.
+- long context (``plan.sp``, ``plan.cp``; ``evo.sharding.context``): every packed row split over
+  the sequence group, Ulysses all-to-alls and zigzag ring attention around attention (the
+  ``Regions.attention`` hook), gradients and loss sums all-reduced over cp and sp.
 
 The model takes part only through its family's blocks and its ``Regions`` hooks
 (``evo.models.family``, ``evo.models.layers``); the planner names no parameter.
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from evo import models, scaler, train, tree
 from evo.models.layers import Regions, cross_entropy_tokens
 from evo.sharding import comm as C
+from evo.sharding import context
 from evo.sharding.layout import ParamLayout, model_layouts
 from evo.sharding.mesh import Mesh
 
@@ -55,6 +59,7 @@ class ShardedRegions(Regions):
         self.output, self.output_vocab_dim = fam.output_param(cfg)
         self.prefetched: dict[str, torch.Tensor] = {}
         self.in_forward = False
+        self.coords = mesh.coords
 
     def _sharded(self) -> bool:
         return self.plan.zero == 3 and self.comm.size("zero") > 1
@@ -102,6 +107,14 @@ class ShardedRegions(Regions):
         if not split or self.plan.tp == 1:
             return cross_entropy_tokens(logits, labels)
         return vocab_parallel_cross_entropy(logits, labels, self.comm, self.tp_index)
+
+    def attention(self, attend, positions):
+        """Under ``plan.sp`` / ``plan.cp``: attention over the whole sequence split across the
+        sequence group (``context.SequenceAttention``)."""
+        if self.plan.cp * self.plan.sp == 1:
+            return attend
+        return context.SequenceAttention(self.comm, self.plan, self.coords, positions,
+                                         attend.backend)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, comm: C.Comm,
@@ -317,15 +330,20 @@ class ShardedStep:
         plan, step = self.mesh.plan, self.step
         layouts, comm = model_layouts(plan, step.model), _comm(self.mesh)
         self._check_sequence(batch)
+        # plan.sp / plan.cp: this rank's part of each sequence (the whole batch counts the tokens)
+        local = context.split_batch(batch, plan, self.mesh.coords) \
+            if plan.cp * plan.sp > 1 else batch
         regions = ShardedRegions(comm, self.mesh, layouts, step.model)
         n = comm.all_reduce(train.valid_tokens(batch), "dp")
         clock = _Clock(batch["tokens"].device)
         sink = self._bucketed_reduction(comm, layouts, regions)
         scaled = step.scaler_state(state)
-        grads, aux = step.grads(state.params, batch, normalizer=n, regions=regions, on_ready=sink,
+        grads, aux = step.grads(state.params, local, normalizer=n, regions=regions, on_ready=sink,
                                 loss_scale=None if scaled is None else scaled.scale)
         t_backward = clock.lap()
         grads = self._synchronise(grads, layouts, comm, regions, bucketed=sink is not None)
+        grads = context.reduce_over_sequence(grads, comm)
+        aux = context.reduce_over_sequence(aux, comm)
         t_comm = clock.lap()
         if scaled is not None:  # the reduced gradients, so the norm below is the true one
             scaler.unscale_(grads, scaled)
@@ -422,10 +440,12 @@ def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
     if unsupported:
         raise ValueError("shard: plan.rules map logical axis {!r} to mesh axis {!r}, which the "
                          "planner does not implement yet (only 'tp')".format(*unsupported[0]))
-    pending = [f"plan.{f}={getattr(plan, f)}" for f in ("pp", "sp", "cp", "ep")
+    pending = [f"plan.{f}={getattr(plan, f)}" for f in ("pp", "ep")
                if getattr(plan, f) > 1] + (["plan.weight_parallel"] if plan.weight_parallel else [])
     if pending:
         raise ValueError(f"shard: {pending[0]} is not implemented by the planner yet")
+    if plan.cp * plan.sp > 1:
+        context.check_plan(plan, step.model, step.attention)
     mesh = mesh or build_mesh(plan)
     if mesh.plan != plan.resolve(mesh.plan.world_size):
         raise ValueError(f"shard: the mesh was built for {mesh.plan}, not {plan}")
@@ -460,7 +480,7 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     """
     from collections import Counter
     sizes = {"tp": plan.tp, "dp": plan.dp, "zero": plan.zero_group,
-             "replica": plan.dp // plan.zero_group}
+             "replica": plan.dp // plan.zero_group, "cp": plan.cp, "sp": plan.sp}
     out: Counter = Counter()
 
     def add(kind, axis, nbytes, times=1):
@@ -470,6 +490,8 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     layouts = model_layouts(plan, cfg)
     blocks = models.blocks(cfg)
     act = torch.empty((), dtype=compute_dtype).element_size()
+    _count_sequence(add, plan, cfg, layouts, micro_num, tokens_per_micro, act, remat, sources)
+    tokens_per_micro //= plan.cp * plan.sp    # each rank of a sequence group: its part
     _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act, remat)
     specs = models.param_specs(cfg)
     inside = sum(math.prod(specs[k].shape) for b in blocks for k in b.inside)
@@ -486,6 +508,18 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     add("all_reduce", "tp", 4)
     add("all_reduce", "tp", tokens_per_micro * 4, micro_num * 3)        # vocab-parallel CE
     return dict(out)
+
+
+def _count_sequence(add, plan, cfg, layouts, micro_num: int, tokens_per_micro: int, act: int,
+                    remat: float, sources: int) -> None:
+    """plan.sp / plan.cp (``context.count_comm``): the gradients summed over the sequence group
+    are those ``_synchronise`` returns (fp32)."""
+    layers = sum(b.kind == "layer" for b in models.blocks(cfg))
+    recomputed = layers if plan.zero == 3 else math.floor(remat * layers)
+    synced = sum(math.prod(l.shard_shape if plan.zero > 0 else l.local_shape) * 4
+                 for l in layouts.values())
+    context.count_comm(add, plan, cfg, micro_num, tokens_per_micro, act, recomputed, synced,
+                       sources)
 
 
 def _count_regions(add, plan, blocks, micro_num: int, full_act: int, remat: float) -> None:

@@ -83,4 +83,27 @@ def plan_report(cfg, plans: list[Plan], world: int, *, micro_num: int = 1,
 
 def _short(p: Plan) -> str:
     s = f"dp={p.dp},tp={p.tp},zero={p.zero},zero_group={p.zero_group}"
+    s += "".join(f",{f}={getattr(p, f)}" for f in ("sp", "cp") if getattr(p, f) > 1)
     return s + (",sp" if p.sequence_parallel else "")
+
+
+def long_context_report(cfg, plans: list[Plan], world: int,
+                        seqs: tuple[int, ...] = (8192, 16384, 32768, 65536)) -> str:
+    """A table for the plans with a sequence group (``sp`` / ``cp`` > 1) and the one-process
+    baseline: per-rank activation MiB of one micro-batch row at each sequence length
+    (``context.activation_bytes``, fp32) and the MiB each rank sends per layer at the longest
+    (``context.bytes_per_layer``, bf16: Ulysses all-to-all over sp, ring send/receive over cp)."""
+    from evo.sharding import context
+    head = "".join(f"{'act@' + str(s // 1024) + 'k':>10}" for s in seqs)
+    rows = [f"{'long context (per rank, MiB)':<44}{head}  sent per layer @{seqs[-1] // 1024}k"]
+    for plan in [Plan(dp=1)] + [p for p in plans if p.sp * p.cp > 1]:
+        try:
+            p = plan.resolve(world if plan.sp * plan.cp > 1 else 1)
+            acts = [context.activation_bytes(cfg, p, s)["total"] for s in seqs]
+            sent = context.bytes_per_layer(cfg, p, seqs[-1])
+        except ValueError as e:
+            rows.append(f"{_short(plan):<44}  invalid: {e}")
+            continue
+        rows.append(f"{_short(p):<44}" + "".join(f"{a / 2**20:10.0f}" for a in acts) + "  " +
+                    (", ".join(f"{k} {v / 2**20:.1f}" for k, v in sorted(sent.items())) or "-"))
+    return "\n".join(rows)
