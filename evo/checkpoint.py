@@ -83,9 +83,11 @@ def _stored_pieces(cfg, mesh: Mesh, state: train.TrainState) -> dict[str, tuple]
               ("opt/nu/", state.opt_state.nu, plan.zero >= 1))
     for prefix, tensors, sharded in groups:
         writer = c["replica"] == 0 if sharded else c["dp"] == 0   # one copy of each piece
-        if not writer:
+        if not writer and plan.ep == 1:
             continue
         for k, lay in layouts.items():
+            if plan.ep > 1 and not _expert_plan_writes(lay, c, sharded):
+                continue
             if lay.tp_dim is None and c["tp"] != 0:
                 continue                          # replicated over tp: tp rank 0 writes it
             offset, size = piece_rect(lay, plan, c, sharded)
@@ -94,6 +96,16 @@ def _stored_pieces(cfg, mesh: Mesh, state: train.TrainState) -> dict[str, tuple]
             t = tensors[k][:size[0]]          # drop ZeRO padding rows
             out[prefix + k] = (t.detach().to("cpu", copy=True).contiguous(), offset, size)
     return out
+
+
+def _expert_plan_writes(lay: ParamLayout, c: dict[str, int], sharded: bool) -> bool:
+    """Under expert parallelism, whether the rank at ``c`` writes its piece of ``lay``: an expert
+    parameter's piece is held by the ranks with the same experts (``edp``; its ZeRO shards
+    replicated over ``replica``), any other's by every data-parallel rank (its shards replicated
+    over ``replica`` and ``ep``)."""
+    if lay.ep_dim is not None:
+        return c["replica"] == 0 if sharded else c["edp"] == 0
+    return c["replica"] == 0 and c["ep"] == 0 if sharded else c["dp"] == 0
 
 
 # ------------------------------------------------------------------------------- saving

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from evo import models, optim, train, tree
 from evo.models import llama, qwen3
+import ep_family  # noqa: E402  registers the mixture-of-experts family of the ep cases
 from evo.sharding import Plan, planner
 from evo.sharding.mesh import build_mesh
 
@@ -38,6 +39,9 @@ MODELS = {
     # through regions.inside) and a head_dim (12) independent of hidden_size / num_heads
     "qwen3-odd": qwen3.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
                               num_kv_heads=4, intermediate_size=50, head_dim=12),
+    # mixture of experts: 4 SwiGLU experts, top-2, dispatched by all-to-all under plan.ep
+    "moe": ep_family.ToyMoEConfig(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
+                                  num_kv_heads=4, intermediate_size=48, num_experts=4, top_k=2),
 }
 
 
@@ -100,6 +104,12 @@ CASES = [
     Case("qwen3-dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4, "qwen3-odd"),
     Case("qwen3-dp2-tp2-zero2-sp-remat", Plan(dp=2, tp=2, zero=2, sequence_parallel=True), 4,
          "qwen3-odd", remat=0.5),
+    # expert parallelism: experts split over ep, tokens dispatched and combined by all-to-all
+    Case("moe-dp2-ep2", Plan(dp=2, ep=2), 2, "moe"),
+    Case("moe-dp4-ep4", Plan(dp=4, ep=4), 4, "moe"),
+    Case("moe-dp4-ep2-zero1", Plan(dp=4, ep=2, zero=1), 4, "moe"),
+    Case("moe-dp2-ep2-tp2", Plan(dp=2, ep=2, tp=2), 4, "moe"),
+    Case("moe-dp4-ep2-zero3", Plan(dp=4, ep=2, zero=3), 4, "moe"),
 ]
 
 
@@ -209,13 +219,14 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     pieces = {"params": tree.num_bytes(state.params),
               "optimizer": tree.num_bytes((state.opt_state.mu, state.opt_state.nu))}
     batches = global_batches(cfg.vocab_size)
-    losses, norms, comm, source_rel = [], [], [], 0.0
+    losses, norms, comm, traffic, source_rel = [], [], [], [], 0.0
     for b, r in zip(batches, ref_metrics):
         state, m = sharded(state, local_batch(b, dp_index, dp))
         losses.append(float(m["loss"]))
         norms.append(float(m["grad_norm"]))
         source_rel = max(source_rel, rel(m["source_loss_sum"] / m["source_tokens"], r["source"]))
         comm.append(m["comm_bytes"])
+        traffic.append(m.get("expert_traffic"))
     full = planner.gather_params(cfg, state.params, mesh)
     func_rel = func_grad_check(step, state.params, mesh, local_batch(batches[0], dp_index, dp))
     ckpt_equal = checkpoint_round_trip(cfg, state, full, mesh, group,
@@ -241,7 +252,7 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
             "param_norm_rel": max(norm_rel(full[k], ref_p[k]) for k in full),
             "update_rel": max(update_rel.values()),
             "worst": max(update_rel, key=update_rel.get),
-            "comm_bytes": comm, "state_bytes": pieces, "func_grad_rel": func_rel,
+            "comm_bytes": comm, "expert_traffic": traffic, "state_bytes": pieces, "func_grad_rel": func_rel,
             "source_loss_rel": source_rel, "checkpoint_equal": bool(ckpt_equal),
             "init_params_equal": bool(init_equal)}
 

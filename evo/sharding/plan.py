@@ -151,12 +151,16 @@ class Plan:
         if dp * mp != world_size:
             raise ValueError(f"plan.dp={self.dp} × plan.pp × plan.cp × plan.sp × plan.tp = "
                              f"{dp * mp} processes, but the world size is {world_size}")
-        zero_group = dp if self.zero_group == -1 else self.zero_group
-        if dp % zero_group:
-            raise ValueError(f"plan.zero_group={zero_group} must divide plan.dp={dp}")
         if dp % self.ep:
             raise ValueError(f"plan.ep={self.ep} must divide plan.dp={dp} (expert-parallel "
                              "ranks are data-parallel ranks)")
+        # ZeRO groups are ranks holding the same experts: zero_group · ep divides dp
+        zero_group = dp // self.ep if self.zero_group == -1 else self.zero_group
+        if dp % zero_group:
+            raise ValueError(f"plan.zero_group={zero_group} must divide plan.dp={dp}")
+        if (dp // self.ep) % zero_group:
+            raise ValueError(f"plan.zero_group={zero_group} must divide plan.dp / plan.ep = "
+                             f"{dp // self.ep} (a ZeRO group holds the same experts)")
         return dataclasses.replace(self, dp=dp, zero_group=zero_group)
 
 
