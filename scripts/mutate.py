@@ -71,6 +71,18 @@ MUTATIONS = [
              'if self.sp else \\\n            C.copy_to(x, self.comm, "tp")\n\n    def cross'),
     Mutation("vocab-parallel-embedding-keeps-rows-above", "evo/sharding/planner.py",
              "outside = (local < 0) | (local >= rows)", "outside = local < 0"),
+    # --- expert parallelism
+    Mutation("ep-expert-grads-summed-over-all-dp", "evo/sharding/planner.py",
+             'g = comm.all_reduce(g, "edp" if expert else "dp")', 'g = comm.all_reduce(g, "dp")'),
+    Mutation("ep-zero3-dense-grads-not-summed-over-ep", "evo/sharding/planner.py",
+             'out[k] = g if expert else comm.all_reduce(g, "ep")', "out[k] = g"),
+    Mutation("ep-received-rows-not-ungrouped", "evo/sharding/experts.py",
+             "    y = _ungroup(y, order)\n", ""),
+    Mutation("ep-grad-norm-counts-expert-shards-as-replicas", "evo/sharding/planner.py",
+             "        copies //= plan.ep if lay.ep_dim is not None else 1\n", ""),
+    Mutation("ep-checkpoint-writes-only-rank-0-experts", "evo/checkpoint.py",
+             'return c["replica"] == 0 if sharded else c["edp"] == 0',
+             'return c["replica"] == 0 if sharded else c["dp"] == 0'),
     # --- checkpoints
     Mutation("checkpoint-zero-padding-not-restored", "evo/checkpoint.py",
              "if sharded and t.shape[0] < lay.shard_shape[0]:", "if False:"),

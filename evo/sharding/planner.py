@@ -532,6 +532,8 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     blocks = models.blocks(cfg)
     act = torch.empty((), dtype=compute_dtype).element_size()
     _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act, remat)
+    _count_narrow_enters(add, plan, blocks, micro_num, tokens_per_micro * act, cfg.hidden_size,
+                         remat)
     specs = models.param_specs(cfg)
     inside = sum(math.prod(specs[k].shape) for b in blocks for k in b.inside)
     if inside and not (plan.sequence_parallel and plan.tp > 1):   # backward of regions.inside
@@ -602,6 +604,27 @@ def _count_experts(add, plan, layouts, traffic: dict | None, row_bytes: int) -> 
     if plan.sequence_parallel and plan.tp > 1:                           # norm weights' grads
         add("all_reduce", "tp", sum((shard if plan.zero == 3 else local)[k]
                                     for k, l in layouts.items() if l.tp_dim is None))
+
+
+def _count_narrow_enters(add, plan, blocks, micro_num: int, token_act: int, hidden: int,
+                         remat: float) -> None:
+    """``_count_regions`` counts every enter at the hidden size; an enter of another width
+    (``Block.enter_widths``: router logits) moves ``token_act · width`` bytes instead, in forward,
+    in recomputation (the layers ``_count_regions`` recomputes) and in backward."""
+    if plan.tp == 1:
+        return
+    sp = plan.sequence_parallel
+    layers = [b.name for b in blocks if b.kind == "layer"]
+    redone = set(layers if plan.zero == 3 else layers[:math.floor(remat * len(layers))])
+    for b in blocks:
+        passes = 2 if b.name in redone else 1   # forward (+ recomputed)
+        for w in b.enter_widths:
+            delta = token_act * (w - hidden)
+            if sp:
+                add("all_gather", "tp", delta // plan.tp, micro_num * passes)
+                add("reduce_scatter", "tp", delta, micro_num)
+            else:
+                add("all_reduce", "tp", delta, micro_num)
 
 
 def _count_zero3(add, plan, blocks, layouts, micro_num: int, act: int) -> None:
