@@ -392,7 +392,7 @@ def check_model(index: dict, cfg, path: str) -> None:
     if saved_family != fam.name:
         raise CheckpointError(f"{path}: holds a model of family {saved_family!r}, but this run's "
                               f"model is of family {fam.name!r}")
-    saved, mine = index["model"], fam.config_to_dict(cfg)
+    saved, mine = index["model"], json.loads(json.dumps(fam.config_to_dict(cfg)))  # as saved
     for field in fam.shape_fields:
         if saved.get(field) != mine.get(field):
             raise CheckpointError(f"{path}: saved for model.{field}={saved.get(field)!r}, but "

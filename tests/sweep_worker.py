@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 
 from evo import models, optim, train, tree
-from evo.models import llama, qwen3
-import ep_family  # noqa: E402  registers the mixture-of-experts family of the ep cases
+from evo.models import llama, mixtral, qwen3
 from evo.sharding import Plan, planner
 from evo.sharding.mesh import build_mesh
 
@@ -39,9 +38,9 @@ MODELS = {
     # through regions.inside) and a head_dim (12) independent of hidden_size / num_heads
     "qwen3-odd": qwen3.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
                               num_kv_heads=4, intermediate_size=50, head_dim=12),
-    # mixture of experts: 4 SwiGLU experts, top-2, dispatched by all-to-all under plan.ep
-    "moe": ep_family.ToyMoEConfig(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
-                                  num_kv_heads=4, intermediate_size=48, num_experts=4, top_k=2),
+    # Mixtral: 4 SwiGLU experts, top-2, dispatched by all-to-all under plan.ep
+    "mixtral": mixtral.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
+                              num_kv_heads=4, intermediate_size=48, num_experts=4, top_k=2),
 }
 
 
@@ -105,11 +104,11 @@ CASES = [
     Case("qwen3-dp2-tp2-zero2-sp-remat", Plan(dp=2, tp=2, zero=2, sequence_parallel=True), 4,
          "qwen3-odd", remat=0.5),
     # expert parallelism: experts split over ep, tokens dispatched and combined by all-to-all
-    Case("moe-dp2-ep2", Plan(dp=2, ep=2), 2, "moe"),
-    Case("moe-dp4-ep4", Plan(dp=4, ep=4), 4, "moe"),
-    Case("moe-dp4-ep2-zero1", Plan(dp=4, ep=2, zero=1), 4, "moe"),
-    Case("moe-dp2-ep2-tp2", Plan(dp=2, ep=2, tp=2), 4, "moe"),
-    Case("moe-dp4-ep2-zero3", Plan(dp=4, ep=2, zero=3), 4, "moe"),
+    Case("mixtral-dp2-ep2", Plan(dp=2, ep=2), 2, "mixtral"),
+    Case("mixtral-dp4-ep4", Plan(dp=4, ep=4), 4, "mixtral"),
+    Case("mixtral-dp4-ep2-zero1", Plan(dp=4, ep=2, zero=1), 4, "mixtral"),
+    Case("mixtral-dp2-ep2-tp2", Plan(dp=2, ep=2, tp=2), 4, "mixtral"),
+    Case("mixtral-dp4-ep2-zero3", Plan(dp=4, ep=2, zero=3), 4, "mixtral"),
 ]
 
 

@@ -2,22 +2,23 @@
 the plan checks — pure arithmetic, checked against hand-written references (exact: integers).
 
 The distributed equivalence (dp2·ep2, dp4·ep4, dp4·ep2 ZeRO-1 and ZeRO-3, dp2·ep2×tp2 against
-one process, bytes = the model) runs in the sweep (``tests/sweep_worker.py``, ``moe-*`` cases).
+one process, bytes = the model) runs in the sweep (``tests/sweep_worker.py``, ``mixtral-*``
+cases).
 """
 import itertools
 
 import pytest
 import torch
 
-import ep_family
 from evo import Experiment, data, optim, run
+from evo.models import llama, mixtral
 from evo.sharding import Plan
 from evo.sharding.experts import group_by_expert
 from evo.sharding.layout import model_layouts
 from evo.sharding.mesh import mesh_shape
 
-MOE = ep_family.ToyMoEConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
-                             intermediate_size=48, num_experts=4, top_k=2)
+MOE = mixtral.Config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                     intermediate_size=48, num_experts=4, top_k=2)
 
 
 @pytest.mark.parametrize("dp, ep, zero_group, tp", [(2, 2, 1, 1), (4, 2, 2, 1), (8, 2, 2, 2),
@@ -78,7 +79,7 @@ def test_bad_expert_plans_name_the_field(kwargs, world, culprit):
 
 
 def test_ep_needs_experts():
-    dense = ep_family.llama.Config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+    dense = llama.Config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
                                    intermediate_size=48)
     with pytest.raises(ValueError, match="plan.ep=2: the model has no experts"):
         model_layouts(Plan(ep=2).resolve(2), dense)

@@ -337,7 +337,8 @@ class Decoder:
             names = tuple(f"{b.name}.{k}" for k in self.specs_of_layer(cfg, i))
             gate = (f"{b.name}.moe.shared_gate",) if cfg.shared_expert_gate else ()
             out.append(dataclasses.replace(b, params=names, enters=b.enters + 1,
-                                           inside=b.inside + gate))
+                                           inside=b.inside + gate,
+                                           enter_widths=b.enter_widths + (cfg.num_experts,)))
         return out
 
     def tp_divisors(self, cfg) -> dict[str, int]:
