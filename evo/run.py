@@ -386,6 +386,7 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
     t1 = time.perf_counter()
     state, m = r.step_fn(state, batch)
     comm_bytes, times = m.pop("comm_bytes"), m.pop("time")
+    expert_traffic = m.pop("expert_traffic", None)   # under plan.ep: the rows dispatched
     per_source = {}
     if "source_tokens" in m:
         sums, counts = m.pop("source_loss_sum").tolist(), m.pop("source_tokens").tolist()
@@ -404,6 +405,8 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
               "skipped": int(state.opt_state.skipped), "comm_bytes": comm_bytes}
     if "loss_scale" in m:
         record["loss_scale"] = m["loss_scale"]
+    if expert_traffic is not None:
+        record["expert_traffic"] = expert_traffic
     record.update(per_source)
     return state, record
 
