@@ -74,6 +74,10 @@ MUTATIONS = [
     # --- expert parallelism
     Mutation("ep-expert-grads-summed-over-all-dp", "evo/sharding/planner.py",
              'g = comm.all_reduce(g, "edp" if expert else "dp")', 'g = comm.all_reduce(g, "dp")'),
+    Mutation("ep-expert-buckets-summed-over-all-dp", "evo/sharding/planner.py",
+             'dp_axis="edp") if comm.size', 'dp_axis="dp") if comm.size'),
+    Mutation("ep-zero2-dense-buckets-not-summed-over-ep", "evo/sharding/planner.py",
+             'replica_axes=("replica", "ep"))', 'replica_axes=("replica",))'),
     Mutation("ep-zero3-dense-grads-not-summed-over-ep", "evo/sharding/planner.py",
              'out[k] = g if expert else comm.all_reduce(g, "ep")', "out[k] = g"),
     Mutation("ep-received-rows-not-ungrouped", "evo/sharding/experts.py",

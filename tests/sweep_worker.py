@@ -109,6 +109,9 @@ CASES = [
     Case("mixtral-dp4-ep2-zero1", Plan(dp=4, ep=2, zero=1), 4, "mixtral"),
     Case("mixtral-dp2-ep2-tp2", Plan(dp=2, ep=2, tp=2), 4, "mixtral"),
     Case("mixtral-dp4-ep2-zero3", Plan(dp=4, ep=2, zero=3), 4, "mixtral"),
+    # ZeRO-2 (buckets: expert and other gradients in their own), and reduction after backward
+    Case("mixtral-dp4-ep2-zero2", Plan(dp=4, ep=2, zero=2), 4, "mixtral"),
+    Case("mixtral-dp4-ep2-zero1-unbucketed", Plan(dp=4, ep=2, zero=1, bucket_mb=0), 4, "mixtral"),
 ]
 
 

@@ -232,8 +232,10 @@ class BucketedReduction:
     """
 
     def __init__(self, comm: C.Comm, plan, layouts: dict[str, ParamLayout], names: list[str],
-                 bucket_bytes: int):
+                 bucket_bytes: int, *, dp_axis: str = "dp",
+                 replica_axes: tuple[str, ...] = ("replica",)):
         self.comm, self.plan, self.layouts = comm, plan, layouts
+        self.dp_axis, self.replica_axes = dp_axis, replica_axes
         self.buckets: list[list[str]] = [[]]
         size = 0
         for k in reversed(names):
@@ -265,7 +267,8 @@ class BucketedReduction:
             self.pending[b] = C.launch_reduce_scatter(self.comm, flat, "zero")
         else:
             self.pending[b] = C.launch_all_reduce(self.comm, torch.cat([g.flatten()
-                                                                       for g in members]), "dp")
+                                                                       for g in members]),
+                                                  self.dp_axis)
 
     def finish(self) -> dict[str, torch.Tensor]:
         for b, members in enumerate(self.buckets):  # parameters that got no gradient: zeros
@@ -279,7 +282,8 @@ class BucketedReduction:
         for b, members in enumerate(self.buckets):
             flat = C.wait(self.pending[b]).flatten()
             if self.plan.zero == 2:
-                flat = self.comm.all_reduce(flat, "replica")
+                for axis in self.replica_axes:
+                    flat = self.comm.all_reduce(flat, axis)
             offset = 0
             for k in members:
                 shape = self.layouts[k].shard_shape if self.plan.zero == 2 else \
@@ -288,6 +292,33 @@ class BucketedReduction:
                 out[k] = flat[offset:offset + size].view(shape)
                 offset += size
         return out
+
+
+class ExpertSplitReduction:
+    """Under expert parallelism, two bucketed reductions: expert gradients over the ranks
+    holding the same experts (``edp``; nothing to reduce when ``dp = ep``), the others over
+    ``dp`` (ZeRO 2: over ``replica`` and ``ep`` after the reduce-scatter)."""
+
+    def __init__(self, comm: C.Comm, plan, layouts: dict[str, ParamLayout], bucket_bytes: int):
+        self.layouts, self.passed = layouts, {}
+        expert = [k for k, lay in layouts.items() if lay.ep_dim is not None]
+        dense = [k for k in layouts if k not in expert]
+        self.expert = BucketedReduction(comm, plan, layouts, expert, bucket_bytes,
+                                        dp_axis="edp") if comm.size("edp") > 1 else None
+        self.dense = BucketedReduction(comm, plan, layouts, dense, bucket_bytes,
+                                       replica_axes=("replica", "ep"))
+
+    def __call__(self, name: str, grad: torch.Tensor) -> None:
+        if self.layouts[name].ep_dim is None:
+            self.dense(name, grad)
+        elif self.expert is not None:
+            self.expert(name, grad)
+        else:
+            self.passed[name] = grad
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        return {**self.passed, **(self.expert.finish() if self.expert else {}),
+                **self.dense.finish()}
 
 
 # ------------------------------------------------------------------------------------ the step
@@ -379,7 +410,9 @@ class ShardedStep:
         first complete the norm weights' gradients over tp, or ZeRO-3 already reduces them."""
         plan = self.mesh.plan
         if plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and not regions.sp and \
-                plan.ep == 1:
+                plan.ep > 1:
+            return ExpertSplitReduction(comm, plan, layouts, int(plan.bucket_mb * 2**20))
+        if plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and not regions.sp:
             return BucketedReduction(comm, plan, layouts, list(layouts),
                                      int(plan.bucket_mb * 2**20))
         return None
@@ -390,11 +423,11 @@ class ShardedStep:
         if regions.sp:  # weights not split over tp saw only this rank's part of the sequence
             grads = {k: comm.all_reduce(g, "tp") if layouts[k].tp_dim is None else g
                      for k, g in grads.items()}
-        if plan.ep > 1:
-            return self._synchronise_experts(grads, layouts, comm)
         if bucketed:
             return {k: _zero_shard(g, layouts[k], mesh) for k, g in grads.items()} \
                 if plan.zero == 1 else grads
+        if plan.ep > 1:
+            return self._synchronise_experts(grads, layouts, comm)
         if plan.zero == 0:
             return {k: comm.all_reduce(g, "dp") for k, g in grads.items()}
         if plan.zero == 1:
