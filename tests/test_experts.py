@@ -67,6 +67,21 @@ def test_group_by_expert_matches_a_loop():
         assert group_by_expert(counts).tolist() == ref
 
 
+def test_balanced_traffic_counts_every_routed_row_twice():
+    """Without the step's routing, the model assumes each rank receives what it sends:
+    ``tokens · top_k`` rows per MoE layer and micro-batch, each way; ZeRO-3 recomputes every
+    layer (a second forward dispatch)."""
+    from evo.sharding.experts import balanced_traffic
+    cfg = mixtral.Config(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4,
+                         intermediate_size=48, num_experts=4, top_k=2, first_k_dense=1)
+    t = balanced_traffic(cfg, Plan(dp=2, ep=2).resolve(2), micro_num=5, tokens_per_micro=16)
+    assert (t.experts, t.forward_calls, t.forward_rows) == (4, 2 * 5, 2 * (2 * 16 * 2) * 5)
+    assert (t.recomputed_calls, t.recomputed_rows) == (0, 0)
+    z3 = balanced_traffic(cfg, Plan(dp=2, ep=2, zero=3).resolve(2), micro_num=5,
+                          tokens_per_micro=16)
+    assert (z3.recomputed_calls, z3.recomputed_rows) == (t.forward_calls, t.forward_rows)
+
+
 @pytest.mark.parametrize("kwargs, world, culprit", [
     (dict(ep=3), 3, r"plan.ep=3 must divide the number of experts 4"),
     (dict(dp=4, ep=2, zero_group=4), 4, r"plan.zero_group=4 must divide plan.dp / plan.ep = 2"),

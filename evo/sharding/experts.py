@@ -21,6 +21,7 @@ the routing, so each call also records its rows in an ``ExpertTraffic`` that the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,26 @@ class ExpertTraffic:
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
+
+
+def balanced_traffic(cfg, plan, *, micro_num: int, tokens_per_micro: int, remat: float = 0.0
+                     ) -> ExpertTraffic:
+    """The ``ExpertTraffic`` of one step if the routing were perfectly balanced (every rank
+    receives as many rows as it sends, ``tokens · top_k`` per MoE layer): what ``evo plan``
+    assumes for a plan it has not run. MoE layers are the layer blocks reading a parameter with
+    an ``"expert"`` axis; the recomputed ones (every layer under ZeRO-3, else the first
+    ``floor(remat · layers)``) dispatch again."""
+    from evo import models
+    from evo.sharding.layout import EXPERT_AXIS
+    specs = models.param_specs(cfg)
+    layers = [b for b in models.blocks(cfg) if b.kind == "layer"]
+    redone = layers if plan.zero == 3 else layers[:math.floor(remat * len(layers))]
+    sizes = [s.shape[s.axes.index(EXPERT_AXIS)] for s in specs.values() if EXPERT_AXIS in s.axes]
+    routed = lambda bs: sum(any(EXPERT_AXIS in specs[k].axes for k in b.params)  # noqa: E731
+                            for b in bs)
+    rows = 2 * tokens_per_micro * cfg.top_k * micro_num
+    return ExpertTraffic(sizes[0] if sizes else 0, micro_num * routed(layers),
+                         rows * routed(layers), micro_num * routed(redone), rows * routed(redone))
 
 
 def all_to_all(comm: Comm, x: torch.Tensor, axis: str, out_splits: list[int],

@@ -549,7 +549,8 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
 
     Under expert parallelism the dispatch moves as many rows as the routing sends: pass the
     step's ``metrics["expert_traffic"]`` (``evo.sharding.experts.ExpertTraffic``) as
-    ``expert_traffic``; the model counts the exchanged counts and the rows' bytes from it.
+    ``expert_traffic``; the model counts the exchanged counts and the rows' bytes from it
+    (without it: a perfectly balanced routing, ``experts.balanced_traffic``).
     """
     from collections import Counter
     sizes = {"tp": plan.tp, "dp": plan.dp, "zero": plan.zero_group,
@@ -574,7 +575,10 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     if plan.zero == 3:
         _count_zero3(add, plan, blocks, layouts, micro_num, act)
     if plan.ep > 1:
-        _count_experts(add, plan, layouts, expert_traffic, cfg.hidden_size * act)
+        traffic = expert_traffic or EP.balanced_traffic(
+            cfg, plan, micro_num=micro_num, tokens_per_micro=tokens_per_micro,
+            remat=remat).as_dict()
+        _count_experts(add, plan, layouts, traffic, cfg.hidden_size * act)
     else:
         _count_synchronisation(add, plan, layouts)
     # Scalars (fp32 master): labelled-token count (int64), loss, token count (int64), norm squares.
@@ -611,13 +615,10 @@ def _count_regions(add, plan, blocks, micro_num: int, full_act: int, remat: floa
         add("all_reduce", "tp", full_act, M * enters)                   # backward of the enters
 
 
-def _count_experts(add, plan, layouts, traffic: dict | None, row_bytes: int) -> None:
+def _count_experts(add, plan, layouts, traffic: dict, row_bytes: int) -> None:
     """Expert parallelism: the dispatches (counts, then rows forward and their gradients back in
     backward; a recomputed layer dispatches again, forward only) and the gradient
     synchronisation of expert (over ``edp``) and other (over ``dp``) parameters."""
-    if traffic is None:
-        raise ValueError("expected_comm_bytes: under plan.ep > 1 the dispatch depends on the "
-                         "routing; pass the step's metrics['expert_traffic'] as expert_traffic")
     calls = traffic["forward_calls"] + traffic["recomputed_calls"]
     add("all_to_all", "ep", calls * traffic["experts"] * 8)
     add("all_to_all", "ep", (2 * traffic["forward_rows"] + traffic["recomputed_rows"]) * row_bytes)

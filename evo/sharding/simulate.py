@@ -83,4 +83,4 @@ def plan_report(cfg, plans: list[Plan], world: int, *, micro_num: int = 1,
 
 def _short(p: Plan) -> str:
     s = f"dp={p.dp},tp={p.tp},zero={p.zero},zero_group={p.zero_group}"
-    return s + (",sp" if p.sequence_parallel else "")
+    return s + (",sp" if p.sequence_parallel else "") + (f",ep={p.ep}" if p.ep > 1 else "")
