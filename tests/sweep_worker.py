@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from evo import models, optim, train, tree
-from evo.models import llama, qwen3
+from evo.models import llama, mixtral, qwen3
 from evo.sharding import Plan, planner
 from evo.sharding.mesh import build_mesh
 
@@ -38,6 +38,12 @@ MODELS = {
     # through regions.inside) and a head_dim (12) independent of hidden_size / num_heads
     "qwen3-odd": qwen3.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
                               num_kv_heads=4, intermediate_size=50, head_dim=12),
+    # Mixtral: 4 experts, top-2, the balancing loss in the gradient and the balancing bias moved
+    # by the dp-summed expert loads each step; the router is a replicated weight inside the
+    # tensor-parallel region (regions.inside)
+    "mixtral-odd": mixtral.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
+                                  num_kv_heads=4, intermediate_size=50, num_experts=4, top_k=2,
+                                  aux_loss_coef=0.05, bias_update_rate=0.01),
 }
 
 
@@ -100,6 +106,9 @@ CASES = [
     Case("qwen3-dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4, "qwen3-odd"),
     Case("qwen3-dp2-tp2-zero2-sp-remat", Plan(dp=2, tp=2, zero=2, sequence_parallel=True), 4,
          "qwen3-odd", remat=0.5),
+    Case("mixtral-dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4, "mixtral-odd"),
+    Case("mixtral-dp2-tp2-zero1-sp-remat", Plan(dp=2, tp=2, zero=1, sequence_parallel=True), 4,
+         "mixtral-odd", remat=1.0),
 ]
 
 

@@ -142,6 +142,18 @@ def _zero_shard(x: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> torch.Tenso
     return _pad_rows(x, layout.shard_shape[0] * n).chunk(n)[mesh.coords["zero"]]
 
 
+def _balance(cfg, params: dict[str, torch.Tensor], load: torch.Tensor,
+             layouts: dict[str, ParamLayout], mesh: Mesh) -> dict[str, torch.Tensor]:
+    """This rank's pieces of ``models.moe.update_bias``: each bias step cut as its bias is
+    stored (tensor-parallel piece, ZeRO-3 shard)."""
+    out = dict(params)
+    for k, s in models.moe.bias_steps(cfg, load).items():
+        s = _tp_piece(s, layouts[k], mesh)
+        s = _zero_shard(s, layouts[k], mesh) if mesh.plan.zero == 3 else s
+        out[k] = params[k] + s.to(params[k].dtype)
+    return out
+
+
 def shard_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
                  ) -> dict[str, torch.Tensor]:
     """Full (global) params → this rank's pieces: the tensor-parallel piece, and under ZeRO-3
@@ -335,6 +347,11 @@ class ShardedStep:
             inplace=step.donate, grad_norm=norm)
         t_optimizer = clock.lap()
         new = self._gather_updated(state.params, new, layouts, comm)
+        if "expert_load" in aux:     # MoE: loads summed over dp move the balancing bias
+            aux = {**aux, **{k: comm.all_reduce(aux[k], "dp")
+                             for k in ("expert_load", "dropped_tokens", "aux_loss")}}
+            new = _balance(step.model, new, aux["expert_load"] * ~info["skipped"], layouts,
+                           self.mesh)
         t_comm += clock.lap()
         tokens = torch.tensor(batch["tokens"].numel())
         metrics = {"loss": comm.all_reduce(aux["loss"], "dp"),
@@ -342,6 +359,8 @@ class ShardedStep:
                       for k in ("source_loss_sum", "source_tokens") if k in aux},
                    "grad_norm": info["grad_norm"], "lr": info["lr"], "skipped": info["skipped"],
                    "tokens": comm.all_reduce(tokens, "dp") if plan.dp > 1 else tokens,
+                   **{k: aux[k] for k in ("expert_load", "dropped_tokens", "aux_loss")
+                      if k in aux},
                    "valid_tokens": n, "comm_bytes": dict(comm.log.bytes),
                    "time": {"forward_backward": t_backward, "comm": t_comm,
                             "optimizer": t_optimizer}}
@@ -481,6 +500,8 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     # Scalars (fp32 master): labelled-token count (int64), loss, token count (int64), norm squares.
     add("all_reduce", "dp", 8 + 4 + 8)
     add("all_reduce", "dp", 2 * 4 * sources)                             # per-source loss, tokens
+    if models.moe.routed(cfg):                       # expert loads, dropped pairs, balancing loss
+        add("all_reduce", "dp", 4 * (len(cfg.moe_layers) * cfg.num_experts + 2))
     if plan.zero > 0:
         add("all_reduce", "zero", 2 * 4)
     add("all_reduce", "tp", 4)
