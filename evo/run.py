@@ -395,6 +395,9 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
                                       if counts[j] > 0},
                       "source_tokens": {name: int(counts[j]) for j, name in enumerate(names)
                                         if counts[j] > 0}}
+    experts = {"moe": monitor.expert_record(
+        m.pop("expert_load").tolist(), list(r.exp.model.moe_layers),
+        m.pop("dropped_tokens").item(), m.pop("aux_loss").item())} if "expert_load" in m else {}
     m = {k: v.item() for k, v in m.items()}
     t2 = time.perf_counter()
     record = {"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
@@ -408,6 +411,7 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
     if expert_traffic is not None:
         record["expert_traffic"] = expert_traffic
     record.update(per_source)
+    record.update(experts)
     return state, record
 
 

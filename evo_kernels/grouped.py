@@ -51,7 +51,8 @@ def grouped_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.device.type == "cpu":
         ok_dtype = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
     elif x.device.type == "cuda":
-        ok_dtype = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        ok_dtype = (x.dtype == torch.bfloat16
+                    and torch.cuda.get_device_capability(x.device) >= (9, 0))
     else:
         return False
     size = x.element_size()

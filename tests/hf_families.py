@@ -2,10 +2,10 @@
 independent references the family tests compare against.
 
 Each model is built by transformers from its own config class (not through evo), then every
-tensor is redrawn so that it matters: matrices (and stacked expert matrices) ~ N(0, 1/fan_in) (activations and logits O(1), so a
-1e-4 absolute tolerance is a real check), embeddings ~ N(0, 0.1²) (logits O(1) when
-the output projection is the embedding), norm weights ~ U(0.5, 1.5) (away
-from 1), biases ~ N(0, 0.5²) (away from 0). ``save`` writes ``config.json`` + ``model.safetensors``
+tensor is redrawn so that it matters: matrices (and stacked expert matrices) ~ N(0, 1/fan_in)
+(activations and logits O(1), so a 1e-4 absolute tolerance is a real check), embeddings
+~ N(0, 0.1²) (logits O(1) when the output projection is the embedding), norm weights
+~ U(0.5, 1.5) (away from 1), biases ~ N(0, 0.5²) (away from 0). ``save`` writes ``config.json`` + ``model.safetensors``
 with ``save_pretrained`` and a word-level ``tokenizer.json`` whose token ``i`` is spelled ``w{i}``,
 so that ``evo generate DIR`` runs on it and its text maps back to token ids.
 """

@@ -38,9 +38,12 @@ MODELS = {
     # through regions.inside) and a head_dim (12) independent of hidden_size / num_heads
     "qwen3-odd": qwen3.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
                               num_kv_heads=4, intermediate_size=50, head_dim=12),
-    # Mixtral: 4 SwiGLU experts, top-2, dispatched by all-to-all under plan.ep
-    "mixtral": mixtral.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
-                              num_kv_heads=4, intermediate_size=48, num_experts=4, top_k=2),
+    # Mixtral: 4 experts, top-2, the balancing loss in the gradient and the balancing bias moved
+    # by the dp-summed expert loads each step; the router is a replicated weight inside the
+    # tensor-parallel region (regions.inside)
+    "mixtral-odd": mixtral.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
+                                  num_kv_heads=4, intermediate_size=50, num_experts=4, top_k=2,
+                                  aux_loss_coef=0.05, bias_update_rate=0.01),
 }
 
 
@@ -103,15 +106,20 @@ CASES = [
     Case("qwen3-dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4, "qwen3-odd"),
     Case("qwen3-dp2-tp2-zero2-sp-remat", Plan(dp=2, tp=2, zero=2, sequence_parallel=True), 4,
          "qwen3-odd", remat=0.5),
-    # expert parallelism: experts split over ep, tokens dispatched and combined by all-to-all
-    Case("mixtral-dp2-ep2", Plan(dp=2, ep=2), 2, "mixtral"),
-    Case("mixtral-dp4-ep4", Plan(dp=4, ep=4), 4, "mixtral"),
-    Case("mixtral-dp4-ep2-zero1", Plan(dp=4, ep=2, zero=1), 4, "mixtral"),
-    Case("mixtral-dp2-ep2-tp2", Plan(dp=2, ep=2, tp=2), 4, "mixtral"),
-    Case("mixtral-dp4-ep2-zero3", Plan(dp=4, ep=2, zero=3), 4, "mixtral"),
+    Case("mixtral-dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4, "mixtral-odd"),
+    Case("mixtral-dp2-tp2-zero1-sp-remat", Plan(dp=2, tp=2, zero=1, sequence_parallel=True), 4,
+         "mixtral-odd", remat=1.0),
+    # expert parallelism: experts split over ep, tokens dispatched and combined by all-to-all;
+    # the balancing loss and bias stay those of one process (expert loads summed over dp)
+    Case("mixtral-dp2-ep2", Plan(dp=2, ep=2), 2, "mixtral-odd"),
+    Case("mixtral-dp4-ep4", Plan(dp=4, ep=4), 4, "mixtral-odd"),
+    Case("mixtral-dp4-ep2-zero1", Plan(dp=4, ep=2, zero=1), 4, "mixtral-odd"),
+    Case("mixtral-dp2-ep2-tp2", Plan(dp=2, ep=2, tp=2), 4, "mixtral-odd"),
+    Case("mixtral-dp4-ep2-zero3", Plan(dp=4, ep=2, zero=3), 4, "mixtral-odd"),
     # ZeRO-2 (buckets: expert and other gradients in their own), and reduction after backward
-    Case("mixtral-dp4-ep2-zero2", Plan(dp=4, ep=2, zero=2), 4, "mixtral"),
-    Case("mixtral-dp4-ep2-zero1-unbucketed", Plan(dp=4, ep=2, zero=1, bucket_mb=0), 4, "mixtral"),
+    Case("mixtral-dp4-ep2-zero2", Plan(dp=4, ep=2, zero=2), 4, "mixtral-odd"),
+    Case("mixtral-dp4-ep2-zero1-unbucketed", Plan(dp=4, ep=2, zero=1, bucket_mb=0), 4,
+         "mixtral-odd"),
 ]
 
 

@@ -50,16 +50,13 @@ class Block:
     vocabulary-split embedding counts as one exit) — the planner's communication model counts
     them. A layer ends in an exit, which recomputation skips (backward does not need it).
     ``inside``: the parameters it passes through ``regions.inside`` (replicated weights applied
-    to a split dimension, whose gradients a tensor-parallel layout sums in backward).
-    ``enter_widths``: the last-dimension sizes of those of the ``enters`` that do not carry the
-    hidden size (a MoE layer's router logits: the number of experts)."""
+    to a split dimension, whose gradients a tensor-parallel layout sums in backward)."""
     name: str
     kind: str
     params: tuple[str, ...]
     enters: int = 0
     exits: int = 0
     inside: tuple[str, ...] = ()
-    enter_widths: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.kind not in ("embed", "layer", "head"):

@@ -11,8 +11,9 @@ A MoE layer replaces a decoder layer's MLP. Its parameters (within the layer; we
     moe.shared.w2     [shared_ffn, hidden]          ("mlp", "embed")
     moe.shared_gate   [hidden, 1]                   ("embed", "gate")     their gate, if any
 
-The layer (``moe_mlp``): router logits ``h @ router`` of the normed input, computed before the
-tensor-parallel region and entered into it (so their gradient is complete on every rank); scores
+The layer (``moe_mlp``): router logits ``h @ router`` of the normed input inside the
+tensor-parallel region (the router is a replicated weight applied there: ``regions.inside``, as
+the experts' outputs it weights are partial sums); scores
 ``softmax`` or ``sigmoid`` of the logits in fp32; each token picks the ``top_k`` experts of highest
 score (plus the per-expert balancing ``bias`` when given: it steers the choice only, never the
 weights); the chosen scores, renormalised to sum 1 when ``norm_topk_prob``, weight the experts'
@@ -70,6 +71,8 @@ def route(scores: torch.Tensor, top_k: int, norm_topk_prob: bool,
     weights = scores.gather(-1, idx)
     if norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
+    if bias is not None:    # a zero gradient: backward reaches the bias as any parameter
+        weights = weights + 0.0 * bias.to(weights.dtype)[idx]
     return idx, weights
 
 
@@ -124,14 +127,15 @@ def balance_loss(scores: torch.Tensor, load: torch.Tensor, top_k: int, total_tok
 def moe_mlp(cfg, p: dict[str, torch.Tensor], hn: torch.Tensor, regions: Regions = LOCAL,
             bias: torch.Tensor | None = None, backend: str = "auto"
             ) -> tuple[torch.Tensor, Stats]:
-    """One MoE feed-forward of the normed ``hn [batch, seq, hidden]`` (before ``regions.enter``):
+    """One MoE feed-forward of the normed ``hn [batch, seq, hidden]`` (before ``regions.enter``;
+    the sequence may be split):
     its output (a partial sum under tensor parallelism, like ``Llama.mlp``) and its ``Stats``.
     ``p``: the layer's parameters named within the layer (``moe.*``); ``cfg``: a MoE config
     (``num_experts``, ``top_k``, ``score_func``, ``norm_topk_prob``, ``capacity_factor``).
     ``bias [E]``: the balancing bias (``None``: none)."""
     e, k = p["moe.router"].shape[1], cfg.top_k
-    local_logits = hn @ p["moe.router"]
-    h, logits = regions.enter(hn), regions.enter(local_logits)
+    h = regions.enter(hn)
+    logits = h @ regions.inside(p["moe.router"])
     b, s, d = h.shape
     scores = scores_of(logits, cfg.score_func).reshape(b * s, e)
     idx, weights = route(scores, k, cfg.norm_topk_prob, bias)
@@ -144,7 +148,9 @@ def moe_mlp(cfg, p: dict[str, torch.Tensor], hn: torch.Tensor, regions: Regions 
     out = (y.view(b * s, k, -1) * weights.to(y.dtype)[..., None]).sum(1)
     if "moe.shared.w1" in p:
         out = out + shared_expert(p, x_flat, regions)
-    local_scores = scores_of(local_logits, cfg.score_func).reshape(-1, e)
+    # The balancing loss from the normed input before the region: each rank's own tokens, a
+    # gradient complete without the region's reductions.
+    local_scores = scores_of(hn @ p["moe.router"], cfg.score_func).reshape(-1, e)
     stats = Stats(plan.load.float(), (plan.load - plan.counts).sum().float(),
                   balance_loss(local_scores, plan.load, k, b * s, cfg.score_func))
     return out.view(b, s, -1), stats
@@ -325,9 +331,8 @@ class Decoder:
         return specs
 
     def blocks(self, cfg) -> list[Block]:
-        """The dense family's blocks, each layer with its own parameters; a MoE layer enters its
-        tensor-parallel region once more (the router logits) and passes the shared experts'
-        gate through ``regions.inside``."""
+        """The dense family's blocks, each layer with its own parameters; a MoE layer passes its
+        router and the shared experts' gate through ``regions.inside``."""
         out = []
         for b in super().blocks(cfg):
             i = int(b.name.split(".")[1]) if b.kind == "layer" else -1
@@ -336,9 +341,8 @@ class Decoder:
                 continue
             names = tuple(f"{b.name}.{k}" for k in self.specs_of_layer(cfg, i))
             gate = (f"{b.name}.moe.shared_gate",) if cfg.shared_expert_gate else ()
-            out.append(dataclasses.replace(b, params=names, enters=b.enters + 1,
-                                           inside=b.inside + gate,
-                                           enter_widths=b.enter_widths + (cfg.num_experts,)))
+            out.append(dataclasses.replace(b, params=names,
+                                           inside=(*b.inside, f"{b.name}.moe.router", *gate)))
         return out
 
     def tp_divisors(self, cfg) -> dict[str, int]:
@@ -377,7 +381,10 @@ class Decoder:
             ctx.routing.add(layer, stats)
         return regions.exit(out)
 
-    # -- checkpoints
+    # -- checkpoints (JSON: dense_layers a list)
+    def config_to_dict(self, cfg) -> dict:
+        return {**super().config_to_dict(cfg), "dense_layers": list(cfg.dense_layers)}
+
     def config_from_dict(self, d: dict):
         d = dict(d)
         d["dense_layers"] = tuple(d.get("dense_layers", ()))
@@ -466,3 +473,65 @@ def require_hf(cfg, family: str, **values) -> None:
         if getattr(cfg, field) != v:
             raise ValueError(f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r}: the "
                              f"{family!r} family's HF format needs {v!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: the step's sums over micro-batches, the auxiliary loss, the balancing bias
+
+def routed(cfg) -> bool:
+    """Whether ``cfg``'s family has MoE layers (its forward records a ``Routing``)."""
+    return isinstance(cfg, Fields)
+
+
+class Totals:
+    """One step's MoE sums over its micro-batches on this rank: ``load [moe layers, E]`` the
+    (token, choice) pairs routed to each expert, ``dropped`` the pairs dropped by the capacity,
+    ``balance`` the load-balancing loss (``Stats.balance``) summed over layers and tokens times
+    the step's loss normaliser. Layers another pipeline stage runs are absent: their rows stay 0."""
+
+    def __init__(self, cfg, device=None):
+        self.layers, self.coef = cfg.moe_layers, float(cfg.aux_loss_coef)
+        self.load = torch.zeros(len(self.layers), cfg.num_experts, device=device)
+        self.dropped = torch.zeros((), device=device)
+        self.balance = torch.zeros((), device=device)
+
+    def add(self, routing: Routing, scale: torch.Tensor) -> torch.Tensor:
+        """Add one micro-batch's record; returns its auxiliary loss before ``scale`` (``coef · Σ
+        balance``, differentiable; 0 without a coefficient), which the step adds to the summed
+        token losses: the objective is ``(Σ CE + coef · Σ balance) / labelled tokens``, so
+        micro-batches and data-parallel ranks add up to the one-process value."""
+        total = torch.zeros((), device=self.load.device)
+        for j, i in enumerate(self.layers):
+            s = routing.stats.get(i)
+            if s is None:
+                continue
+            self.load[j] += s.load.detach()
+            self.dropped += s.dropped.detach()
+            total = total + s.balance
+        self.balance += total.detach().float() * scale
+        return self.coef * total if self.coef else total.new_zeros(())
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """``expert_load [moe layers, E]``, ``dropped_tokens`` and ``aux_loss``: the balancing
+        loss per MoE layer (1 for a uniform router), all sums a data-parallel step all-reduces
+        (``aux_loss`` is normalised by the global labelled-token count already)."""
+        return {"expert_load": self.load, "dropped_tokens": self.dropped,
+                "aux_loss": self.balance / max(len(self.layers), 1)}
+
+
+def bias_steps(cfg, load: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): what each MoE layer's ``moe.bias [E]`` moves
+    by after a step whose ``load [moe layers, E]`` (summed over all data-parallel ranks) is given:
+    ``bias_update_rate`` up for experts below the layer's mean load, down above it (0 at the
+    mean, and everywhere for a zero load). Empty without ``bias_update_rate``."""
+    if not cfg.bias_update_rate:
+        return {}
+    return {f"layers.{i}.moe.bias": torch.sign(load[j].mean() - load[j]) * cfg.bias_update_rate
+            for j, i in enumerate(cfg.moe_layers)}
+
+
+def update_bias(cfg, params: dict[str, torch.Tensor], load: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """``params`` with ``bias_steps`` added (a new dict; the other tensors shared)."""
+    steps = bias_steps(cfg, load)
+    return {k: v + steps[k].to(v.dtype) if k in steps else v for k, v in params.items()}

@@ -153,6 +153,18 @@ def _zero_shard(x: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> torch.Tenso
     return _pad_rows(x, layout.shard_shape[0] * n).chunk(n)[mesh.coords["zero"]]
 
 
+def _balance(cfg, params: dict[str, torch.Tensor], load: torch.Tensor,
+             layouts: dict[str, ParamLayout], mesh: Mesh) -> dict[str, torch.Tensor]:
+    """This rank's pieces of ``models.moe.update_bias``: each bias step cut as its bias is
+    stored (tensor-parallel piece, ZeRO-3 shard)."""
+    out = dict(params)
+    for k, s in models.moe.bias_steps(cfg, load).items():
+        s = _tp_piece(s, layouts[k], mesh)
+        s = _zero_shard(s, layouts[k], mesh) if mesh.plan.zero == 3 else s
+        out[k] = params[k] + s.to(params[k].dtype)
+    return out
+
+
 def shard_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
                  ) -> dict[str, torch.Tensor]:
     """Full (global) params → this rank's pieces: the tensor-parallel piece, and under ZeRO-3
@@ -379,6 +391,11 @@ class ShardedStep:
             inplace=step.donate, grad_norm=norm)
         t_optimizer = clock.lap()
         new = self._gather_updated(state.params, new, layouts, comm)
+        if "expert_load" in aux:     # MoE: loads summed over dp move the balancing bias
+            aux = {**aux, **{k: comm.all_reduce(aux[k], "dp")
+                             for k in ("expert_load", "dropped_tokens", "aux_loss")}}
+            new = _balance(step.model, new, aux["expert_load"] * ~info["skipped"], layouts,
+                           self.mesh)
         t_comm += clock.lap()
         tokens = torch.tensor(batch["tokens"].numel())
         metrics = {"loss": comm.all_reduce(aux["loss"], "dp"),
@@ -386,6 +403,8 @@ class ShardedStep:
                       for k in ("source_loss_sum", "source_tokens") if k in aux},
                    "grad_norm": info["grad_norm"], "lr": info["lr"], "skipped": info["skipped"],
                    "tokens": comm.all_reduce(tokens, "dp") if plan.dp > 1 else tokens,
+                   **{k: aux[k] for k in ("expert_load", "dropped_tokens", "aux_loss")
+                      if k in aux},
                    "valid_tokens": n, "comm_bytes": dict(comm.log.bytes),
                    "time": {"forward_backward": t_backward, "comm": t_comm,
                             "optimizer": t_optimizer}}
@@ -566,8 +585,6 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     blocks = models.blocks(cfg)
     act = torch.empty((), dtype=compute_dtype).element_size()
     _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act, remat)
-    _count_narrow_enters(add, plan, blocks, micro_num, tokens_per_micro * act, cfg.hidden_size,
-                         remat)
     specs = models.param_specs(cfg)
     inside = sum(math.prod(specs[k].shape) for b in blocks for k in b.inside)
     if inside and not (plan.sequence_parallel and plan.tp > 1):   # backward of regions.inside
@@ -584,6 +601,8 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     # Scalars (fp32 master): labelled-token count (int64), loss, token count (int64), norm squares.
     add("all_reduce", "dp", 8 + 4 + 8)
     add("all_reduce", "dp", 2 * 4 * sources)                             # per-source loss, tokens
+    if models.moe.routed(cfg):                       # expert loads, dropped pairs, balancing loss
+        add("all_reduce", "dp", 4 * (len(cfg.moe_layers) * cfg.num_experts + 2))
     if plan.zero > 0 and plan.ep == 1:
         add("all_reduce", "zero", 2 * 4)
     add("all_reduce", "dp" if plan.ep > 1 else "tp", 4)
@@ -638,27 +657,6 @@ def _count_experts(add, plan, layouts, traffic: dict, row_bytes: int) -> None:
     if plan.sequence_parallel and plan.tp > 1:                           # norm weights' grads
         add("all_reduce", "tp", sum((shard if plan.zero == 3 else local)[k]
                                     for k, l in layouts.items() if l.tp_dim is None))
-
-
-def _count_narrow_enters(add, plan, blocks, micro_num: int, token_act: int, hidden: int,
-                         remat: float) -> None:
-    """``_count_regions`` counts every enter at the hidden size; an enter of another width
-    (``Block.enter_widths``: router logits) moves ``token_act · width`` bytes instead, in forward,
-    in recomputation (the layers ``_count_regions`` recomputes) and in backward."""
-    if plan.tp == 1:
-        return
-    sp = plan.sequence_parallel
-    layers = [b.name for b in blocks if b.kind == "layer"]
-    redone = set(layers if plan.zero == 3 else layers[:math.floor(remat * len(layers))])
-    for b in blocks:
-        passes = 2 if b.name in redone else 1   # forward (+ recomputed)
-        for w in b.enter_widths:
-            delta = token_act * (w - hidden)
-            if sp:
-                add("all_gather", "tp", delta // plan.tp, micro_num * passes)
-                add("reduce_scatter", "tp", delta, micro_num)
-            else:
-                add("all_reduce", "tp", delta, micro_num)
 
 
 def _count_zero3(add, plan, blocks, layouts, micro_num: int, act: int) -> None:
