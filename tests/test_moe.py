@@ -304,3 +304,14 @@ def test_moe_metrics_reach_metrics_jsonl_and_tensorboard(tmp_path):
     acc.Reload()
     assert {"train/moe/expert_load_max_over_mean/layer_0", "train/moe/dropped_tokens",
             "train/moe/aux_loss"} <= set(acc.Tags()["scalars"])
+
+
+def test_hf_export_refuses_what_the_hf_format_cannot_say():
+    """A balancing bias, a sigmoid router, Mixtral with dense layers: one error naming the field."""
+    from evo import hf
+    for cfg, field in [(models.mixtral.Config(**TINY, bias_update_rate=0.01), "bias_update_rate"),
+                       (models.qwen_moe.Qwen3MoeConfig(**TINY, score_func="sigmoid"),
+                        "score_func"),
+                       (models.mixtral.Config(**TINY, first_k_dense=1), "first_k_dense")]:
+        with pytest.raises(ValueError, match=field):
+            hf.config_to_hf(cfg)
