@@ -71,6 +71,17 @@ MUTATIONS = [
              'if self.sp else \\\n            C.copy_to(x, self.comm, "tp")\n\n    def cross'),
     Mutation("vocab-parallel-embedding-keeps-rows-above", "evo/sharding/planner.py",
              "outside = (local < 0) | (local >= rows)", "outside = local < 0"),
+    # --- mixture of experts
+    Mutation("moe-expert-load-not-summed-over-dp", "evo/sharding/planner.py",
+             'aux = {**aux, **{k: comm.all_reduce(aux[k], "dp")', "aux = {**aux, **{k: aux[k]"),
+    Mutation("moe-router-not-inside-the-region", "evo/models/moe.py",
+             'logits = h @ regions.inside(p["moe.router"])', 'logits = h @ p["moe.router"]'),
+    Mutation("moe-balancing-loss-without-its-coefficient", "evo/models/moe.py",
+             "return self.coef * total if self.coef else", "return total if self.coef else",
+             ("tests/test_moe.py",)),
+    Mutation("moe-dispatch-unstable-sort", "evo/models/moe.py",
+             "order = torch.argsort(flat, stable=True)", "order = torch.argsort(-flat).flip(0)",
+             ("tests/test_moe.py",)),
     # --- expert parallelism
     Mutation("ep-expert-grads-summed-over-all-dp", "evo/sharding/planner.py",
              'g = comm.all_reduce(g, "edp" if expert else "dp")', 'g = comm.all_reduce(g, "dp")'),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -256,3 +257,61 @@ def test_loss_free_balancing_flattens_a_skewed_router():
 def test_bad_moe_config_is_one_error_naming_the_field(change, field):
     with pytest.raises(ValueError, match=rf"Config\.{field}"):
         models.mixtral.Config(**{**TINY, **change})
+
+
+def test_flops_per_token_count_the_activated_experts():
+    """6·N_active + 12·L·(H·D)·s, N_active without the input embedding and with top_k of the E
+    experts of each MoE layer (by hand: 2 layers, the first dense)."""
+    cfg = models.qwen_moe.Qwen3MoeConfig(**TINY, moe_intermediate_size=6, first_k_dense=1)
+    h, f, e, k = 16, 6, 4, 2
+    layer_attn = 16 + 16 * (2 + 2 * 2) * 8 + 2 * 8 * 16 + 16 + 2 * 8   # norms, wqkv, wo, q/k norms
+    dense = layer_attn + 3 * 16 * 8
+    active_moe = layer_attn + 16 * e + k * 3 * h * f
+    n_active = dense + active_moe + 16 + 16 * 64                        # final norm, lm_head
+    assert models.flops_per_token(cfg, 10) == 6 * n_active + 12 * 2 * (2 * 8) * 10
+
+
+def test_moe_metrics_reach_metrics_jsonl_and_tensorboard(tmp_path):
+    """A two-step run with a capacity (so pairs drop): every record has, under ``moe``, each MoE
+    layer's max/mean expert load (in [1, E]), the dropped pairs and the balancing loss;
+    TensorBoard has them as train/moe/...."""
+    import io
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from evo import Experiment, Plan, data, run
+    g = torch.Generator().manual_seed(0)
+    os.makedirs(tmp_path / "train")
+    docs = [torch.randint(1, 64, (int(n),), generator=g).tolist()
+            for n in torch.randint(5, 60, (40,), generator=g)]
+    data.write_bin(str(tmp_path / "train" / "part.bin"), docs)
+    cfg = models.mixtral.Config(**TINY, capacity_factor=0.5, aux_loss_coef=0.01)
+    exp = Experiment(model=cfg, data=data.Packed(folder=str(tmp_path / "train"), seq_len=32,
+                                                 micro_batch=2, micro_num=2),
+                     optimizer=optim.adamw(lr=1e-2), plan=Plan(), steps=2, log_every=1,
+                     run_dir=str(tmp_path / "run"))
+    run.run(exp, stream=io.StringIO())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        ratios = r["moe"]["expert_load_max_over_mean"]
+        assert set(ratios) == {"layer_0", "layer_1"}
+        assert all(1.0 <= v <= 4 for v in ratios.values())
+        assert 0 < r["moe"]["dropped_tokens"] < 2 * 2 * 2 * 32 * 2     # layers·micro·rows·k
+        assert 0.5 < r["moe"]["aux_loss"] < 4         # 1 for a uniform router, E at most
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert {"train/moe/expert_load_max_over_mean/layer_0", "train/moe/dropped_tokens",
+            "train/moe/aux_loss"} <= set(acc.Tags()["scalars"])
+
+
+def test_hf_export_refuses_what_the_hf_format_cannot_say():
+    """A balancing bias, a sigmoid router, Mixtral with dense layers: one error naming the field."""
+    from evo import hf
+    for cfg, field in [(models.mixtral.Config(**TINY, bias_update_rate=0.01), "bias_update_rate"),
+                       (models.qwen_moe.Qwen3MoeConfig(**TINY, score_func="sigmoid"),
+                        "score_func"),
+                       (models.mixtral.Config(**TINY, first_k_dense=1), "first_k_dense")]:
+        with pytest.raises(ValueError, match=field):
+            hf.config_to_hf(cfg)
