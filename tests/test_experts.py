@@ -114,37 +114,27 @@ def test_evo_run_refuses_ep_not_dividing_the_experts_before_starting(monkeypatch
     assert not dist.is_initialized() and not (tmp_path / "run").exists()
 
 
-MOE_EXPERIMENT = """
-from evo import Experiment, Plan, data, optim
-from evo.models import mixtral
-experiment = Experiment(
-    model=mixtral.Config(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=48, num_experts=4, top_k=2),
-    data=data.Packed(folder=None, seq_len=16, micro_batch=1, micro_num=4, seed=3),
-    optimizer=optim.adamw(lr=1e-2), plan=Plan(), steps=2, eval_every=0, sample_tokens=1,
-    run_dir=RUN_DIR)
-"""
-
-
 def test_torchrun_dp4_ep2_logs_the_losses_of_one_process(tmp_path):
-    """``torchrun --nproc-per-node 4 -m evo train EXP --set plan.dp=4 --set plan.ep=2`` (each
-    rank one micro-batch, half the experts) logs the losses of one process taking the four
-    micro-batches (fp32: 1e-5 relative), and the all-to-all bytes of the dispatch."""
+    """``torchrun --nproc-per-node 4 -m evo train experiments/tiny_moe.py --set plan.dp=4 --set
+    plan.ep=2`` (each rank one micro-batch and half the experts) logs the losses of one process
+    taking the four micro-batches (fp32: 1e-5 relative), and the dispatch's all-to-all bytes."""
     import json
+    import os
     import subprocess
     import sys
     from conftest import repo_env
-    exp = tmp_path / "moe.py"
-    exp.write_text(MOE_EXPERIMENT.replace("RUN_DIR", repr(str(tmp_path / "run"))))
-    env = repo_env(OMP_NUM_THREADS="1")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = ["experiments/tiny_moe.py", "--set", "steps=2", "--set", "eval_every=0",
+              "--set", "sample_tokens=1", "--set", "data.seq_len=32", "--set",
+              "data.micro_batch=1"]
     runs = {"dist": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     "--nproc-per-node", "4", "-m", "evo", "train", str(exp), "--set", "plan.dp=4",
-                     "--set", "plan.ep=2", "--set", "data.micro_num=1"],
-            "one": [sys.executable, "-m", "evo", "train", str(exp)]}
+                     "--nproc-per-node", "4", "-m", "evo", "train", *common, "--set",
+                     "plan.dp=4", "--set", "plan.ep=2", "--set", "data.micro_num=1"],
+            "one": [sys.executable, "-m", "evo", "train", *common, "--set", "data.micro_num=4"]}
     logs = {}
     for name, cmd in runs.items():
         r = subprocess.run([*cmd, "--set", f"run_dir={tmp_path / name}"], capture_output=True,
-                           text=True, env=env, timeout=900)
+                           text=True, cwd=repo, env=repo_env(OMP_NUM_THREADS="1"), timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
         logs[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text()
                       .splitlines() if x]
@@ -153,4 +143,4 @@ def test_torchrun_dp4_ep2_logs_the_losses_of_one_process(tmp_path):
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(rb["loss"]), (ra["loss"], rb["loss"])
         assert ra["tokens"] == rb["tokens"]
-    assert a[0]["comm_bytes"]["all_to_all/ep"] > 0
+    assert a[0]["comm_bytes"]["all_to_all/ep"] > 0 and a[0]["expert_traffic"]["forward_calls"] > 0
