@@ -31,7 +31,8 @@ class Plan:
     ``dp``: data-parallel degree (-1: whatever the world size leaves after ``pp · tp · sp · cp``).
     ``tp``: tensor-parallel degree. ``zero``: ZeRO stage 0-3 over the data-parallel ranks.
     ``zero_group``: shard the ZeRO state inside groups of this many data-parallel ranks and
-    replicate across groups (-1: the whole data-parallel group). ``sequence_parallel``: split norm
+    replicate across groups (-1: the whole data-parallel group; with ``ep > 1`` a group holds the
+    same experts, so it divides ``dp / ep``, its default). ``sequence_parallel``: split norm
     regions on the sequence inside the tensor-parallel group. ``rules``: logical axis → mesh axis,
     tuple of mesh axes, or None (replicated). ``bucket_mb``: data-parallel gradients are reduced in
     buckets of this many MiB, each started while backward still runs (0: one collective per
