@@ -83,10 +83,13 @@ def _stored_pieces(cfg, mesh: Mesh, state: train.TrainState) -> dict[str, tuple]
               ("opt/nu/", state.opt_state.nu, plan.zero >= 1))
     for prefix, tensors, sharded in groups:
         writer = c["replica"] == 0 if sharded else c["dp"] == 0   # one copy of each piece
-        writer = writer and c["cp"] == 0 and c["sp"] == 0         # the sequence group's copies
-        if not writer:
+        if c["cp"] != 0 or c["sp"] != 0:                          # the sequence group's copies
+            continue
+        if not writer and plan.ep == 1:
             continue
         for k, lay in layouts.items():
+            if plan.ep > 1 and not _expert_plan_writes(lay, c, sharded):
+                continue
             if lay.tp_dim is None and c["tp"] != 0:
                 continue                          # replicated over tp: tp rank 0 writes it
             offset, size = piece_rect(lay, plan, c, sharded)
@@ -95,6 +98,16 @@ def _stored_pieces(cfg, mesh: Mesh, state: train.TrainState) -> dict[str, tuple]
             t = tensors[k][:size[0]]          # drop ZeRO padding rows
             out[prefix + k] = (t.detach().to("cpu", copy=True).contiguous(), offset, size)
     return out
+
+
+def _expert_plan_writes(lay: ParamLayout, c: dict[str, int], sharded: bool) -> bool:
+    """Under expert parallelism, whether the rank at ``c`` writes its piece of ``lay``: an expert
+    parameter's piece is held by the ranks with the same experts (``edp``; its ZeRO shards
+    replicated over ``replica``), any other's by every data-parallel rank (its shards replicated
+    over ``replica`` and ``ep``)."""
+    if lay.ep_dim is not None:
+        return c["replica"] == 0 if sharded else c["edp"] == 0
+    return c["replica"] == 0 and c["ep"] == 0 if sharded else c["dp"] == 0
 
 
 # ------------------------------------------------------------------------------- saving
@@ -381,7 +394,7 @@ def check_model(index: dict, cfg, path: str) -> None:
     if saved_family != fam.name:
         raise CheckpointError(f"{path}: holds a model of family {saved_family!r}, but this run's "
                               f"model is of family {fam.name!r}")
-    saved, mine = index["model"], fam.config_to_dict(cfg)
+    saved, mine = index["model"], json.loads(json.dumps(fam.config_to_dict(cfg)))  # as saved
     for field in fam.shape_fields:
         if saved.get(field) != mine.get(field):
             raise CheckpointError(f"{path}: saved for model.{field}={saved.get(field)!r}, but "

@@ -241,7 +241,7 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float3
     fam = models.family_of(cfg)
     where, listing = _tensor_files(root)          # tensor name -> file holding it
     # The names and shapes the config expects, from the family's map (meta tensors: no memory).
-    expected = fam.to_hf(cfg, models.init(cfg, device="meta"))
+    expected = fam.hf_read_names(cfg, set(where))
     for name in expected:
         if name not in where:
             raise ValueError(f"{listing}: tensor {name!r} is missing (family {fam.name!r})")

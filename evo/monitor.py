@@ -36,6 +36,20 @@ def flops_per_token(non_embedding_params: int, num_layers: int, hidden_size: int
     return 6.0 * non_embedding_params + 12.0 * num_layers * hidden_size * seq_len
 
 
+def expert_record(load: list[list[float]], layers: list[int], dropped: float, aux_loss: float
+                  ) -> dict:
+    """A mixture-of-experts step's metrics: per MoE layer (``layers``: their indices, one per row
+    of ``load [moe layers][experts]``, the (token, choice) pairs each expert got), the busiest
+    expert's load over the mean (1 = balanced; None for a layer that saw no token), the pairs
+    dropped by the capacity, and the balancing loss per layer (1 for a uniform router)."""
+    def ratio(row):
+        mean = sum(row) / len(row)
+        return max(row) / mean if mean > 0 else None
+    return {"expert_load_max_over_mean": {f"layer_{i}": ratio(row)
+                                          for i, row in zip(layers, load)},
+            "dropped_tokens": int(dropped), "aux_loss": aux_loss}
+
+
 def peak_tflops(device_name: str | None) -> float | None:
     if not device_name:
         return None

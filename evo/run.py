@@ -386,6 +386,7 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
     t1 = time.perf_counter()
     state, m = r.step_fn(state, batch)
     comm_bytes, times = m.pop("comm_bytes"), m.pop("time")
+    expert_traffic = m.pop("expert_traffic", None)   # under plan.ep: the rows dispatched
     per_source = {}
     if "source_tokens" in m:
         sums, counts = m.pop("source_loss_sum").tolist(), m.pop("source_tokens").tolist()
@@ -394,6 +395,9 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
                                       if counts[j] > 0},
                       "source_tokens": {name: int(counts[j]) for j, name in enumerate(names)
                                         if counts[j] > 0}}
+    experts = {"moe": monitor.expert_record(
+        m.pop("expert_load").tolist(), list(r.exp.model.moe_layers),
+        m.pop("dropped_tokens").item(), m.pop("aux_loss").item())} if "expert_load" in m else {}
     m = {k: v.item() for k, v in m.items()}
     t2 = time.perf_counter()
     record = {"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
@@ -404,7 +408,10 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
               "skipped": int(state.opt_state.skipped), "comm_bytes": comm_bytes}
     if "loss_scale" in m:
         record["loss_scale"] = m["loss_scale"]
+    if expert_traffic is not None:
+        record["expert_traffic"] = expert_traffic
     record.update(per_source)
+    record.update(experts)
     return state, record
 
 

@@ -128,22 +128,24 @@ class Step:
         return () if current is None else self.scaling.update(current, info["skipped"])
 
     def token_losses(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
-                     cu_seqlens=None, regions: Regions = LOCAL) -> torch.Tensor:
-        """Loss of every token of one micro-batch, fp32 ``[N]``, 0 where unlabelled."""
+                     cu_seqlens=None, regions: Regions = LOCAL, routing=None) -> torch.Tensor:
+        """Loss of every token of one micro-batch, fp32 ``[N]``, 0 where unlabelled.
+        ``routing``: a ``models.moe.Routing`` a MoE model's layers report into."""
         if self.compile and not torch.compiler.is_compiling():
             if models.is_concrete(tokens):
                 models.check_inputs(self.model, tokens, positions, cu_seqlens)
-            return self._compiled(params, tokens, labels, positions, cu_seqlens, regions)
-        return self._token_losses(params, tokens, labels, positions, cu_seqlens, regions)
+            return self._compiled(params, tokens, labels, positions, cu_seqlens, regions, routing)
+        return self._token_losses(params, tokens, labels, positions, cu_seqlens, regions, routing)
 
     @functools.cached_property
     def _compiled(self):
         return torch.compile(self._token_losses, dynamic=False)
 
-    def _token_losses(self, params, tokens, labels, positions, cu_seqlens, regions):
+    def _token_losses(self, params, tokens, labels, positions, cu_seqlens, regions,
+                      routing=None):
         logits = models.forward(self.model, params, tokens, positions, cu_seqlens,
                                 remat=self.remat, attention=self.attention, regions=regions,
-                                kernels=self.kernels)
+                                kernels=self.kernels, routing=routing)
         return regions.cross_entropy(logits, labels)
 
     def loss_sum(self, params: dict[str, torch.Tensor], tokens, labels, positions=None,
@@ -172,7 +174,8 @@ class Step:
         scale = 1.0 / n.clamp(min=1).to(torch.float32)
         leaves = {k: v.detach().to(self.compute_dtype).requires_grad_(True)
                   for k, v in params.items()}
-        acc = Accumulator(params, batch, self.sources, self.compute_dtype, loss_scale)
+        acc = Accumulator(params, batch, self.sources, self.compute_dtype, loss_scale,
+                          model=self.model)
         self.schedule(self, leaves, batch, scale, regions, acc, on_ready)
         return acc.finish(on_ready)
 
@@ -186,9 +189,11 @@ class Step:
         tokens, labels, positions, cu = micro
         hooks = [x.register_hook(lambda g, k=k: on_ready(k, acc.complete(k, g)))
                  for k, x in leaves.items()] if on_ready is not None else []
-        losses = self.token_losses(leaves, tokens, labels, positions, cu, regions)
+        routing = models.moe.Routing() if acc.moe is not None else None
+        losses = self.token_losses(leaves, tokens, labels, positions, cu, regions, routing)
         acc.add_losses(index, labels, losses, scale)
-        g = torch.autograd.grad(acc.backward_loss(losses.sum() * scale), list(leaves.values()),
+        total = losses.sum() if routing is None else losses.sum() + acc.moe.add(routing, scale)
+        g = torch.autograd.grad(acc.backward_loss(total * scale), list(leaves.values()),
                                 allow_unused=True)
         for h in hooks:
             h.remove()
@@ -210,6 +215,9 @@ class Step:
         if scaled is not None:
             scaler.unscale_(grads, scaled)
         new_state, info = self.apply_grads(state, grads)
+        if "expert_load" in aux:     # a skipped step's zero load moves no balancing bias
+            new_state = new_state._replace(params=models.moe.update_bias(
+                self.model, new_state.params, aux["expert_load"] * ~info["skipped"]))
         metrics = {**aux, "grad_norm": info["grad_norm"], "lr": info["lr"],
                    "skipped": info["skipped"], "tokens": torch.tensor(batch["tokens"].numel()),
                    "valid_tokens": valid_tokens(batch)}
@@ -220,11 +228,12 @@ class Step:
 
 class Accumulator:
     """What the micro-batches of one step add up: gradients in the master weights' dtype, the
-    loss, and (with ``sources``) per-source losses and labelled tokens."""
+    loss, (with ``sources``) per-source losses and labelled tokens, and (for a MoE ``model``) the
+    expert loads and balancing loss (``moe``: a ``models.moe.Totals``, else None)."""
 
     def __init__(self, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                  sources: int, compute_dtype: torch.dtype,
-                 loss_scale: torch.Tensor | None = None):
+                 loss_scale: torch.Tensor | None = None, model=None):
         self.dtypes = {k: v.dtype for k, v in params.items()}
         self.grads: dict[str, torch.Tensor] = {}
         self.loss_scale = loss_scale
@@ -233,6 +242,7 @@ class Accumulator:
         dev = batch["tokens"].device
         self.src_loss = torch.zeros(self.sources, device=dev)
         self.src_tokens = torch.zeros(self.sources, device=dev)
+        self.moe = models.moe.Totals(model, dev) if models.moe.routed(model) else None
 
     def add_losses(self, index: int, labels, losses: torch.Tensor, scale) -> None:
         self.loss = self.loss + (losses.detach().sum() * scale)
@@ -262,6 +272,8 @@ class Accumulator:
         aux = {"loss": self.loss}
         if self.sources:
             aux.update(source_loss_sum=self.src_loss, source_tokens=self.src_tokens)
+        if self.moe is not None:
+            aux.update(self.moe.metrics())
         return grads, aux
 
 

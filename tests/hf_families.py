@@ -2,10 +2,10 @@
 independent references the family tests compare against.
 
 Each model is built by transformers from its own config class (not through evo), then every
-tensor is redrawn so that it matters: matrices ~ N(0, 1/fan_in) (activations and logits O(1), so a
-1e-4 absolute tolerance is a real check), embeddings ~ N(0, 0.1²) (logits O(1) when
-the output projection is the embedding), norm weights ~ U(0.5, 1.5) (away
-from 1), biases ~ N(0, 0.5²) (away from 0). ``save`` writes ``config.json`` + ``model.safetensors``
+tensor is redrawn so that it matters: matrices (and stacked expert matrices) ~ N(0, 1/fan_in)
+(activations and logits O(1), so a 1e-4 absolute tolerance is a real check), embeddings
+~ N(0, 0.1²) (logits O(1) when the output projection is the embedding), norm weights
+~ U(0.5, 1.5) (away from 1), biases ~ N(0, 0.5²) (away from 0). ``save`` writes ``config.json`` + ``model.safetensors``
 with ``save_pretrained`` and a word-level ``tokenizer.json`` whose token ``i`` is spelled ``w{i}``,
 so that ``evo generate DIR`` runs on it and its text maps back to token ids.
 """
@@ -44,12 +44,29 @@ def _config(name: str):
     if name == "mistral":
         return transformers.MistralConfig(**_COMMON, sliding_window=WINDOW, rope_theta=10000.0,
                                           tie_word_embeddings=False)
+    if name == "mixtral":    # every layer MoE: 4 experts, top-2, renormalised
+        return transformers.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                          rope_theta=1000000.0, tie_word_embeddings=False)
+    if name == "qwen2_moe":  # layer 0 dense (mlp_only_layers); a gated shared expert; no renorm
+        return transformers.Qwen2MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=24,
+                                           shared_expert_intermediate_size=40,
+                                           norm_topk_prob=False, mlp_only_layers=[0],
+                                           rope_theta=1000000.0, tie_word_embeddings=False,
+                                           use_sliding_window=False)
+    if name == "qwen3_moe":  # layer 0 dense (decoder_sparse_step 2); renormalised; head_dim 12
+        return transformers.Qwen3MoeConfig(**_COMMON, head_dim=12, num_experts=4,
+                                           num_experts_per_tok=2, moe_intermediate_size=24,
+                                           norm_topk_prob=True, decoder_sparse_step=2,
+                                           rope_theta=1000000.0, tie_word_embeddings=False)
     raise KeyError(name)
 
 
-NAMES = ("llama3_untied", "llama3_tied", "qwen2", "qwen3", "mistral")
+NAMES = ("llama3_untied", "llama3_tied", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe",
+         "qwen3_moe")
 FAMILY = {"llama3_untied": "llama", "llama3_tied": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-          "mistral": "mistral"}     # fixture -> the evo family that reads it
+          "mistral": "mistral", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe",
+          "qwen3_moe": "qwen3_moe"}     # fixture -> the evo family that reads it
 
 
 def model(name: str, seed: int = 0):
@@ -66,7 +83,7 @@ def model(name: str, seed: int = 0):
             elif "embed_tokens" in pname:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
     return m
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from evo import models, optim, train, tree
-from evo.models import llama, qwen3
+from evo.models import llama, mixtral, qwen3
 from evo.sharding import Plan, planner
 from evo.sharding.mesh import build_mesh
 
@@ -40,6 +40,12 @@ MODELS = {
                               num_kv_heads=4, intermediate_size=50, head_dim=12),
     # two kv heads: Ulysses over 4 ranks replicates each kv head twice
     "llama-kv2": dataclasses.replace(_ODD, num_kv_heads=2),
+    # Mixtral: 4 experts, top-2, the balancing loss in the gradient and the balancing bias moved
+    # by the dp-summed expert loads each step; the router is a replicated weight inside the
+    # tensor-parallel region (regions.inside)
+    "mixtral-odd": mixtral.Config(vocab_size=66, hidden_size=32, num_layers=2, num_heads=8,
+                                  num_kv_heads=4, intermediate_size=50, num_experts=4, top_k=2,
+                                  aux_loss_coef=0.05, bias_update_rate=0.01),
 }
 
 
@@ -111,6 +117,20 @@ CASES = [
     Case("sp2-cp2", Plan(dp=1, sp=2, cp=2), 4),
     Case("cp2-dp2-zero1", Plan(dp=2, cp=2, zero=1), 4),
     Case("cp2-tp2", Plan(dp=1, cp=2, tp=2), 4),
+    Case("mixtral-dp2-tp2-zero3", Plan(dp=2, tp=2, zero=3), 4, "mixtral-odd"),
+    Case("mixtral-dp2-tp2-zero1-sp-remat", Plan(dp=2, tp=2, zero=1, sequence_parallel=True), 4,
+         "mixtral-odd", remat=1.0),
+    # expert parallelism: experts split over ep, tokens dispatched and combined by all-to-all;
+    # the balancing loss and bias stay those of one process (expert loads summed over dp)
+    Case("mixtral-dp2-ep2", Plan(dp=2, ep=2), 2, "mixtral-odd"),
+    Case("mixtral-dp4-ep4", Plan(dp=4, ep=4), 4, "mixtral-odd"),
+    Case("mixtral-dp4-ep2-zero1", Plan(dp=4, ep=2, zero=1), 4, "mixtral-odd"),
+    Case("mixtral-dp2-ep2-tp2", Plan(dp=2, ep=2, tp=2), 4, "mixtral-odd"),
+    Case("mixtral-dp4-ep2-zero3", Plan(dp=4, ep=2, zero=3), 4, "mixtral-odd"),
+    # ZeRO-2 (buckets: expert and other gradients in their own), and reduction after backward
+    Case("mixtral-dp4-ep2-zero2", Plan(dp=4, ep=2, zero=2), 4, "mixtral-odd"),
+    Case("mixtral-dp4-ep2-zero1-unbucketed", Plan(dp=4, ep=2, zero=1, bucket_mb=0), 4,
+         "mixtral-odd"),
 ]
 
 
@@ -223,13 +243,14 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     pieces = {"params": tree.num_bytes(state.params),
               "optimizer": tree.num_bytes((state.opt_state.mu, state.opt_state.nu))}
     batches = global_batches(cfg.vocab_size)
-    losses, norms, comm, source_rel = [], [], [], 0.0
+    losses, norms, comm, traffic, source_rel = [], [], [], [], 0.0
     for b, r in zip(batches, ref_metrics):
         state, m = sharded(state, local_batch(b, dp_index, dp))
         losses.append(float(m["loss"]))
         norms.append(float(m["grad_norm"]))
         source_rel = max(source_rel, rel(m["source_loss_sum"] / m["source_tokens"], r["source"]))
         comm.append(m["comm_bytes"])
+        traffic.append(m.get("expert_traffic"))
     full = planner.gather_params(cfg, state.params, mesh)
     func_rel = func_grad_check(step, state.params, mesh, local_batch(batches[0], dp_index, dp))
     ckpt_equal = checkpoint_round_trip(cfg, state, full, mesh, group,
@@ -255,7 +276,7 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
             "param_norm_rel": max(norm_rel(full[k], ref_p[k]) for k in full),
             "update_rel": max(update_rel.values()),
             "worst": max(update_rel, key=update_rel.get),
-            "comm_bytes": comm, "state_bytes": pieces, "func_grad_rel": func_rel,
+            "comm_bytes": comm, "expert_traffic": traffic, "state_bytes": pieces, "func_grad_rel": func_rel,
             "source_loss_rel": source_rel, "checkpoint_equal": bool(ckpt_equal),
             "init_params_equal": bool(init_equal)}
 

@@ -64,7 +64,7 @@ def test_registry_finds_families_by_name_config_and_architecture():
     assert models.family_of(internlm2.Config(**TINY)) is internlm2.INTERNLM2
     assert models.for_architecture("LlamaForCausalLM") is llama.LLAMA
     assert models.for_architecture("InternLM2ForCausalLM") is internlm2.INTERNLM2
-    assert models.for_architecture("MixtralForCausalLM") is None
+    assert models.for_architecture("DeepseekV3ForCausalLM") is None
     with pytest.raises(ValueError, match=r"model family 'gpt9' is not registered \(known: .*llama"):
         models.get("gpt9")
     with pytest.raises(ValueError, match="dict is not the config of a registered model family"):
@@ -283,11 +283,12 @@ def test_init_from_a_checkpoint_of_another_family_names_both(tmp_path):
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
-def mixtral_dir(tmp_path):
-    src = tmp_path / "mixtral"
+def deepseek_dir(tmp_path):
+    src = tmp_path / "deepseek"
     src.mkdir()
     conf = hf.config_to_hf(llama.Config(**TINY))
-    conf.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4)
+    conf.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+                n_routed_experts=4)
     (src / "config.json").write_text(json.dumps(conf))
     from safetensors.torch import save_file
     save_file({"model.embed_tokens.weight": torch.zeros(61, 32)}, src / "model.safetensors")
@@ -296,7 +297,7 @@ def mixtral_dir(tmp_path):
 
 @pytest.mark.parametrize("command", ["generate", "import-hf"])
 def test_unsupported_architecture_is_one_error_and_writes_nothing(tmp_path, command):
-    src = mixtral_dir(tmp_path)
+    src = deepseek_dir(tmp_path)
     run_dir = tmp_path / "run"
     if command == "generate":
         r = evo_cli("generate", str(src), "--prompt", "hi", "--tokenizer", "byte")
@@ -306,10 +307,10 @@ def test_unsupported_architecture_is_one_error_and_writes_nothing(tmp_path, comm
         r = evo_cli("import-hf", str(src), str(exp))
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("evo: error: ") and "Traceback" not in r.stderr
-    assert "architecture 'MixtralForCausalLM' is not supported" in r.stderr
+    assert "architecture 'DeepseekV3ForCausalLM' is not supported" in r.stderr
     assert "LlamaForCausalLM" in r.stderr and "InternLM2ForCausalLM" in r.stderr
     assert len(r.stderr.strip().splitlines()) <= 3
-    assert sorted(os.listdir(tmp_path)) == sorted(["mixtral", *(["exp.py"] if command != "generate"
+    assert sorted(os.listdir(tmp_path)) == sorted(["deepseek", *(["exp.py"] if command != "generate"
                                                               else [])])
 
 

@@ -324,16 +324,17 @@ def test_internlm2_converts_to_transformers_llama(tmp_path):
 
 
 def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path):
-    src = tmp_path / "mixtral"
+    src = tmp_path / "deepseek"
     src.mkdir()
     conf = hf.config_to_hf(CONFIGS["gqa_untied"])
-    conf.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4)
+    conf.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+                n_routed_experts=4)
     (src / "config.json").write_text(json.dumps(conf))
     save_file({"model.embed_tokens.weight": torch.zeros(101, 64)}, src / "model.safetensors")
     with pytest.raises(ValueError) as e:
         hf.load_hf(src)
     msg = str(e.value)
-    assert "'MixtralForCausalLM' is not supported" in msg and str(src / "config.json") in msg
+    assert "'DeepseekV3ForCausalLM' is not supported" in msg and str(src / "config.json") in msg
     for arch in models.hf_architectures():
         assert arch in msg
     assert "LlamaForCausalLM" in msg and "InternLM2ForCausalLM" in msg

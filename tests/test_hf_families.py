@@ -247,6 +247,25 @@ def test_export_reload_is_bitwise(hf_dirs, tmp_path, name):
         assert torch.equal(again(tok).logits, ref(tok).logits)
 
 
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_packed_expert_tensors_load_as_the_per_expert_ones(hf_dirs, tmp_path, name):
+    """transformers 5's in-memory layout (experts.gate_up_proj / down_proj, Mixtral's MoE under
+    mlp.) saved as is: evo reads the same params, bitwise, as from the per-expert files."""
+    import shutil
+
+    from safetensors.torch import save_file
+    path, ref = hf_dirs[name]
+    cfg, params = hf.load_hf(path)
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    (tmp_path / "packed").mkdir()
+    shutil.copy(path / "config.json", tmp_path / "packed" / "config.json")
+    save_file(state, str(tmp_path / "packed" / "model.safetensors"))
+    cfg2, params2 = hf.load_hf(tmp_path / "packed")
+    assert cfg2 == cfg and params2.keys() == params.keys()
+    assert all(torch.equal(params2[k], params[k]) for k in params)
+
+
 # ---------------------------------------------------------------------------------------------
 # Parallel plans: the families' extra parameters (q/k/v bias split like wqkv's output axis,
 # replicated per-head norms whose partial gradients are summed over tp) under tp, tp+sp, ZeRO-3

@@ -8,7 +8,7 @@ entry points that run any registered family's config::
 Each family module holds its frozen ``Config``; ``models.llama`` also keeps the names the docs use
 (``llama.Config``, ``llama.init``, ``llama.axes``, ``llama.apply``).
 """
-from evo.models import internlm2, llama, mistral, qwen2, qwen3
+from evo.models import internlm2, llama, mistral, mixtral, moe, qwen2, qwen3, qwen_moe
 from evo.models.family import (UNRECORDED_FAMILY, Block, Family, KVCache, ParamSpec, axes,
                                blocks, check_inputs, decode, family_of, flops_per_token,
                                for_architecture, forward, get, hf_architectures, init, init_cache,
@@ -19,5 +19,5 @@ apply = forward
 __all__ = ["UNRECORDED_FAMILY", "Block", "Family", "KVCache", "ParamSpec", "apply", "axes",
            "blocks", "check_inputs", "decode", "family_of", "flops_per_token", "for_architecture",
            "forward", "get", "hf_architectures", "init", "init_cache", "init_param", "internlm2",
-           "is_concrete", "llama", "mistral", "names", "num_params", "param_specs", "qwen2",
-           "qwen3", "register"]
+           "is_concrete", "llama", "mistral", "mixtral", "moe", "names", "num_params",
+           "param_specs", "qwen2", "qwen3", "qwen_moe", "register"]

@@ -149,6 +149,15 @@ class Family:
                 ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def hf_read_names(self, cfg, present: set[str]) -> dict[str, torch.Tensor]:
+        """The HF tensors ``from_hf`` reads, as meta tensors of their shapes, given the names
+        ``present`` in the files (a family reading several layouts picks by them)."""
+        return self.to_hf(cfg, init(cfg, device="meta"))
+
+    def with_routing(self, ctx, routing):
+        """``ctx`` recording into ``routing`` (``evo.models.moe.Routing``): MoE families only."""
+        raise ValueError(f"the {self.name!r} family has no routed (mixture-of-experts) layers")
+
 
 # ---------------------------------------------------------------------------------------------
 # The registry
@@ -319,7 +328,7 @@ class Attend:
 def forward(cfg, params: dict[str, torch.Tensor], tokens: torch.Tensor,
             positions: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, *,
             remat: float = 0.0, attention: str = "auto", regions: Regions = LOCAL,
-            kernels: str = "torch") -> torch.Tensor:
+            kernels: str = "torch", routing=None) -> torch.Tensor:
     """Logits ``[batch, seq, vocab]`` in the params' dtype, for any registered family.
 
     ``tokens`` int ``[batch, seq]``. ``positions`` int ``[batch, seq]``: rotary positions; by
@@ -330,6 +339,7 @@ def forward(cfg, params: dict[str, torch.Tensor], tokens: torch.Tensor,
     ``attention``: an ``evo_kernels.attention`` backend name, or "auto". ``regions``: the parallel
     layout's hooks (``evo.models.layers.Regions``); under tensor parallelism the logits come back
     split on the vocabulary. ``kernels``: "torch" or "triton" elementwise ops (``layers.ops``).
+    ``routing``: an ``evo.models.moe.Routing`` the MoE layers report into (MoE families only).
     """
     fam = family_of(cfg)
     if is_concrete(tokens):
@@ -342,17 +352,19 @@ def forward(cfg, params: dict[str, torch.Tensor], tokens: torch.Tensor,
             positions = positions_from_cu_seqlens(cu_seqlens, b * s).view(b, s)
     return run_blocks(fam, cfg, params, tokens, positions,
                       regions.attention(Attend(cu_seqlens, attention), positions),
-                      regions=regions, op=ops(kernels), remat=remat)
+                      regions=regions, op=ops(kernels), remat=remat, routing=routing)
 
 
 def run_blocks(fam: Family, cfg, params: dict[str, torch.Tensor], tokens: torch.Tensor,
                positions: torch.Tensor, attend, *, regions: Regions = LOCAL, op=None,
-               remat: float = 0.0) -> torch.Tensor:
+               remat: float = 0.0, routing=None) -> torch.Tensor:
     """The family's blocks in order: embed, the layers (the first ``floor(remat · layers)``
     recomputed in backward; all of them when ``regions.checkpoint_layers``), head."""
     op = op or ops("torch")
     dtype = next(iter(params.values())).dtype
     ctx = fam.context(cfg, positions, dtype, attend, op)
+    if routing is not None:
+        ctx = fam.with_routing(ctx, routing)
     blocks = fam.blocks(cfg)
     n_layers = sum(b.kind == "layer" for b in blocks)
     n_remat = n_layers if regions.checkpoint_layers else math.floor(remat * n_layers)

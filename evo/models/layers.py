@@ -89,7 +89,8 @@ class Regions:
     token embeddings, ``enter`` is where replicated activations enter a region whose weights are
     split on their output dimension, ``exit`` is where partial sums leave it, ``inside`` marks a
     replicated weight applied within such a region (its gradient there is a partial sum), and
-    ``cross_entropy`` is the per-token loss over the output. The sharding planner supplies another
+    ``cross_entropy`` is the per-token loss over the output, ``experts`` runs a mixture-of-experts
+    layer's experts on its routed tokens. The sharding planner supplies another
     ``Regions`` with collectives in these places; the model never learns about ranks or meshes.
     """
     checkpoint_layers = False   # a layout that gathers weights per block recomputes each layer
@@ -121,6 +122,15 @@ class Regions:
         q, k, v, window=None)``) and the tokens' positions ``[batch, seq]``: a layout that splits
         the sequence returns one that sees the whole sequence."""
         return attend
+
+    def experts(self, x_sorted: torch.Tensor, counts: torch.Tensor, fn) -> torch.Tensor:
+        """A mixture-of-experts layer's expert computation. ``x_sorted [M, D]``: the routed token
+        copies sorted by global expert id; ``counts [E]`` int64: rows per expert (sum M);
+        ``fn(x, counts_local) -> y``: the experts whose weights this rank holds, run on rows
+        grouped by those experts. Returns ``y [M, ...]`` in ``x_sorted``'s order. Here every
+        expert is local: ``fn(x_sorted, counts)``; an expert-parallel layout dispatches the rows
+        to the ranks holding their experts and combines the results around ``fn``."""
+        return fn(x_sorted, counts)
 
 
 LOCAL = Regions()

@@ -240,8 +240,13 @@ class Llama(Family):
         p = {k[len(prefix):]: v for k, v in p.items()}
         h = regions.enter(ctx.op.rms_norm(x, p["attn_norm"], cfg.norm_eps))
         x = x + regions.exit(self.attention(cfg, p, layer, h, ctx))
+        return x + self.feed_forward(cfg, p, layer, x, ctx, regions)
+
+    def feed_forward(self, cfg, p, layer: int, x, ctx: Context, regions: Regions = LOCAL):
+        """The layer's second half, what it adds to the residual stream ``x``: the norm, then
+        the MLP in its tensor-parallel region (a MoE family replaces it)."""
         h = regions.enter(ctx.op.rms_norm(x, p["mlp_norm"], cfg.norm_eps))
-        return x + regions.exit(self.mlp(cfg, p, h, ctx))
+        return regions.exit(self.mlp(cfg, p, h, ctx))
 
     def attention(self, cfg, p, layer: int, h, ctx: Context):
         """Self-attention of the normed ``h`` up to the output projection (a partial sum under

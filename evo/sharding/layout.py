@@ -29,6 +29,11 @@ class ParamLayout:
         """The dimension split over ``tp``, if any."""
         return next((d for d, axes in enumerate(self.split) if "tp" in axes), None)
 
+    @property
+    def ep_dim(self) -> int | None:
+        """The dimension split over ``ep`` (the experts of an expert parameter), if any."""
+        return next((d for d, axes in enumerate(self.split) if "ep" in axes), None)
+
     def offset(self, coords: dict[str, int], sizes: dict[str, int]) -> tuple[int, ...]:
         """Where the piece of the rank at mesh ``coords`` starts in the global array: along each
         dimension, the mixed-radix number of its coordinates on the splitting axes (major first)
@@ -48,7 +53,7 @@ def param_layout(plan: Plan, shape: tuple[int, ...], axes: tuple[str, ...], name
     contiguous chunks (``sizes``: mesh axis sizes, default the mesh of ``plan``, which must be
     resolved; an axis not in the mesh has size 1). A mesh axis splits one dimension at most."""
     sizes = mesh_shape(plan).sizes if sizes is None else sizes
-    split = tuple(plan.mesh_axes(a) for a in axes)
+    split = tuple(logical_mesh_axes(plan, a) for a in axes)
     seen = {}
     for d, mesh_axes in enumerate(split):
         for m in mesh_axes:
@@ -70,6 +75,17 @@ def param_layout(plan: Plan, shape: tuple[int, ...], axes: tuple[str, ...], name
     if plan.zero > 0 and local:
         shard[0] = math.ceil(local[0] / plan.zero_group)
     return ParamLayout(tuple(shape), split, tuple(local), tuple(shard))
+
+
+EXPERT_AXIS = "expert"   # the logical axis of a parameter's experts: split over "ep" by default
+
+
+def logical_mesh_axes(plan: Plan, logical: str) -> tuple[str, ...]:
+    """The mesh axes ``logical`` is split over: the plan's rule, and for ``"expert"`` without a
+    rule, ``("ep",)`` (a parameter holding every expert is sharded over expert parallelism)."""
+    if logical == EXPERT_AXIS and logical not in dict(plan.rules):
+        return ("ep",)
+    return plan.mesh_axes(logical)
 
 
 def check_rules(plan: Plan, model_axes: dict[str, tuple[str, ...]]) -> None:
@@ -102,7 +118,28 @@ def model_layouts(plan: Plan, cfg) -> dict[str, ParamLayout]:
             if axis in used and plan.mesh_axes(axis) != want:
                 raise ValueError(f"plan.rules: with plan.tp={plan.tp} logical axis {axis!r} must "
                                  f"map to {mesh_axis!r}, not {plan.mesh_axes(axis) or None!r}")
+    _check_experts(plan, specs)
     return {k: param_layout(plan, s.shape, s.axes, k) for k, s in specs.items()}
+
+
+def _check_experts(plan: Plan, specs) -> None:
+    """With ``ep > 1``, experts are split over ``ep`` (the step's dispatch hands each rank the
+    tokens of its own experts), and ``ep`` divides their number; a model without experts has
+    nothing to split."""
+    if plan.ep == 1:
+        return
+    experts = {k: s.shape[s.axes.index(EXPERT_AXIS)] for k, s in specs.items()
+               if EXPERT_AXIS in s.axes}
+    if not experts:
+        raise ValueError(f"plan.ep={plan.ep}: the model has no experts (no parameter has the "
+                         f"logical axis {EXPERT_AXIS!r})")
+    if logical_mesh_axes(plan, EXPERT_AXIS) != ("ep",):
+        raise ValueError(f"plan.rules: with plan.ep={plan.ep} logical axis {EXPERT_AXIS!r} must "
+                         f"map to 'ep', not {plan.mesh_axes(EXPERT_AXIS) or None!r}")
+    for name, n in experts.items():
+        if n % plan.ep:
+            raise ValueError(f"plan.ep={plan.ep} must divide the number of experts {n} "
+                             f"(model.num_experts; parameter {name})")
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> int:

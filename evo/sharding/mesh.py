@@ -12,6 +12,7 @@ shards inside groups of ``zero_group`` consecutive data-parallel ranks and repli
 them). ``pp``, ``ep``, ``cp`` and ``sp`` are reserved where pipeline stages (outermost), expert
 parallelism (a factor of the data-parallel ranks), ring context parallelism and Ulysses sequence
 parallelism (inside, next to ``tp``) take their place, so that ``dp = world / (pp·tp·sp·cp)``.
+With ``ep = 1`` the mesh has no ``ep`` axis (``expert_mesh_shape`` places it when ``ep > 1``).
 """
 from __future__ import annotations
 
@@ -106,11 +107,27 @@ class MeshShape:
 
 def mesh_shape(plan: Plan) -> MeshShape:
     """The mesh of a resolved plan: ``pp × replica × zero × cp × sp × tp`` with the derived
-    ``dp = (replica, zero)``. (Expert parallelism will take its place as a factor of ``dp``.)"""
+    ``dp = (replica, zero)``; with ``plan.ep > 1``, ``pp × replica × zero × ep × cp × sp × tp``
+    (see ``expert_mesh_shape``)."""
+    if plan.ep > 1:
+        return expert_mesh_shape(plan)
     return MeshShape(base=(("pp", plan.pp), ("replica", plan.dp // plan.zero_group),
                            ("zero", plan.zero_group), ("cp", plan.cp), ("sp", plan.sp),
                            ("tp", plan.tp)),
                      derived=(("dp", ("replica", "zero")),))
+
+
+def expert_mesh_shape(plan: Plan) -> MeshShape:
+    """Expert parallelism splits the data-parallel ranks: ``ep`` (innermost of them, so an
+    expert-parallel group is ``ep`` consecutive data-parallel ranks) × ``zero`` (``zero_group``
+    ranks holding the same experts) × ``replica``. Derived axes: ``dp = (replica, zero, ep)``,
+    every data-parallel rank, over which non-expert gradients are summed; ``edp = (replica,
+    zero)``, the ranks holding the same experts, over which expert gradients are summed."""
+    return MeshShape(base=(("pp", plan.pp),
+                           ("replica", plan.dp // (plan.zero_group * plan.ep)),
+                           ("zero", plan.zero_group), ("ep", plan.ep), ("cp", plan.cp),
+                           ("sp", plan.sp), ("tp", plan.tp)),
+                     derived=(("dp", ("replica", "zero", "ep")), ("edp", ("replica", "zero"))))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ class Plan:
     ``dp``: data-parallel degree (-1: whatever the world size leaves after ``pp · tp · sp · cp``).
     ``tp``: tensor-parallel degree. ``zero``: ZeRO stage 0-3 over the data-parallel ranks.
     ``zero_group``: shard the ZeRO state inside groups of this many data-parallel ranks and
-    replicate across groups (-1: the whole data-parallel group). ``sequence_parallel``: split norm
+    replicate across groups (-1: the whole data-parallel group; with ``ep > 1`` a group holds the
+    same experts, so it divides ``dp / ep``, its default). ``sequence_parallel``: split norm
     regions on the sequence inside the tensor-parallel group. ``rules``: logical axis → mesh axis,
     tuple of mesh axes, or None (replicated). ``bucket_mb``: data-parallel gradients are reduced in
     buckets of this many MiB, each started while backward still runs (0: one collective per
@@ -151,12 +152,16 @@ class Plan:
         if dp * mp != world_size:
             raise ValueError(f"plan.dp={self.dp} × plan.pp × plan.cp × plan.sp × plan.tp = "
                              f"{dp * mp} processes, but the world size is {world_size}")
-        zero_group = dp if self.zero_group == -1 else self.zero_group
-        if dp % zero_group:
-            raise ValueError(f"plan.zero_group={zero_group} must divide plan.dp={dp}")
         if dp % self.ep:
             raise ValueError(f"plan.ep={self.ep} must divide plan.dp={dp} (expert-parallel "
                              "ranks are data-parallel ranks)")
+        # ZeRO groups are ranks holding the same experts: zero_group · ep divides dp
+        zero_group = dp // self.ep if self.zero_group == -1 else self.zero_group
+        if dp % zero_group:
+            raise ValueError(f"plan.zero_group={zero_group} must divide plan.dp={dp}")
+        if (dp // self.ep) % zero_group:
+            raise ValueError(f"plan.zero_group={zero_group} must divide plan.dp / plan.ep = "
+                             f"{dp // self.ep} (a ZeRO group holds the same experts)")
         return dataclasses.replace(self, dp=dp, zero_group=zero_group)
 
 

@@ -36,7 +36,8 @@ from evo import models, scaler, train, tree
 from evo.models.layers import Regions, cross_entropy_tokens
 from evo.sharding import comm as C
 from evo.sharding import context
-from evo.sharding.layout import ParamLayout, model_layouts
+from evo.sharding import experts as EP
+from evo.sharding.layout import EXPERT_AXIS, ParamLayout, model_layouts
 from evo.sharding.mesh import Mesh
 
 
@@ -60,6 +61,7 @@ class ShardedRegions(Regions):
         self.prefetched: dict[str, torch.Tensor] = {}
         self.in_forward = False
         self.coords = mesh.coords
+        self.expert_traffic = EP.ExpertTraffic()
 
     def _sharded(self) -> bool:
         return self.plan.zero == 3 and self.comm.size("zero") > 1
@@ -101,6 +103,13 @@ class ShardedRegions(Regions):
     def exit(self, x):
         return C.scatter_to(x, self.comm, "tp", 1) if self.sp else \
             C.reduce_from(x, self.comm, "tp")
+
+    def experts(self, x_sorted, counts, fn):
+        """Rows sorted by expert → this rank's experts and back: across ``ep`` by all-to-all
+        (``evo.sharding.experts``)."""
+        if self.comm.size("ep") == 1:
+            return fn(x_sorted, counts)
+        return EP.experts(self.comm, x_sorted, counts, fn, self.expert_traffic)
 
     def cross_entropy(self, logits, labels):
         split = self.layouts[self.output].tp_dim == self.output_vocab_dim
@@ -145,6 +154,8 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _tp_piece(x: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> torch.Tensor:
+    if layout.ep_dim is not None and mesh.plan.ep > 1:   # this rank's experts
+        x = C.chunk(x, mesh.plan.ep, mesh.coords["ep"], layout.ep_dim)
     if layout.tp_dim is None:
         return x
     return C.chunk(x, mesh.plan.tp, mesh.coords["tp"], layout.tp_dim)
@@ -153,6 +164,18 @@ def _tp_piece(x: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> torch.Tensor:
 def _zero_shard(x: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> torch.Tensor:
     n = mesh.plan.zero_group
     return _pad_rows(x, layout.shard_shape[0] * n).chunk(n)[mesh.coords["zero"]]
+
+
+def _balance(cfg, params: dict[str, torch.Tensor], load: torch.Tensor,
+             layouts: dict[str, ParamLayout], mesh: Mesh) -> dict[str, torch.Tensor]:
+    """This rank's pieces of ``models.moe.update_bias``: each bias step cut as its bias is
+    stored (tensor-parallel piece, ZeRO-3 shard)."""
+    out = dict(params)
+    for k, s in models.moe.bias_steps(cfg, load).items():
+        s = _tp_piece(s, layouts[k], mesh)
+        s = _zero_shard(s, layouts[k], mesh) if mesh.plan.zero == 3 else s
+        out[k] = params[k] + s.to(params[k].dtype)
+    return out
 
 
 def shard_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
@@ -214,6 +237,8 @@ def gather_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
             x = comm.all_gather(x, "zero")[:lay.local_shape[0]]
         if lay.tp_dim is not None:
             x = comm.all_gather(x, "tp", lay.tp_dim)
+        if lay.ep_dim is not None:
+            x = comm.all_gather(x, "ep", lay.ep_dim)
         out[k] = x
     return out
 
@@ -232,8 +257,10 @@ class BucketedReduction:
     """
 
     def __init__(self, comm: C.Comm, plan, layouts: dict[str, ParamLayout], names: list[str],
-                 bucket_bytes: int):
+                 bucket_bytes: int, *, dp_axis: str = "dp",
+                 replica_axes: tuple[str, ...] = ("replica",)):
         self.comm, self.plan, self.layouts = comm, plan, layouts
+        self.dp_axis, self.replica_axes = dp_axis, replica_axes
         self.buckets: list[list[str]] = [[]]
         size = 0
         for k in reversed(names):
@@ -265,7 +292,8 @@ class BucketedReduction:
             self.pending[b] = C.launch_reduce_scatter(self.comm, flat, "zero")
         else:
             self.pending[b] = C.launch_all_reduce(self.comm, torch.cat([g.flatten()
-                                                                       for g in members]), "dp")
+                                                                       for g in members]),
+                                                  self.dp_axis)
 
     def finish(self) -> dict[str, torch.Tensor]:
         for b, members in enumerate(self.buckets):  # parameters that got no gradient: zeros
@@ -279,7 +307,8 @@ class BucketedReduction:
         for b, members in enumerate(self.buckets):
             flat = C.wait(self.pending[b]).flatten()
             if self.plan.zero == 2:
-                flat = self.comm.all_reduce(flat, "replica")
+                for axis in self.replica_axes:
+                    flat = self.comm.all_reduce(flat, axis)
             offset = 0
             for k in members:
                 shape = self.layouts[k].shard_shape if self.plan.zero == 2 else \
@@ -288,6 +317,33 @@ class BucketedReduction:
                 out[k] = flat[offset:offset + size].view(shape)
                 offset += size
         return out
+
+
+class ExpertSplitReduction:
+    """Under expert parallelism, two bucketed reductions: expert gradients over the ranks
+    holding the same experts (``edp``; nothing to reduce when ``dp = ep``), the others over
+    ``dp`` (ZeRO 2: over ``replica`` and ``ep`` after the reduce-scatter)."""
+
+    def __init__(self, comm: C.Comm, plan, layouts: dict[str, ParamLayout], bucket_bytes: int):
+        self.layouts, self.passed = layouts, {}
+        expert = [k for k, lay in layouts.items() if lay.ep_dim is not None]
+        dense = [k for k in layouts if k not in expert]
+        self.expert = BucketedReduction(comm, plan, layouts, expert, bucket_bytes,
+                                        dp_axis="edp") if comm.size("edp") > 1 else None
+        self.dense = BucketedReduction(comm, plan, layouts, dense, bucket_bytes,
+                                       replica_axes=("replica", "ep"))
+
+    def __call__(self, name: str, grad: torch.Tensor) -> None:
+        if self.layouts[name].ep_dim is None:
+            self.dense(name, grad)
+        elif self.expert is not None:
+            self.expert(name, grad)
+        else:
+            self.passed[name] = grad
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        return {**self.passed, **(self.expert.finish() if self.expert else {}),
+                **self.dense.finish()}
 
 
 # ------------------------------------------------------------------------------------ the step
@@ -353,6 +409,11 @@ class ShardedStep:
             inplace=step.donate, grad_norm=norm)
         t_optimizer = clock.lap()
         new = self._gather_updated(state.params, new, layouts, comm)
+        if "expert_load" in aux:     # MoE: loads summed over dp move the balancing bias
+            aux = {**aux, **{k: comm.all_reduce(aux[k], "dp")
+                             for k in ("expert_load", "dropped_tokens", "aux_loss")}}
+            new = _balance(step.model, new, aux["expert_load"] * ~info["skipped"], layouts,
+                           self.mesh)
         t_comm += clock.lap()
         tokens = torch.tensor(batch["tokens"].numel())
         metrics = {"loss": comm.all_reduce(aux["loss"], "dp"),
@@ -360,9 +421,13 @@ class ShardedStep:
                       for k in ("source_loss_sum", "source_tokens") if k in aux},
                    "grad_norm": info["grad_norm"], "lr": info["lr"], "skipped": info["skipped"],
                    "tokens": comm.all_reduce(tokens, "dp") if plan.dp > 1 else tokens,
+                   **{k: aux[k] for k in ("expert_load", "dropped_tokens", "aux_loss")
+                      if k in aux},
                    "valid_tokens": n, "comm_bytes": dict(comm.log.bytes),
                    "time": {"forward_backward": t_backward, "comm": t_comm,
                             "optimizer": t_optimizer}}
+        if plan.ep > 1:
+            metrics["expert_traffic"] = regions.expert_traffic.as_dict()
         if scaled is not None:
             metrics["loss_scale"] = scaled.scale
         return train.TrainState(state.step + 1, new, opt_state,
@@ -381,6 +446,9 @@ class ShardedStep:
         """Overlap the data-parallel reduction with backward, unless sequence parallelism must
         first complete the norm weights' gradients over tp, or ZeRO-3 already reduces them."""
         plan = self.mesh.plan
+        if plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and not regions.sp and \
+                plan.ep > 1:
+            return ExpertSplitReduction(comm, plan, layouts, int(plan.bucket_mb * 2**20))
         if plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and not regions.sp:
             return BucketedReduction(comm, plan, layouts, list(layouts),
                                      int(plan.bucket_mb * 2**20))
@@ -395,6 +463,8 @@ class ShardedStep:
         if bucketed:
             return {k: _zero_shard(g, layouts[k], mesh) for k, g in grads.items()} \
                 if plan.zero == 1 else grads
+        if plan.ep > 1:
+            return self._synchronise_experts(grads, layouts, comm)
         if plan.zero == 0:
             return {k: comm.all_reduce(g, "dp") for k, g in grads.items()}
         if plan.zero == 1:
@@ -406,6 +476,25 @@ class ShardedStep:
                 for k, g in grads.items()}
         # ZeRO 3: backward already reduce-scattered each block's gradients over the group
         return {k: comm.all_reduce(g, "replica") for k, g in grads.items()}
+
+    def _synchronise_experts(self, grads, layouts, comm):
+        """Under expert parallelism: an expert parameter's gradient is summed over the ranks
+        holding the same experts (``edp``), any other over every data-parallel rank (``dp``); a
+        ZeRO group holds the same experts, so ZeRO 2/3 reduce over ``zero`` as without experts
+        and non-expert gradients are summed over ``ep`` as well."""
+        plan, mesh, out = self.mesh.plan, self.mesh, {}
+        for k, g in grads.items():
+            expert = layouts[k].ep_dim is not None
+            if plan.zero in (0, 1):
+                g = comm.all_reduce(g, "edp" if expert else "dp")
+                out[k] = _zero_shard(g, layouts[k], mesh) if plan.zero == 1 else g
+                continue
+            if plan.zero == 2:
+                g = comm.reduce_scatter(_pad_rows(g, layouts[k].shard_shape[0] * plan.zero_group),
+                                        "zero")
+            g = comm.all_reduce(g, "replica")
+            out[k] = g if expert else comm.all_reduce(g, "ep")
+        return out
 
     def _gather_updated(self, old, new, layouts, comm):
         """ZeRO 1/2: every rank updated its shard; the shards gathered back into the pieces."""
@@ -419,6 +508,8 @@ class ShardedStep:
 
     def _grad_norm(self, grads, layouts, comm: C.Comm) -> torch.Tensor:
         """Global L2 norm: squares of split gradients summed over the ranks holding the pieces."""
+        if self.plan.ep > 1:
+            return _expert_grad_norm(grads, layouts, comm, self.plan)
         if self.plan.tp == 1 and (self.plan.zero == 0 or self.plan.zero_group == 1):
             return tree.global_norm(grads)  # every rank holds whole gradients: the plain norm
         split = [g for k, g in grads.items() if layouts[k].tp_dim is not None]
@@ -432,18 +523,37 @@ class ShardedStep:
         return (sq_split + sq_whole).sqrt()
 
 
+def _expert_grad_norm(grads, layouts, comm: C.Comm, plan) -> torch.Tensor:
+    """The global norm under expert parallelism: each rank's squares, each divided by the number
+    of ranks holding the same gradient piece (replicas over ``dp``/``edp`` — over ``replica``
+    alone once ZeRO shards them — and over ``tp`` when not split there), summed over ``dp`` and
+    ``tp``."""
+    sq = torch.zeros(())
+    for k, g in grads.items():
+        lay = layouts[k]
+        copies = plan.dp // (plan.zero_group if plan.zero > 0 else 1)
+        copies //= plan.ep if lay.ep_dim is not None else 1
+        copies *= plan.tp if lay.tp_dim is None else 1
+        sq = sq + g.float().pow(2).sum() / copies
+    return comm.all_reduce(comm.all_reduce(sq, "dp"), "tp").sqrt()
+
+
 def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
     """The step distributed by ``plan`` over ``mesh`` (default: built from the process group)."""
     from evo.sharding.mesh import build_mesh
     unsupported = [(logical, axis) for logical, _ in plan.rules
-                   for axis in plan.mesh_axes(logical) if axis != "tp"]
+                   for axis in plan.mesh_axes(logical)
+                   if axis != "tp" and (axis, logical) != ("ep", EXPERT_AXIS)]
     if unsupported:
         raise ValueError("shard: plan.rules map logical axis {!r} to mesh axis {!r}, which the "
                          "planner does not implement yet (only 'tp')".format(*unsupported[0]))
-    pending = [f"plan.{f}={getattr(plan, f)}" for f in ("pp", "ep")
+    pending = [f"plan.{f}={getattr(plan, f)}" for f in ("pp",)
                if getattr(plan, f) > 1] + (["plan.weight_parallel"] if plan.weight_parallel else [])
     if pending:
         raise ValueError(f"shard: {pending[0]} is not implemented by the planner yet")
+    if plan.ep > 1 and plan.cp * plan.sp > 1:
+        raise ValueError(f"shard: plan.ep={plan.ep} with plan.cp={plan.cp} / plan.sp={plan.sp} "
+                         "is not implemented by the planner yet")
     if plan.cp * plan.sp > 1:
         context.check_plan(plan, step.model, step.attention)
     mesh = mesh or build_mesh(plan)
@@ -468,7 +578,8 @@ def per_rank_bytes(cfg, plan, dtype: torch.dtype = torch.float32) -> dict[str, i
 
 def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
                         compute_dtype: torch.dtype = torch.float32, sources: int = 0,
-                        remat: float = 0.0) -> dict[str, int]:
+                        remat: float = 0.0, expert_traffic: dict | None = None
+                        ) -> dict[str, int]:
     """Bytes one rank hands to each collective (``"{kind}/{axis}"``) in one step of a resolved
     ``plan``: the analytic model the step's measured ``comm_bytes`` must equal.
 
@@ -477,10 +588,16 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     layer under ZeRO-3, else the first ``floor(remat · layers)``) and the ZeRO-3 weight gathers
     and gradient reduce-scatters; per step, the gradient synchronisation, the norm and the loss
     and token counts.
+
+    Under expert parallelism the dispatch moves as many rows as the routing sends: pass the
+    step's ``metrics["expert_traffic"]`` (``evo.sharding.experts.ExpertTraffic``) as
+    ``expert_traffic``; the model counts the exchanged counts and the rows' bytes from it
+    (without it: a perfectly balanced routing, ``experts.balanced_traffic``).
     """
     from collections import Counter
     sizes = {"tp": plan.tp, "dp": plan.dp, "zero": plan.zero_group,
-             "replica": plan.dp // plan.zero_group, "cp": plan.cp, "sp": plan.sp}
+             "replica": plan.dp // (plan.zero_group * plan.ep), "ep": plan.ep,
+             "edp": plan.dp // plan.ep, "cp": plan.cp, "sp": plan.sp}
     out: Counter = Counter()
 
     def add(kind, axis, nbytes, times=1):
@@ -499,13 +616,23 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
         add("all_reduce", "tp", inside * act, micro_num)
     if plan.zero == 3:
         _count_zero3(add, plan, blocks, layouts, micro_num, act)
-    _count_synchronisation(add, plan, layouts)
+    if plan.ep > 1:
+        traffic = expert_traffic or EP.balanced_traffic(
+            cfg, plan, micro_num=micro_num, tokens_per_micro=tokens_per_micro,
+            remat=remat).as_dict()
+        _count_experts(add, plan, layouts, traffic, cfg.hidden_size * act)
+    else:
+        _count_synchronisation(add, plan, layouts)
     # Scalars (fp32 master): labelled-token count (int64), loss, token count (int64), norm squares.
     add("all_reduce", "dp", 8 + 4 + 8)
     add("all_reduce", "dp", 2 * 4 * sources)                             # per-source loss, tokens
-    if plan.zero > 0:
+    if models.moe.routed(cfg):                       # expert loads, dropped pairs, balancing loss
+        add("all_reduce", "dp", 4 * (len(cfg.moe_layers) * cfg.num_experts + 2))
+    if plan.zero > 0 and plan.ep == 1:
         add("all_reduce", "zero", 2 * 4)
-    add("all_reduce", "tp", 4)
+    add("all_reduce", "dp" if plan.ep > 1 else "tp", 4)
+    if plan.ep > 1:
+        add("all_reduce", "tp", 4)
     add("all_reduce", "tp", tokens_per_micro * 4, micro_num * 3)        # vocab-parallel CE
     return dict(out)
 
@@ -542,6 +669,31 @@ def _count_regions(add, plan, blocks, micro_num: int, full_act: int, remat: floa
     else:
         add("all_reduce", "tp", full_act, M * (exits + re_exits))       # exits
         add("all_reduce", "tp", full_act, M * enters)                   # backward of the enters
+
+
+def _count_experts(add, plan, layouts, traffic: dict, row_bytes: int) -> None:
+    """Expert parallelism: the dispatches (counts, then rows forward and their gradients back in
+    backward; a recomputed layer dispatches again, forward only) and the gradient
+    synchronisation of expert (over ``edp``) and other (over ``dp``) parameters."""
+    calls = traffic["forward_calls"] + traffic["recomputed_calls"]
+    add("all_to_all", "ep", calls * traffic["experts"] * 8)
+    add("all_to_all", "ep", (2 * traffic["forward_rows"] + traffic["recomputed_rows"]) * row_bytes)
+    local = {k: math.prod(l.local_shape) * 4 for k, l in layouts.items()}
+    shard = {k: math.prod(l.shard_shape) * 4 for k, l in layouts.items()}
+    expert = {k for k, l in layouts.items() if l.ep_dim is not None}
+    if plan.zero in (0, 1):
+        add("all_reduce", "edp", sum(v for k, v in local.items() if k in expert))
+        add("all_reduce", "dp", sum(v for k, v in local.items() if k not in expert))
+    if plan.zero == 2:
+        add("reduce_scatter", "zero", sum(shard.values()) * plan.zero_group)
+    if plan.zero >= 2:
+        add("all_reduce", "replica", sum(shard.values()))
+        add("all_reduce", "ep", sum(v for k, v in shard.items() if k not in expert))
+    if plan.zero in (1, 2):
+        add("all_gather", "zero", sum(shard.values()))                   # updated shards back
+    if plan.sequence_parallel and plan.tp > 1:                           # norm weights' grads
+        add("all_reduce", "tp", sum((shard if plan.zero == 3 else local)[k]
+                                    for k, l in layouts.items() if l.tp_dim is None))
 
 
 def _count_zero3(add, plan, blocks, layouts, micro_num: int, act: int) -> None:

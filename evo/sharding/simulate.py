@@ -84,7 +84,7 @@ def plan_report(cfg, plans: list[Plan], world: int, *, micro_num: int = 1,
 def _short(p: Plan) -> str:
     s = f"dp={p.dp},tp={p.tp},zero={p.zero},zero_group={p.zero_group}"
     s += "".join(f",{f}={getattr(p, f)}" for f in ("sp", "cp") if getattr(p, f) > 1)
-    return s + (",sp" if p.sequence_parallel else "")
+    return s + (",sp" if p.sequence_parallel else "") + (f",ep={p.ep}" if p.ep > 1 else "")
 
 
 def long_context_report(cfg, plans: list[Plan], world: int,
