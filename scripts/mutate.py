@@ -71,6 +71,21 @@ MUTATIONS = [
              'if self.sp else \\\n            C.copy_to(x, self.comm, "tp")\n\n    def cross'),
     Mutation("vocab-parallel-embedding-keeps-rows-above", "evo/sharding/planner.py",
              "outside = (local < 0) | (local >= rows)", "outside = local < 0"),
+    # --- pipeline stages
+    Mutation("pp-tied-grads-not-summed-over-stages", "evo/sharding/pipeline.py",
+             'total = comm.all_reduce(g, "pp")', "total = g"),
+    Mutation("pp-grad-norm-of-one-stage", "evo/sharding/pipeline.py",
+             'return comm.all_reduce(local_norm(mine) ** 2, "pp").sqrt()',
+             "return local_norm(mine)"),
+    Mutation("pp-stage-boundary-shifted", "evo/sharding/pipeline.py",
+             "out.append(blocks[i:i + c])", "out.append(blocks[max(i - 1, 0):i + c])"),
+    Mutation("pp-loss-of-the-first-stage", "evo/sharding/planner.py",
+             '("loss", "source_loss_sum", "source_tokens") if k in metrics}',
+             '("source_loss_sum", "source_tokens") if k in metrics}'),
+    Mutation("pp-input-grad-halved", "evo/sharding/pipeline.py",
+             "(gx,) = torch.autograd.grad(out, [x], dout, retain_graph=True)",
+             "(gx,) = torch.autograd.grad(out, [x], None if dout is None else dout * 0.5, "
+             "retain_graph=True)"),
     # --- checkpoints
     Mutation("checkpoint-zero-padding-not-restored", "evo/checkpoint.py",
              "if sharded and t.shape[0] < lay.shard_shape[0]:", "if False:"),

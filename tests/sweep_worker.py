@@ -236,6 +236,9 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     worst = torch.tensor([func_rel, -float(ckpt_equal), -float(init_equal)], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
     func_rel, ckpt_equal, init_equal = worst[0].item(), worst[1] < 0, worst[2] < 0
+    by_stage = [None] * case.world  # pipeline ranks differ: every rank's (pp index, bytes)
+    if mesh.plan.pp > 1:
+        dist.all_gather_object(by_stage, (mesh.coords["pp"], comm), group=group)
     if mesh.rank != 0:
         return None
     ref_p = ref_state.params
@@ -253,7 +256,8 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
             "param_norm_rel": max(norm_rel(full[k], ref_p[k]) for k in full),
             "update_rel": max(update_rel.values()),
             "worst": max(update_rel, key=update_rel.get),
-            "comm_bytes": comm, "state_bytes": pieces, "func_grad_rel": func_rel,
+            "comm_bytes": comm, "comm_bytes_by_rank": [r for r in by_stage if r],
+            "state_bytes": pieces, "func_grad_rel": func_rel,
             "source_loss_rel": source_rel, "checkpoint_equal": bool(ckpt_equal),
             "init_params_equal": bool(init_equal)}
 
