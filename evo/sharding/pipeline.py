@@ -116,7 +116,7 @@ def count_pp(add, cfg, plan, pp_index: int, *, micro_num: int, sources: int,
     full = model_layouts(plan, cfg)
     for k in tied_params(cfg, plan):
         add("all_reduce", "pp", math.prod(_grad_shape(full[k], plan)) * 4)
-    add("all_reduce", "pp", 4 + 4 + 2 * 4 * sources)     # norm square, loss, per-source sums
+    add("all_reduce", "pp", 4 + 4 + 2 * 4 * sources + 4)  # norm², loss, per-source, idle
 
 
 def owners(cfg, plan) -> dict[str, list[int]]:

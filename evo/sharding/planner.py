@@ -368,7 +368,8 @@ class ShardedStep:
         if stages is not None:  # the loss and per-source sums live on the last stage
             metrics.update({k: comm.all_reduce(metrics[k], "pp") for k in
                             ("loss", "source_loss_sum", "source_tokens") if k in metrics},
-                           pp_idle=torch.tensor(stages.idle), comm_bytes=dict(comm.log.bytes))
+                           pp_idle=comm.all_reduce(torch.tensor(stages.idle), "pp") / plan.pp,
+                           comm_bytes=dict(comm.log.bytes))
         return train.TrainState(state.step + 1, new, opt_state,
                                 step.next_scaler(scaled, info)), metrics
 
