@@ -205,6 +205,24 @@ def checkpoint_round_trip(cfg, state, full, mesh, group, root) -> bool:
     return all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b) for a, b in pairs)
 
 
+def one_process_checkpoint_loads(cfg, ref_state, mesh, group, root) -> bool:
+    """The reference's final state saved by one process loads under this plan as the pieces
+    ``shard_params`` cuts from it (and ZeRO's optimizer shards), bitwise."""
+    from evo import checkpoint
+    from evo.sharding.mesh import Mesh
+    if mesh.rank == 0:
+        checkpoint.Saver(root, Mesh(Plan().resolve(1), 0), asynchronous=False).save(
+            cfg, ref_state, loader_state={}, meta={})
+    dist.barrier(group)
+    loaded, _ = checkpoint.load_state(checkpoint.resolve(root), cfg, OPT, mesh)
+    layouts = planner.local_layouts(cfg, mesh)
+    cut = lambda full: planner.shard_params(cfg, full, mesh)  # noqa: E731
+    pairs = [(loaded.params, cut(ref_state.params)),
+             (loaded.opt_state.mu, planner._opt_view(cut(ref_state.opt_state.mu), layouts, mesh)),
+             (loaded.opt_state.nu, planner._opt_view(cut(ref_state.opt_state.nu), layouts, mesh))]
+    return all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b) for a, b in pairs)
+
+
 def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     """The case's plan for STEPS steps; the differences from ``ref`` (on the mesh's rank 0)."""
     params0, ref_state, ref_metrics = ref
@@ -232,10 +250,15 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     func_rel = func_grad_check(step, state.params, mesh, local_batch(batches[0], dp_index, dp))
     ckpt_equal = checkpoint_round_trip(cfg, state, full, mesh, group,
                                        os.path.join(ckpt_root, case.name))
+    one_loads = one_process_checkpoint_loads(
+        cfg, ref_state, mesh, group, os.path.join(ckpt_root, case.name + "-one")) \
+        if mesh.plan.pp > 1 else True
     # every rank's checks, on rank 0: the largest gradient difference, and whether all agree
-    worst = torch.tensor([func_rel, -float(ckpt_equal), -float(init_equal)], dtype=torch.float64)
+    worst = torch.tensor([func_rel, -float(ckpt_equal), -float(init_equal), -float(one_loads)],
+                         dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
     func_rel, ckpt_equal, init_equal = worst[0].item(), worst[1] < 0, worst[2] < 0
+    one_loads = worst[3] < 0
     by_stage = [None] * case.world  # pipeline ranks differ: every rank's (pp index, bytes)
     if mesh.plan.pp > 1:
         dist.all_gather_object(by_stage, (mesh.coords["pp"], comm), group=group)
@@ -259,7 +282,8 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
             "comm_bytes": comm, "comm_bytes_by_rank": [r for r in by_stage if r],
             "state_bytes": pieces, "func_grad_rel": func_rel,
             "source_loss_rel": source_rel, "checkpoint_equal": bool(ckpt_equal),
-            "init_params_equal": bool(init_equal)}
+            "init_params_equal": bool(init_equal),
+            "one_process_checkpoint_loads": bool(one_loads)}
 
 
 def main(out_path):

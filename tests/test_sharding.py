@@ -315,3 +315,13 @@ def test_every_pipeline_rank_measures_the_analytic_bytes(sweep):
                 remat=case.remat, pp_index=pp_index)
             for measured in steps:
                 assert measured == expected, (case.name, pp_index, measured, expected)
+
+
+def test_pipeline_plans_resume_a_one_process_checkpoint(sweep):
+    """A one-process checkpoint loads under every pipeline plan (pp2, pp4, pp2×dp2 ZeRO-1,
+    pp2×tp2, V stages, tied embeddings) as the pieces cut from the global arrays, bitwise; the
+    other way (a pipeline plan's checkpoint into one process) is ``checkpoint_equal``."""
+    from sweep_worker import CASES
+    for case in CASES:
+        if case.plan.pp > 1:
+            assert sweep["plans"][case.name]["one_process_checkpoint_loads"], case.name
