@@ -125,3 +125,73 @@ def test_train_refuses_too_few_micro_batches_before_starting(tmp_path):
             run.run(exp)
     finally:
         del os.environ["WORLD_SIZE"]
+
+
+def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path):
+    """`torchrun --nproc-per-node 4 -m evo train experiments/tiny.py` with pp2×dp2 (1F1B, 4
+    micro-batches per data-parallel rank) logs the losses of one process with 8 micro-batches
+    (fp32, 1e-5 relative), and one process resuming the pipeline's step-2 checkpoint logs the
+    same step-3 loss; the pipeline run records its ``pp_idle``."""
+    common = ["experiments/tiny.py", "--set", "steps=3", "--set", "eval_every=0",
+              "--set", "sample_tokens=1", "--set", "data.seq_len=64", "--set",
+              "data.micro_batch=1", "--set", "checkpoint_every=2", "--set",
+              "async_checkpoint=false"]
+    env = repo_env(OMP_NUM_THREADS="1")
+    dist_run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         "-m", "evo", "train", *common, "--set", "plan.pp=2", "--set", "plan.dp=2",
+         "--set", "data.micro_num=4", "--set", f"run_dir={tmp_path / 'dist'}"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert dist_run.returncode == 0, dist_run.stderr[-3000:]
+
+    def one(run_dir):
+        r = subprocess.run([sys.executable, "-m", "evo", "train", *common, "--set",
+                            "data.micro_num=8", "--set", f"run_dir={run_dir}"],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n") if x]
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "dist" / "checkpoints" / "step-00000002",
+                    tmp_path / "resumed" / "checkpoints" / "step-00000002")
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().split("\n") if x]  # noqa: E731
+    a, b, resumed = read(tmp_path / "dist"), one(tmp_path / "one"), one(tmp_path / "resumed")
+    assert [r["step"] for r in a] == [1, 2, 3] == [r["step"] for r in b]
+    assert [r["step"] for r in resumed] == [3]
+    for ra, rb in zip(a + resumed, b + b[2:]):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(rb["loss"]), (ra["loss"], rb["loss"])
+        assert ra["tokens"] == rb["tokens"]
+    assert a[0]["comm_bytes"]["send/pp"] > 0 and 0 <= a[0]["pp_idle"] < 1
+    assert "pp_idle" not in b[0]
+
+
+@pytest.mark.parametrize("schedule, v", [("1f1b", 1), ("interleaved", 2), ("zbh1", 1)])
+def test_plan_report_per_stage_equals_the_formulas(schedule, v):
+    """``evo plan``'s per-stage figures for pp2 over 8 micro-batches of T tokens (fp32): the
+    weights each rank holds, the micro-batches in flight (1F1B: p − r on rank r), the activations
+    they hold (one [T, hidden] layer input per layer per micro-batch in flight), the p2p bytes
+    (rank 0: an activation out and its gradient back per micro-batch and boundary), the bubble
+    ((p−1)/m, (p−1)/(v·m), 0)."""
+    import math
+    import torch
+    cfg = dataclasses.replace(CFG, num_layers=6)          # 8 blocks: 4 stages of 2 for v=2
+    plan, m, T = Plan(dp=1, pp=2, pp_schedule=schedule, pp_virtual=v).resolve(2), 8, 64
+    rows = pipeline.stage_report(cfg, plan, micro_num=m, tokens_per_micro=T,
+                                 compute_dtype=torch.float32)
+    act = T * cfg.hidden_size * 4
+    specs = models.param_specs(cfg)
+    split = pipeline.stage_blocks(cfg, plan)
+    for r, row in enumerate(rows):
+        held = {k for s in pipeline.rank_stages(plan, r) for b in split[s] for k in b.params}
+        assert row["params"] == sum(math.prod(specs[k].shape) for k in held) * 4
+        assert row["optimizer"] == 2 * row["params"]
+        boundaries = sum(1 for s in pipeline.rank_stages(plan, r) for nb in (s - 1, s + 1)
+                         if 0 <= nb < plan.stages and pipeline.stage_rank(plan, nb) != r)
+        assert row["p2p"] == boundaries * 2 * m * act
+    assert sum(r["params"] for r in rows) == sum(math.prod(s.shape) for s in specs.values()) * 4
+    assert rows[0]["bubble"] == {"1f1b": 1 / 8, "interleaved": 1 / 16, "zbh1": 0.0}[schedule]
+    if schedule == "1f1b":
+        assert [r["in_flight"] for r in rows] == [2, 1]
+        layers = [sum(b.kind == "layer" for b in split[r]) for r in (0, 1)]
+        assert [r["activations"] for r in rows] == [2 * layers[0] * act, layers[1] * act]
+    text = pipeline.format_report(rows)
+    assert text.splitlines()[0].split()[:3] == ["pp", "stages", "blocks"] and len(rows) == 2

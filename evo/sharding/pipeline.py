@@ -390,3 +390,49 @@ class _Run:
     def _add(self, names, grads) -> None:
         self.acc.add_grads({k: torch.zeros_like(self.leaves[k]) if g is None else g
                             for k, g in zip(names, grads)})
+
+
+# ------------------------------------------------------------------------------ the arithmetic
+
+def stage_report(cfg, plan, *, micro_num: int, tokens_per_micro: int,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Per pp rank of a resolved plan: its stages and blocks; bytes of its params, grads and
+    AdamW state; the most micro-batches in flight under the schedule and the activation bytes
+    they hold — each layer's input (``tokens · hidden``, split over tp with sequence
+    parallelism) per micro-batch in flight, what a stage keeps under full recomputation
+    (``remat=1``; without it a layer keeps a family-dependent multiple); point-to-point bytes
+    sent and received per step; the schedule's bubble fraction (``bubble_fraction``)."""
+    from evo.sharding import planner
+    act = tokens_per_micro * cfg.hidden_size * torch.empty((), dtype=compute_dtype).element_size()
+    act //= plan.tp if plan.sequence_parallel else 1
+    split, lists = stage_blocks(cfg, plan), action_lists(plan, micro_num)
+    out = []
+    for r in range(plan.pp):
+        layers = {s: sum(b.kind == "layer" for b in split[s]) for s in rank_stages(plan, r)}
+        live, held = dict.fromkeys(layers, 0), 0
+        for a in lists[r]:
+            live[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
+            held = max(held, sum(live[s] * layers[s] for s in layers))
+        p2p: dict = {}
+        count_pp(lambda kind, axis, n, times=1: p2p.__setitem__(kind, p2p.get(kind, 0) + n * times),
+                 cfg, plan, r, micro_num=micro_num, sources=0, act_bytes=act)
+        out.append({"pp_index": r, "stages": rank_stages(plan, r),
+                    "blocks": [b.name for s in rank_stages(plan, r) for b in split[s]],
+                    **planner.per_rank_bytes(cfg, plan, pp_index=r),
+                    "in_flight": in_flight(plan, micro_num, r), "activations": held * act,
+                    "p2p": p2p.get("send", 0) + p2p.get("recv", 0),
+                    "bubble": bubble_fraction(plan, micro_num)})
+    return out
+
+
+def format_report(rows: list[dict]) -> str:
+    """``stage_report`` as a table (GiB, and the bubble as a fraction)."""
+    gb = lambda x: f"{x / 2**30:9.3f}"  # noqa: E731
+    lines = [f"{'pp':>3} {'stages':<8}{'blocks':>7}{'params':>9}{'grads':>9}{'adam':>9}"
+             f"{'in flight':>10}{'activ.':>9}{'p2p GiB':>9}  bubble"]
+    for r in rows:
+        lines.append(f"{r['pp_index']:>3} {','.join(map(str, r['stages'])):<8}"
+                     f"{len(r['blocks']):>7}{gb(r['params'])}{gb(r['grads'])}"
+                     f"{gb(r['optimizer'])}{r['in_flight']:>10}{gb(r['activations'])}"
+                     f"{gb(r['p2p'])}  {r['bubble']:.3f}")
+    return "\n".join(lines)

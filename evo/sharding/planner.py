@@ -457,10 +457,11 @@ def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
     return ShardedStep(step, mesh)
 
 
-def per_rank_bytes(cfg, plan, dtype: torch.dtype = torch.float32) -> dict[str, int]:
+def per_rank_bytes(cfg, plan, dtype: torch.dtype = torch.float32, *, pp_index: int = 0
+                   ) -> dict[str, int]:
     """Bytes one rank holds for params, grads and AdamW state (two moments) under a resolved
-    plan — arithmetic on shapes only."""
-    layouts = model_layouts(plan, cfg)
+    plan — arithmetic on shapes only (with pipeline stages: a rank of pp index ``pp_index``)."""
+    layouts = pipeline.local_layouts(model_layouts(plan, cfg), cfg, plan, pp_index)
     size = torch.empty((), dtype=dtype).element_size()
     local = sum(math.prod(l.local_shape) for l in layouts.values()) * size
     shard = sum(math.prod(l.shard_shape) for l in layouts.values()) * size
