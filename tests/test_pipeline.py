@@ -168,7 +168,8 @@ def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoint_resumes_in_one(
 def test_plan_report_per_stage_equals_the_formulas(schedule, v):
     """``evo plan``'s per-stage figures for pp2 over 8 micro-batches of T tokens (fp32): the
     weights each rank holds, the micro-batches in flight (1F1B: p − r on rank r), the activations
-    they hold (one [T, hidden] layer input per layer per micro-batch in flight), the p2p bytes
+    they hold (per micro-batch in flight: one [T, hidden] input per layer; the head's [T, hidden]
+    norm input and two [T, vocab] logits), the p2p bytes
     (rank 0: an activation out and its gradient back per micro-batch and boundary), the bubble
     ((p−1)/m, (p−1)/(v·m), 0)."""
     import math
@@ -192,6 +193,8 @@ def test_plan_report_per_stage_equals_the_formulas(schedule, v):
     if schedule == "1f1b":
         assert [r["in_flight"] for r in rows] == [2, 1]
         layers = [sum(b.kind == "layer" for b in split[r]) for r in (0, 1)]
-        assert [r["activations"] for r in rows] == [2 * layers[0] * act, layers[1] * act]
+        head = T * (cfg.hidden_size + 2 * cfg.vocab_size) * 4        # norm input, logits ×2
+        assert [r["activations"] for r in rows] == [2 * layers[0] * act,
+                                                    layers[1] * act + head]
     text = pipeline.format_report(rows)
     assert text.splitlines()[0].split()[:3] == ["pp", "stages", "blocks"] and len(rows) == 2

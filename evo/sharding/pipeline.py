@@ -398,28 +398,32 @@ def stage_report(cfg, plan, *, micro_num: int, tokens_per_micro: int,
                  compute_dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Per pp rank of a resolved plan: its stages and blocks; bytes of its params, grads and
     AdamW state; the most micro-batches in flight under the schedule and the activation bytes
-    they hold — each layer's input (``tokens · hidden``, split over tp with sequence
-    parallelism) per micro-batch in flight, what a stage keeps under full recomputation
+    they hold — per micro-batch in flight, each layer's input (``tokens · hidden``, split over
+    tp with sequence parallelism) and the head's norm input and logits with their log-softmax
+    (``tokens · (hidden + 2 · vocab / tp)``): what a stage keeps under full recomputation
     (``remat=1``; without it a layer keeps a family-dependent multiple); point-to-point bytes
     sent and received per step; the schedule's bubble fraction (``bubble_fraction``)."""
     from evo.sharding import planner
-    act = tokens_per_micro * cfg.hidden_size * torch.empty((), dtype=compute_dtype).element_size()
+    size = torch.empty((), dtype=compute_dtype).element_size()
+    act = tokens_per_micro * cfg.hidden_size * size
     act //= plan.tp if plan.sequence_parallel else 1
+    head = tokens_per_micro * (cfg.hidden_size + 2 * cfg.vocab_size // plan.tp) * size
     split, lists = stage_blocks(cfg, plan), action_lists(plan, micro_num)
     out = []
     for r in range(plan.pp):
-        layers = {s: sum(b.kind == "layer" for b in split[s]) for s in rank_stages(plan, r)}
-        live, held = dict.fromkeys(layers, 0), 0
+        per_micro = {s: sum(act if b.kind == "layer" else head if b.kind == "head" else 0
+                            for b in split[s]) for s in rank_stages(plan, r)}
+        live, held = dict.fromkeys(per_micro, 0), 0
         for a in lists[r]:
             live[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
-            held = max(held, sum(live[s] * layers[s] for s in layers))
+            held = max(held, sum(live[s] * per_micro[s] for s in per_micro))
         p2p: dict = {}
         count_pp(lambda kind, axis, n, times=1: p2p.__setitem__(kind, p2p.get(kind, 0) + n * times),
                  cfg, plan, r, micro_num=micro_num, sources=0, act_bytes=act)
         out.append({"pp_index": r, "stages": rank_stages(plan, r),
                     "blocks": [b.name for s in rank_stages(plan, r) for b in split[s]],
                     **planner.per_rank_bytes(cfg, plan, pp_index=r),
-                    "in_flight": in_flight(plan, micro_num, r), "activations": held * act,
+                    "in_flight": in_flight(plan, micro_num, r), "activations": held,
                     "p2p": p2p.get("send", 0) + p2p.get("recv", 0),
                     "bubble": bubble_fraction(plan, micro_num)})
     return out
