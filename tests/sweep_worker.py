@@ -110,6 +110,7 @@ CASES = [
     Case("pp2-zbh1", Plan(dp=1, pp=2, pp_schedule="zbh1"), 2),
     Case("pp2-zbv", Plan(dp=1, pp=2, pp_schedule="zbv", pp_virtual=2), 2),
     Case("pp2-tied", Plan(dp=1, pp=2), 2, "llama-odd-tied"),
+    Case("pp2-dp2-zero2-unbucketed", Plan(dp=2, pp=2, zero=2, bucket_mb=0), 4),
 ]
 
 

@@ -274,6 +274,9 @@ class PipelineSchedule:
 
     def __call__(self, step, leaves, batch, scale, regions, acc, on_ready) -> None:
         micros = list(train.micro_batches(batch))
+        if len(micros) < self.plan.pp:
+            raise ValueError(f"data.micro_num={len(micros)} must be at least plan.pp="
+                             f"{self.plan.pp}: the pipeline's micro-batches are the step's")
         run = _Run(self, step, leaves, micros, scale, regions, acc)
         t0 = time.perf_counter()
         for a in action_lists(self.plan, len(micros))[self.pp_index]:

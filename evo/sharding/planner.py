@@ -454,6 +454,9 @@ def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
         raise ValueError(f"shard: the mesh was built for {mesh.plan}, not {plan}")
     model_layouts(mesh.plan, step.model)  # validate the plan against the model up front
     pipeline.check(step.model, mesh.plan)
+    if mesh.plan.pp > 1 and step.compile:
+        raise ValueError("Step.compile with plan.pp>1 is not supported: pipeline stages run "
+                         "eagerly")
     return ShardedStep(step, mesh)
 
 
