@@ -15,9 +15,11 @@ what ``evo plan`` counts). Reported, over the last two steps:
   that are alive at once on a rank (saved-tensor hooks, released when autograd frees them), worst
   rank relative to ``pipeline.stage_report``'s activations of that rank.
 
-The stages with the embedding or the head are lighter than the others and the loss's logits are
-saved too, so the zero-bubble schedules idle where F ≈ B ≈ W does not hold; timings are of a
-shared CPU.
+The stages with the embedding or the head are lighter than the others, so the zero-bubble
+schedules idle where F ≈ B ≈ W does not hold, and the idle fraction means something only with a
+core per process. Saved-tensor hooks never release what a node run only in a
+``retain_graph=True`` pass packed (ZB-V's head-only stage: its norm's input gradient), so there
+the peak over-counts (docs/plans.md, Pipeline).
 """
 import datetime
 import os
