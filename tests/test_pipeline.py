@@ -144,16 +144,18 @@ def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoint_resumes_in_one(
         capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert dist_run.returncode == 0, dist_run.stderr[-3000:]
 
+    def read(run_dir):
+        return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n") if x]
+
     def one(run_dir):
         r = subprocess.run([sys.executable, "-m", "evo", "train", *common, "--set",
                             "data.micro_num=8", "--set", f"run_dir={run_dir}"],
                            capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
-        return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n") if x]
+        return read(run_dir)
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "dist" / "checkpoints" / "step-00000002",
                     tmp_path / "resumed" / "checkpoints" / "step-00000002")
-    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().split("\n") if x]  # noqa: E731
     a, b, resumed = read(tmp_path / "dist"), one(tmp_path / "one"), one(tmp_path / "resumed")
     assert [r["step"] for r in a] == [1, 2, 3] == [r["step"] for r in b]
     assert [r["step"] for r in resumed] == [3]

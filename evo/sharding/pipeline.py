@@ -159,7 +159,8 @@ def sum_tied(cfg, grads: dict, layouts: dict, mesh, comm) -> dict:
     for k in tied_params(cfg, mesh.plan):
         g = grads.get(k)
         if g is None:
-            g = torch.zeros(_grad_shape(full[k], mesh.plan), device=next(iter(grads.values())).device)
+            device = next(iter(grads.values())).device
+            g = torch.zeros(_grad_shape(full[k], mesh.plan), device=device)
         total = comm.all_reduce(g, "pp")
         if k in grads:
             grads[k] = total
@@ -349,11 +350,10 @@ class _Run:
         params = {k: self.leaves[k] for k in self._params(stage)}
         if models.is_concrete(tokens):
             fam.check_inputs(self.s.cfg, tokens, positions, cu)
-        out = family_mod.run_blocks(fam, self.s.cfg, params, tokens,
-                           family_mod.default_positions(tokens, positions, cu),
-                           family_mod.Attend(cu, step.attention), regions=self.regions,
-                           op=family_mod.ops(step.kernels), remat=step.remat, blocks=self.s.split[stage],
-                           x=x)
+        out = family_mod.run_blocks(
+            fam, self.s.cfg, params, tokens, family_mod.default_positions(tokens, positions, cu),
+            family_mod.Attend(cu, step.attention), regions=self.regions,
+            op=family_mod.ops(step.kernels), remat=step.remat, blocks=self.s.split[stage], x=x)
         if stage == self.last:
             losses = self.regions.cross_entropy(out, labels)
             self.acc.add_losses(micro, labels, losses, self.scale)
