@@ -41,6 +41,7 @@ from safetensors import safe_open
 
 from evo import models, train
 from evo.scaler import ScalerState
+from evo.sharding import pipeline
 from evo.sharding.layout import ParamLayout, model_layouts
 from evo.sharding.mesh import Mesh, mesh_shape
 
@@ -76,7 +77,7 @@ def piece_rect(lay: ParamLayout, plan, coords: dict[str, int], sharded: bool
 def _stored_pieces(cfg, mesh: Mesh, state: train.TrainState) -> dict[str, tuple]:
     """Global name -> (tensor piece on host, offset, size) for the pieces this rank writes."""
     plan, c = mesh.plan, mesh.coords
-    layouts = model_layouts(plan, cfg)
+    layouts = pipeline.local_layouts(model_layouts(plan, cfg), cfg, plan, c["pp"], primary=True)
     out = {}
     groups = (("params/", state.params, plan.zero == 3),
               ("opt/mu/", state.opt_state.mu, plan.zero >= 1),
@@ -422,7 +423,7 @@ def load_params(path: str, cfg, mesh: Mesh, *, device=None
 def _load_group(reader: _Reader, prefix: str, cfg, mesh: Mesh, sharded: bool, device):
     plan, c = mesh.plan, mesh.coords
     out = {}
-    for k, lay in model_layouts(plan, cfg).items():
+    for k, lay in pipeline.local_layouts(model_layouts(plan, cfg), cfg, plan, c["pp"]).items():
         offset, size = piece_rect(lay, plan, c, sharded)
         t = reader.read(prefix + k, offset, size)
         if sharded and t.shape[0] < lay.shard_shape[0]:  # restore ZeRO padding rows

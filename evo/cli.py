@@ -72,6 +72,13 @@ def _plan(args) -> None:
     if any(p.sp * p.cp > 1 for p in plans):
         from evo.sharding.simulate import long_context_report
         print(long_context_report(exp.model, plans, args.world))
+    if exp.plan.pp > 1:
+        from evo.sharding import pipeline
+        print(f"pipeline stages of {exp.plan.pp_schedule} (per pp rank; activations: the layer "
+              "inputs of the micro-batches in flight):")
+        print(pipeline.format_report(pipeline.stage_report(
+            exp.model, exp.plan.resolve(args.world), micro_num=exp.data.micro_num,
+            tokens_per_micro=tokens)))
     r = simulate(exp.model, exp.plan, args.world)
     print(f"checked {r['plan']} on a fake process group of {args.world}: rank 0 holds "
           f"{r['bytes']['total'] / 2**30:.2f} GiB of params, grads and AdamW state")

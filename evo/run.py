@@ -21,7 +21,7 @@ import torch.distributed as dist
 from evo import checkpoint, data, generate, models, monitor, orbax_io, train
 from evo.config import Experiment
 from evo.lock import RunDirError, RunDirLock
-from evo.sharding import planner, shard
+from evo.sharding import pipeline, planner, shard
 from evo.sharding.mesh import build_mesh
 
 
@@ -89,6 +89,8 @@ def run(exp: Experiment, *, device: str | None = None, stream: IO[str] | None = 
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NPROCS", "1")))
     exp.plan.resolve(world)  # a plan that does not fit the world fails before anything starts
     planner.model_layouts(exp.plan.resolve(world), exp.model)
+    pipeline.check(exp.model, exp.plan, exp.data.micro_num)
+    planner.check_plan(exp.plan, exp.model, exp.attention)
     _check_init_from(exp)
     cuda = torch.cuda.is_available() and device != "cpu"
     if world > 1:
@@ -410,6 +412,8 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
         record["loss_scale"] = m["loss_scale"]
     if expert_traffic is not None:
         record["expert_traffic"] = expert_traffic
+    if "pp_idle" in m:  # the pipeline's measured idle fraction
+        record["pp_idle"] = m["pp_idle"]
     record.update(per_source)
     record.update(experts)
     return state, record

@@ -131,6 +131,17 @@ CASES = [
     Case("mixtral-dp4-ep2-zero2", Plan(dp=4, ep=2, zero=2), 4, "mixtral-odd"),
     Case("mixtral-dp4-ep2-zero1-unbucketed", Plan(dp=4, ep=2, zero=1, bucket_mb=0), 4,
          "mixtral-odd"),
+    # pipeline stages (the model's 4 blocks: embed, 2 layers, head) under each schedule, composed
+    # with dp / ZeRO and tp + sequence parallelism; tied embeddings on the first and last stage
+    Case("pp2-1f1b", Plan(dp=1, pp=2), 2),
+    Case("pp4-1f1b", Plan(dp=1, pp=4), 4),
+    Case("pp2-dp2-zero1", Plan(dp=2, pp=2, zero=1), 4),
+    Case("pp2-tp2-sp", Plan(dp=1, pp=2, tp=2, sequence_parallel=True), 4),
+    Case("pp2-interleaved", Plan(dp=1, pp=2, pp_schedule="interleaved", pp_virtual=2), 2),
+    Case("pp2-zbh1", Plan(dp=1, pp=2, pp_schedule="zbh1"), 2),
+    Case("pp2-zbv", Plan(dp=1, pp=2, pp_schedule="zbv", pp_virtual=2), 2),
+    Case("pp2-tied", Plan(dp=1, pp=2), 2, "llama-odd-tied"),
+    Case("pp2-dp2-zero2-unbucketed", Plan(dp=2, pp=2, zero=2, bucket_mb=0), 4),
 ]
 
 
@@ -181,6 +192,8 @@ def func_grad_check(step, params, mesh, batch):
     define setup_context): the largest relative difference over this rank's gradients."""
     from evo.sharding import comm as C
     from evo.sharding.layout import model_layouts
+    if mesh.plan.pp > 1:
+        return 0.0  # a pipeline stage runs no whole model; its tp collectives are checked above
     regions = planner.ShardedRegions(C.Comm(mesh.groups, mesh.sizes, C.CommLog()), mesh,
                                      model_layouts(mesh.plan, step.model), step.model)
     if mesh.plan.cp * mesh.plan.sp > 1:   # this rank's part of the sequence
@@ -227,6 +240,24 @@ def checkpoint_round_trip(cfg, state, full, mesh, group, root) -> bool:
     return all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b) for a, b in pairs)
 
 
+def one_process_checkpoint_loads(cfg, ref_state, mesh, group, root) -> bool:
+    """The reference's final state saved by one process loads under this plan as the pieces
+    ``shard_params`` cuts from it (and ZeRO's optimizer shards), bitwise."""
+    from evo import checkpoint
+    from evo.sharding.mesh import Mesh
+    if mesh.rank == 0:
+        checkpoint.Saver(root, Mesh(Plan().resolve(1), 0), asynchronous=False).save(
+            cfg, ref_state, loader_state={}, meta={})
+    dist.barrier(group)
+    loaded, _ = checkpoint.load_state(checkpoint.resolve(root), cfg, OPT, mesh)
+    layouts = planner.local_layouts(cfg, mesh)
+    cut = lambda full: planner.shard_params(cfg, full, mesh)  # noqa: E731
+    pairs = [(loaded.params, cut(ref_state.params)),
+             (loaded.opt_state.mu, planner._opt_view(cut(ref_state.opt_state.mu), layouts, mesh)),
+             (loaded.opt_state.nu, planner._opt_view(cut(ref_state.opt_state.nu), layouts, mesh))]
+    return all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b) for a, b in pairs)
+
+
 def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     """The case's plan for STEPS steps; the differences from ``ref`` (on the mesh's rank 0)."""
     params0, ref_state, ref_metrics = ref
@@ -255,10 +286,18 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     func_rel = func_grad_check(step, state.params, mesh, local_batch(batches[0], dp_index, dp))
     ckpt_equal = checkpoint_round_trip(cfg, state, full, mesh, group,
                                        os.path.join(ckpt_root, case.name))
+    one_loads = one_process_checkpoint_loads(
+        cfg, ref_state, mesh, group, os.path.join(ckpt_root, case.name + "-one")) \
+        if mesh.plan.pp > 1 else True
     # every rank's checks, on rank 0: the largest gradient difference, and whether all agree
-    worst = torch.tensor([func_rel, -float(ckpt_equal), -float(init_equal)], dtype=torch.float64)
+    worst = torch.tensor([func_rel, -float(ckpt_equal), -float(init_equal), -float(one_loads)],
+                         dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
     func_rel, ckpt_equal, init_equal = worst[0].item(), worst[1] < 0, worst[2] < 0
+    one_loads = worst[3] < 0
+    by_stage = [None] * case.world  # pipeline ranks differ: every rank's (pp index, bytes)
+    if mesh.plan.pp > 1:
+        dist.all_gather_object(by_stage, (mesh.coords["pp"], comm), group=group)
     if mesh.rank != 0:
         return None
     ref_p = ref_state.params
@@ -276,9 +315,11 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
             "param_norm_rel": max(norm_rel(full[k], ref_p[k]) for k in full),
             "update_rel": max(update_rel.values()),
             "worst": max(update_rel, key=update_rel.get),
-            "comm_bytes": comm, "expert_traffic": traffic, "state_bytes": pieces, "func_grad_rel": func_rel,
+            "comm_bytes": comm, "comm_bytes_by_rank": [r for r in by_stage if r],
+            "expert_traffic": traffic, "state_bytes": pieces, "func_grad_rel": func_rel,
             "source_loss_rel": source_rel, "checkpoint_equal": bool(ckpt_equal),
-            "init_params_equal": bool(init_equal)}
+            "init_params_equal": bool(init_equal),
+            "one_process_checkpoint_loads": bool(one_loads)}
 
 
 def main(out_path):

@@ -304,3 +304,32 @@ def test_buckets_launch_during_backward(monkeypatch):
         else:
             arrived, current = arrived + [sorted(current)], []
     assert arrived == [sorted(b) for b in sink.buckets] and not current, (arrived, sink.buckets)
+
+
+def test_every_pipeline_rank_measures_the_analytic_bytes(sweep):
+    """Pipeline ranks differ (the first stage holds the embedding, the last computes the loss;
+    only inner stages send both ways): each rank's measured bytes = the model at its pp index."""
+    from sweep_worker import CASES, GLOBAL_MICRO, MODELS, SOURCES, T
+    pipelines = [c for c in CASES if c.plan.pp > 1]
+    assert {c.plan.pp for c in pipelines} >= {2, 4}
+    for case in pipelines:
+        resolved = case.plan.resolve(case.world)
+        ranks = sweep["plans"][case.name]["comm_bytes_by_rank"]
+        assert len(ranks) == case.world, case.name
+        for pp_index, steps in ranks:
+            expected = planner.expected_comm_bytes(
+                MODELS[case.model], resolved, micro_num=GLOBAL_MICRO // resolved.dp,
+                tokens_per_micro=T, sources=SOURCES, compute_dtype=getattr(torch, case.dtype),
+                remat=case.remat, pp_index=pp_index)
+            for measured in steps:
+                assert measured == expected, (case.name, pp_index, measured, expected)
+
+
+def test_pipeline_plans_resume_a_one_process_checkpoint(sweep):
+    """A one-process checkpoint loads under every pipeline plan (pp2, pp4, pp2×dp2 ZeRO-1,
+    pp2×tp2, V stages, tied embeddings) as the pieces cut from the global arrays, bitwise; the
+    other way (a pipeline plan's checkpoint into one process) is ``checkpoint_equal``."""
+    from sweep_worker import CASES
+    for case in CASES:
+        if case.plan.pp > 1:
+            assert sweep["plans"][case.name]["one_process_checkpoint_loads"], case.name

@@ -344,35 +344,50 @@ def forward(cfg, params: dict[str, torch.Tensor], tokens: torch.Tensor,
     fam = family_of(cfg)
     if is_concrete(tokens):
         fam.check_inputs(cfg, tokens, positions, cu_seqlens)
-    b, s = tokens.shape
-    if positions is None:
-        if cu_seqlens is None:
-            positions = torch.arange(s, device=tokens.device).expand(b, s)
-        else:
-            positions = positions_from_cu_seqlens(cu_seqlens, b * s).view(b, s)
+    positions = default_positions(tokens, positions, cu_seqlens)
     return run_blocks(fam, cfg, params, tokens, positions,
                       regions.attention(Attend(cu_seqlens, attention), positions),
                       regions=regions, op=ops(kernels), remat=remat, routing=routing)
 
 
+def default_positions(tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """``positions`` if given, else ``0..seq-1`` per row, or restarting at every document of
+    ``cu_seqlens``."""
+    if positions is not None:
+        return positions
+    b, s = tokens.shape
+    if cu_seqlens is None:
+        return torch.arange(s, device=tokens.device).expand(b, s)
+    return positions_from_cu_seqlens(cu_seqlens, b * s).view(b, s)
+
+
 def run_blocks(fam: Family, cfg, params: dict[str, torch.Tensor], tokens: torch.Tensor,
                positions: torch.Tensor, attend, *, regions: Regions = LOCAL, op=None,
-               remat: float = 0.0, routing=None) -> torch.Tensor:
+               remat: float = 0.0, routing=None, blocks: list[Block] | None = None,
+               x: torch.Tensor | None = None) -> torch.Tensor:
     """The family's blocks in order: embed, the layers (the first ``floor(remat · layers)``
-    recomputed in backward; all of them when ``regions.checkpoint_layers``), head."""
+    recomputed in backward; all of them when ``regions.checkpoint_layers``), head.
+
+    ``blocks``: a contiguous slice of ``fam.blocks(cfg)`` to run instead (a pipeline stage),
+    taking ``x`` (the previous block's output) unless the slice starts with the embedding;
+    ``params`` then needs only the slice's parameters."""
     op = op or ops("torch")
     dtype = next(iter(params.values())).dtype
     ctx = fam.context(cfg, positions, dtype, attend, op)
     if routing is not None:
         ctx = fam.with_routing(ctx, routing)
-    blocks = fam.blocks(cfg)
-    n_layers = sum(b.kind == "layer" for b in blocks)
+    every = fam.blocks(cfg)
+    blocks = every if blocks is None else blocks
+    n_layers = sum(b.kind == "layer" for b in every)
     n_remat = n_layers if regions.checkpoint_layers else math.floor(remat * n_layers)
     if not torch.compiler.is_compiling() and (
             torch._C._functorch.is_functorch_wrapped_tensor(tokens)
             or any(torch._C._functorch.is_functorch_wrapped_tensor(p) for p in params.values())):
         n_remat = 0  # torch.func transforms reject checkpoint's saved-tensor hooks: store instead
-    x, layer = tokens, 0
+    start = [b.name for b in every].index(blocks[0].name)
+    layer = sum(b.kind == "layer" for b in every[:start])
+    x = tokens if x is None else x
     for blk in blocks:
         if blk.kind == "embed":
             x = fam.embed(cfg, regions.block(params, blk), x, ctx, regions)

@@ -25,6 +25,7 @@ The model takes part only through its family's blocks and its ``Regions`` hooks
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from evo.models.layers import Regions, cross_entropy_tokens
 from evo.sharding import comm as C
 from evo.sharding import context
 from evo.sharding import experts as EP
+from evo.sharding import pipeline
 from evo.sharding.layout import EXPERT_AXIS, ParamLayout, model_layouts
 from evo.sharding.mesh import Mesh
 
@@ -178,11 +180,18 @@ def _balance(cfg, params: dict[str, torch.Tensor], load: torch.Tensor,
     return out
 
 
+def local_layouts(cfg, mesh: Mesh, *, primary: bool = False) -> dict[str, ParamLayout]:
+    """The layouts of the parameters this rank holds: all of them, or with pipeline stages its
+    stages' (``primary``: only those it writes; see ``pipeline.local_layouts``)."""
+    return pipeline.local_layouts(model_layouts(mesh.plan, cfg), cfg, mesh.plan,
+                                  mesh.coords["pp"], primary=primary)
+
+
 def shard_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
                  ) -> dict[str, torch.Tensor]:
     """Full (global) params → this rank's pieces: the tensor-parallel piece, and under ZeRO-3
-    its shard."""
-    layouts = model_layouts(mesh.plan, cfg)
+    its shard (with pipeline stages, of its stages' parameters only)."""
+    layouts = local_layouts(cfg, mesh)
     out = {}
     for k, lay in layouts.items():
         x = _tp_piece(params[k], lay, mesh)
@@ -194,7 +203,7 @@ def init_params(cfg, seed: int, mesh: Mesh, *, device=None
                 ) -> dict[str, torch.Tensor]:
     """This rank's pieces of ``models.init(cfg, seed)``, one parameter at a time: the model is
     never materialised whole."""
-    layouts = model_layouts(mesh.plan, cfg)
+    layouts = local_layouts(cfg, mesh)
     out = {}
     for k, lay in layouts.items():
         x = _tp_piece(models.init_param(cfg, k, seed, device=device), lay, mesh)
@@ -213,7 +222,7 @@ def _opt_view(params: dict[str, torch.Tensor], layouts, mesh: Mesh) -> dict[str,
 def init_state(cfg, optimizer, params: dict[str, torch.Tensor], mesh: Mesh
                ) -> train.TrainState:
     """A sharded TrainState from this rank's ``params`` (``shard_params`` / ``init_params``)."""
-    layouts = model_layouts(mesh.plan, cfg)
+    layouts = local_layouts(cfg, mesh)
     return train.TrainState(torch.zeros((), dtype=torch.int64, device=_device(params)), params,
                             optimizer.init(_opt_view(params, layouts, mesh)))
 
@@ -230,6 +239,8 @@ def gather_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
                   ) -> dict[str, torch.Tensor]:
     """This rank's pieces → the full global params, on every rank of the mesh (a collective)."""
     layouts, comm = model_layouts(mesh.plan, cfg), _comm(mesh)
+    if mesh.plan.pp > 1:
+        params = pipeline.gather_stages(cfg, params, layouts, mesh, comm)
     out = {}
     for k, lay in layouts.items():
         x = params[k]
@@ -384,12 +395,15 @@ class ShardedStep:
 
     def __call__(self, state: train.TrainState, batch: dict[str, torch.Tensor]):
         plan, step = self.mesh.plan, self.step
-        layouts, comm = model_layouts(plan, step.model), _comm(self.mesh)
+        layouts, comm = local_layouts(step.model, self.mesh), _comm(self.mesh)
         self._check_sequence(batch)
         # plan.sp / plan.cp: this rank's part of each sequence (the whole batch counts the tokens)
         local = context.split_batch(batch, plan, self.mesh.coords) \
             if plan.cp * plan.sp > 1 else batch
-        regions = ShardedRegions(comm, self.mesh, layouts, step.model)
+        regions = ShardedRegions(comm, self.mesh, model_layouts(plan, step.model), step.model)
+        stages = pipeline.PipelineSchedule(step.model, self.mesh, comm) if plan.pp > 1 else None
+        if stages is not None:
+            step = dataclasses.replace(step, schedule=stages)
         n = comm.all_reduce(train.valid_tokens(batch), "dp")
         clock = _Clock(batch["tokens"].device)
         sink = self._bucketed_reduction(comm, layouts, regions)
@@ -400,10 +414,14 @@ class ShardedStep:
         grads = self._synchronise(grads, layouts, comm, regions, bucketed=sink is not None)
         grads = context.reduce_over_sequence(grads, comm)
         aux = context.reduce_over_sequence(aux, comm)
+        if stages is not None:
+            grads = pipeline.sum_tied(step.model, grads, layouts, self.mesh, comm)
         t_comm = clock.lap()
         if scaled is not None:  # the reduced gradients, so the norm below is the true one
             scaler.unscale_(grads, scaled)
-        norm = self._grad_norm(grads, layouts, comm)
+        norm = self._grad_norm(grads, layouts, comm) if stages is None else \
+            pipeline.grad_norm(step.model, grads, self.mesh, comm,
+                               lambda g: self._grad_norm(g, layouts, comm))
         new, opt_state, info = step.optimizer.update(
             grads, state.opt_state, _opt_view(state.params, layouts, self.mesh), state.step,
             inplace=step.donate, grad_norm=norm)
@@ -430,6 +448,11 @@ class ShardedStep:
             metrics["expert_traffic"] = regions.expert_traffic.as_dict()
         if scaled is not None:
             metrics["loss_scale"] = scaled.scale
+        if stages is not None:  # the loss and per-source sums live on the last stage
+            metrics.update({k: comm.all_reduce(metrics[k], "pp") for k in
+                            ("loss", "source_loss_sum", "source_tokens") if k in metrics},
+                           pp_idle=comm.all_reduce(torch.tensor(stages.idle), "pp") / plan.pp,
+                           comm_bytes=dict(comm.log.bytes))
         return train.TrainState(state.step + 1, new, opt_state,
                                 step.next_scaler(scaled, info)), metrics
 
@@ -538,6 +561,29 @@ def _expert_grad_norm(grads, layouts, comm: C.Comm, plan) -> torch.Tensor:
     return comm.all_reduce(comm.all_reduce(sq, "dp"), "tp").sqrt()
 
 
+def check_plan(plan, cfg, attention: str = "auto") -> None:
+    """What the planner refuses about a plan for a model, before any process-group work: fields
+    it does not implement yet, axes not yet proven together, and the sequence group's checks
+    (``context.check_plan``)."""
+    if plan.weight_parallel:
+        raise ValueError("shard: plan.weight_parallel is not implemented by the planner yet")
+    _check_combination(plan, cfg)
+    if plan.cp * plan.sp > 1:
+        context.check_plan(plan, cfg, attention)
+
+
+def _check_combination(plan, cfg) -> None:
+    """Axes that each match one process but are not yet proven together are refused."""
+    together = [f"plan.{f}={getattr(plan, f)}" for f in ("pp", "ep", "cp", "sp")
+                if getattr(plan, f) > 1]
+    if len(together) > 1 and not (plan.pp == 1 and plan.ep == 1):   # sp × cp is proven
+        raise ValueError(f"shard: {' with '.join(together)} is not implemented by the planner "
+                         "yet")
+    if plan.pp > 1 and any(EXPERT_AXIS in a for a in models.axes(cfg).values()):
+        raise ValueError(f"shard: plan.pp={plan.pp} with a mixture-of-experts model is not "
+                         "implemented by the planner yet")
+
+
 def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
     """The step distributed by ``plan`` over ``mesh`` (default: built from the process group)."""
     from evo.sharding.mesh import build_mesh
@@ -547,26 +593,23 @@ def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
     if unsupported:
         raise ValueError("shard: plan.rules map logical axis {!r} to mesh axis {!r}, which the "
                          "planner does not implement yet (only 'tp')".format(*unsupported[0]))
-    pending = [f"plan.{f}={getattr(plan, f)}" for f in ("pp",)
-               if getattr(plan, f) > 1] + (["plan.weight_parallel"] if plan.weight_parallel else [])
-    if pending:
-        raise ValueError(f"shard: {pending[0]} is not implemented by the planner yet")
-    if plan.ep > 1 and plan.cp * plan.sp > 1:
-        raise ValueError(f"shard: plan.ep={plan.ep} with plan.cp={plan.cp} / plan.sp={plan.sp} "
-                         "is not implemented by the planner yet")
-    if plan.cp * plan.sp > 1:
-        context.check_plan(plan, step.model, step.attention)
+    check_plan(plan, step.model, step.attention)
     mesh = mesh or build_mesh(plan)
     if mesh.plan != plan.resolve(mesh.plan.world_size):
         raise ValueError(f"shard: the mesh was built for {mesh.plan}, not {plan}")
     model_layouts(mesh.plan, step.model)  # validate the plan against the model up front
+    pipeline.check(step.model, mesh.plan)
+    if mesh.plan.pp > 1 and step.compile:
+        raise ValueError("Step.compile with plan.pp>1 is not supported: pipeline stages run "
+                         "eagerly")
     return ShardedStep(step, mesh)
 
 
-def per_rank_bytes(cfg, plan, dtype: torch.dtype = torch.float32) -> dict[str, int]:
+def per_rank_bytes(cfg, plan, dtype: torch.dtype = torch.float32, *, pp_index: int = 0
+                   ) -> dict[str, int]:
     """Bytes one rank holds for params, grads and AdamW state (two moments) under a resolved
-    plan — arithmetic on shapes only."""
-    layouts = model_layouts(plan, cfg)
+    plan — arithmetic on shapes only (with pipeline stages: a rank of pp index ``pp_index``)."""
+    layouts = pipeline.local_layouts(model_layouts(plan, cfg), cfg, plan, pp_index)
     size = torch.empty((), dtype=dtype).element_size()
     local = sum(math.prod(l.local_shape) for l in layouts.values()) * size
     shard = sum(math.prod(l.shard_shape) for l in layouts.values()) * size
@@ -578,8 +621,8 @@ def per_rank_bytes(cfg, plan, dtype: torch.dtype = torch.float32) -> dict[str, i
 
 def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
                         compute_dtype: torch.dtype = torch.float32, sources: int = 0,
-                        remat: float = 0.0, expert_traffic: dict | None = None
-                        ) -> dict[str, int]:
+                        remat: float = 0.0, expert_traffic: dict | None = None,
+                        pp_index: int = 0) -> dict[str, int]:
     """Bytes one rank hands to each collective (``"{kind}/{axis}"``) in one step of a resolved
     ``plan``: the analytic model the step's measured ``comm_bytes`` must equal.
 
@@ -587,7 +630,8 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     tensor-parallel region crossings of forward and backward (and of the recomputed layers: every
     layer under ZeRO-3, else the first ``floor(remat · layers)``) and the ZeRO-3 weight gathers
     and gradient reduce-scatters; per step, the gradient synchronisation, the norm and the loss
-    and token counts.
+    and token counts. With pipeline stages: rank ``pp_index``'s stages only, their
+    point-to-point sends and receives, and the reductions over ``pp`` (``pipeline.count_pp``).
 
     Under expert parallelism the dispatch moves as many rows as the routing sends: pass the
     step's ``metrics["expert_traffic"]`` (``evo.sharding.experts.ExpertTraffic``) as
@@ -597,19 +641,20 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     from collections import Counter
     sizes = {"tp": plan.tp, "dp": plan.dp, "zero": plan.zero_group,
              "replica": plan.dp // (plan.zero_group * plan.ep), "ep": plan.ep,
-             "edp": plan.dp // plan.ep, "cp": plan.cp, "sp": plan.sp}
+             "edp": plan.dp // plan.ep, "cp": plan.cp, "sp": plan.sp, "pp": plan.pp}
     out: Counter = Counter()
 
     def add(kind, axis, nbytes, times=1):
         if sizes[axis] > 1 and times:
             out[f"{kind}/{axis}"] += nbytes * times
 
-    layouts = model_layouts(plan, cfg)
-    blocks = models.blocks(cfg)
+    layouts = pipeline.local_layouts(model_layouts(plan, cfg), cfg, plan, pp_index)
+    blocks = pipeline.rank_blocks(cfg, plan, pp_index)
     act = torch.empty((), dtype=compute_dtype).element_size()
     _count_sequence(add, plan, cfg, layouts, micro_num, tokens_per_micro, act, remat, sources)
     tokens_per_micro //= plan.cp * plan.sp    # each rank of a sequence group: its part
-    _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act, remat)
+    _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act, remat,
+                   every=models.blocks(cfg))
     specs = models.param_specs(cfg)
     inside = sum(math.prod(specs[k].shape) for b in blocks for k in b.inside)
     if inside and not (plan.sequence_parallel and plan.tp > 1):   # backward of regions.inside
@@ -630,34 +675,20 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
         add("all_reduce", "dp", 4 * (len(cfg.moe_layers) * cfg.num_experts + 2))
     if plan.zero > 0 and plan.ep == 1:
         add("all_reduce", "zero", 2 * 4)
-    add("all_reduce", "dp" if plan.ep > 1 else "tp", 4)
-    if plan.ep > 1:
-        add("all_reduce", "tp", 4)
-    add("all_reduce", "tp", tokens_per_micro * 4, micro_num * 3)        # vocab-parallel CE
-    return dict(out)
-
-
-def _count_sequence(add, plan, cfg, layouts, micro_num: int, tokens_per_micro: int, act: int,
-                    remat: float, sources: int) -> None:
-    """plan.sp / plan.cp (``context.count_comm``): the gradients summed over the sequence group
-    are those ``_synchronise`` returns (fp32)."""
-    layers = sum(b.kind == "layer" for b in models.blocks(cfg))
-    recomputed = layers if plan.zero == 3 else math.floor(remat * layers)
-    synced = sum(math.prod(l.shard_shape if plan.zero > 0 else l.local_shape) * 4
-                 for l in layouts.values())
-    context.count_comm(add, plan, cfg, micro_num, tokens_per_micro, act, recomputed, synced,
-                       sources)
-
-
-def _count_regions(add, plan, blocks, micro_num: int, full_act: int, remat: float) -> None:
+    _count_sequence(add, plan, cfg, layouts, micro_num, tokens_per_micro, act, remat, sources)
+    tokens_per_micro //= plan.cp * plan.sp    # each rank of a sequence group: its part
+    _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act, remat,
+                   every=models.blocks(cfg))
     """Tensor-parallel region crossings: each block's enters and exits, forward and backward.
-    The recomputed layers (every layer under ZeRO-3, else the first ``floor(remat · layers)``)
-    run forward again in backward; recomputation stops at the last tensor backward needs, so it
-    skips the layer's final exit."""
+    The recomputed layers (every layer under ZeRO-3, else the first ``floor(remat · layers)`` of
+    the model, ``every`` block; counted where they are among ``blocks``) run forward again in
+    backward; recomputation stops at the last tensor backward needs, so it skips the layer's
+    final exit."""
     enters = sum(b.enters for b in blocks)
     exits = sum(b.exits for b in blocks)
-    layers = [b for b in blocks if b.kind == "layer"]
+    layers = [b for b in (every or blocks) if b.kind == "layer"]
     layers = layers if plan.zero == 3 else layers[:math.floor(remat * len(layers))]
+    layers = [b for b in layers if b in blocks]
     re_enters = sum(b.enters for b in layers)
     re_exits = sum(b.exits - 1 for b in layers)
     split_act, M = full_act // plan.tp, micro_num

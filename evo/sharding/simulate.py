@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from evo import optim, tree
-from evo.sharding import planner
+from evo.sharding import pipeline, planner
 from evo.sharding.layout import model_layouts
 from evo.sharding.mesh import build_mesh
 from evo.sharding.plan import Plan
@@ -27,6 +27,7 @@ def simulate(cfg, plan: Plan, world: int, *, rank: int = 0) -> dict:
     the world or the model, before anything is created."""
     resolved = plan.resolve(world)
     model_layouts(resolved, cfg)  # the plan fits the model
+    pipeline.check(cfg, resolved)
     if dist.is_initialized():
         raise RuntimeError("simulate needs a process without a process group; this one has a "
                            f"world of {dist.get_world_size()}")
@@ -37,7 +38,7 @@ def simulate(cfg, plan: Plan, world: int, *, rank: int = 0) -> dict:
         mesh = build_mesh(plan)
         params = planner.init_params(cfg, 0, mesh, device="meta")
         state = planner.init_state(cfg, optim.adamw(lr=0.0), params, mesh)
-        layouts = model_layouts(mesh.plan, cfg)
+        layouts = planner.local_layouts(cfg, mesh)
         grad_shapes = {k: (l.shard_shape if mesh.plan.zero >= 2 else l.local_shape)
                        for k, l in layouts.items()}
         measured = {
@@ -46,7 +47,7 @@ def simulate(cfg, plan: Plan, world: int, *, rank: int = 0) -> dict:
             "optimizer": tree.num_bytes((state.opt_state.mu, state.opt_state.nu)),
         }
         measured["total"] = sum(measured.values())
-        expected = planner.per_rank_bytes(cfg, mesh.plan)
+        expected = planner.per_rank_bytes(cfg, mesh.plan, pp_index=mesh.coords["pp"])
         if measured != expected:
             raise AssertionError(f"simulated bytes {measured} differ from the arithmetic "
                                  f"{expected}")
@@ -83,6 +84,7 @@ def plan_report(cfg, plans: list[Plan], world: int, *, micro_num: int = 1,
 
 def _short(p: Plan) -> str:
     s = f"dp={p.dp},tp={p.tp},zero={p.zero},zero_group={p.zero_group}"
+    s += f",pp={p.pp}" if p.pp > 1 else ""
     s += "".join(f",{f}={getattr(p, f)}" for f in ("sp", "cp") if getattr(p, f) > 1)
     return s + (",sp" if p.sequence_parallel else "") + (f",ep={p.ep}" if p.ep > 1 else "")
 

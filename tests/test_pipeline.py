@@ -1,0 +1,202 @@
+"""Pipeline parallelism (evo.sharding.pipeline): the stage split, the action lists, the bad input
+refused before any process group, the CLI under torchrun (pp2×dp2) against one process with a
+checkpoint crossing the plans, and ``evo plan``'s per-stage figures against their formulas.
+
+The numerical equivalence of every schedule (pp2/pp4 1F1B, interleaved, ZB-H1, ZB-V, with dp /
+ZeRO-1, tp + sp, tied embeddings) is proved by the sweep (tests/sweep_worker.py CASES, checked in
+tests/test_sharding.py).
+"""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import repo_env
+from evo import models, optim, train
+from evo.models import llama
+from evo.sharding import Plan, pipeline, planner
+from evo.sharding.mesh import Mesh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = llama.Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=4,
+                   intermediate_size=48)   # 4 blocks: embed, 2 layers, head
+
+
+def names(split):
+    return [[b.name for b in stage] for stage in split]
+
+
+def test_stages_are_contiguous_and_balanced_by_parameters():
+    blocks = [b.name for b in models.blocks(CFG)]
+    assert names(pipeline.stage_blocks(CFG, Plan(pp=4).resolve(4))) == [[b] for b in blocks]
+    two = names(pipeline.stage_blocks(CFG, Plan(pp=2).resolve(2)))
+    assert [n for s in two for n in s] == blocks
+    # embed 64·32, a layer ≈ 8k, head 64·32 + 32: the split is (embed, layer) | (layer, head)
+    assert two == [blocks[:2], blocks[2:]]
+    assert names(pipeline.stage_blocks(CFG, Plan(pp=2, pp_layers=(1, 3)).resolve(2))) == \
+        [blocks[:1], blocks[1:]]
+    v = Plan(pp=2, pp_schedule="zbv", pp_virtual=2).resolve(2)
+    assert [pipeline.rank_stages(v, r) for r in (0, 1)] == [[0, 3], [1, 2]]   # a V
+    loop = Plan(pp=2, pp_schedule="interleaved", pp_virtual=2).resolve(2)
+    assert [pipeline.rank_stages(loop, r) for r in (0, 1)] == [[0, 2], [1, 3]]
+
+
+def test_tied_embedding_lives_on_the_first_and_last_stage():
+    tied = dataclasses.replace(CFG, tie_embeddings=True)
+    plan = Plan(pp=4).resolve(4)
+    own = pipeline.owners(tied, plan)
+    assert own["embed"] == [0, 3] and pipeline.tied_params(tied, plan) == ["embed"]
+    assert own["layers.0.attn.wqkv"] == [1] and own["norm"] == [3]
+    assert pipeline.tied_params(CFG, plan) == []
+
+
+@pytest.mark.parametrize("schedule, v", [("1f1b", 1), ("interleaved", 2), ("zbh1", 1),
+                                         ("zbv", 2)])
+@pytest.mark.parametrize("pp, m", [(2, 4), (4, 4), (4, 8)])
+def test_action_lists_run_every_pass_once_in_dependency_order(schedule, v, pp, m):
+    """Each (stage, micro-batch) gets one forward and its backward (B, or I then W) on the rank
+    holding the stage; replaying the lists with unit-time actions never deadlocks."""
+    plan = Plan(pp=pp, pp_schedule=schedule, pp_virtual=v).resolve(pp)
+    lists = pipeline.action_lists(plan, m)
+    split = schedule in ("zbh1", "zbv")
+    for r, actions in lists.items():
+        assert all(pipeline.stage_rank(plan, a.stage) == r for a in actions)
+        kinds = ("F", "I", "W") if split else ("F", "B")
+        want = sorted((k, s, i) for s in pipeline.rank_stages(plan, r) for i in range(m)
+                      for k in kinds)
+        assert sorted(actions) == want
+    done, pos = set(), {r: 0 for r in lists}
+    last = plan.stages - 1
+    while any(pos[r] < len(lists[r]) for r in lists):
+        progressed = []
+        for r, actions in lists.items():
+            if pos[r] == len(actions):
+                continue
+            k, s, i = actions[pos[r]]
+            need = {"F": [("F", s - 1, i)] if s else [],
+                    "B": [("F", s, i)] + ([("B", s + 1, i)] if s < last else []),
+                    "I": [("F", s, i)] + ([("B", s + 1, i)] if s < last else []),
+                    "W": [("I", s, i)]}[k]
+            have = done | {("B", a[1], a[2]) for a in done if a[0] == "I"}
+            if all(n in have for n in need):
+                progressed.append((r, (k, s, i)))
+        assert progressed, f"deadlock at {pos}"
+        for r, a in progressed:
+            done.add(a)
+            pos[r] += 1
+
+
+@pytest.mark.parametrize("plan, micro_num, culprit", [
+    (Plan(pp=8, dp=1), None, "8 stages, but the model has only 4 blocks"),
+    (Plan(pp=2, pp_layers=(1, 1)), None, r"plan.pp_layers=\(1, 1\) counts 2 blocks"),
+    (Plan(pp=2, pp_schedule="interleaved", pp_virtual=2), None,   # with 4 layers: 6 blocks
+     "model's 6 blocks do not divide into plan.pp × plan.pp_virtual = 4 equal stages"),
+    (Plan(pp=4), 2, "data.micro_num=2 must be at least plan.pp=4"),
+    (Plan(pp=2, zero=3), None, "plan.zero=3 with plan.pp>1"),
+])
+def test_bad_pipeline_input_names_the_field(plan, micro_num, culprit):
+    cfg = dataclasses.replace(CFG, num_layers=4) if "6 blocks" in culprit else CFG
+    with pytest.raises(ValueError, match=culprit):
+        pipeline.check(cfg, plan, micro_num)
+    if micro_num is None:  # shard refuses it too, before touching the mesh's groups
+        step = train.Step(cfg, optim.adamw(lr=1e-3))
+        with pytest.raises(ValueError, match=culprit):
+            planner.shard(step, plan, Mesh(plan.resolve(plan.model_parallel), 0))
+
+
+def test_zbv_needs_two_stages_per_rank():
+    with pytest.raises(ValueError, match="plan.pp_virtual must be 2"):
+        Plan(pp=2, pp_schedule="zbv", pp_virtual=1)
+
+
+def test_train_refuses_too_few_micro_batches_before_starting(tmp_path):
+    """`evo train` validates the pipeline against the model and data before any process group
+    (here: a world of 2 that would need torchrun)."""
+    from evo import config, run
+    exp = config.apply_overrides(config.load(os.path.join(REPO, "experiments", "tiny.py")),
+                                 ["plan.pp=2", "data.micro_num=1", f"run_dir={tmp_path}"])
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        with pytest.raises(ValueError, match="data.micro_num=1 must be at least plan.pp=2"):
+            run.run(exp)
+    finally:
+        del os.environ["WORLD_SIZE"]
+
+
+def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path):
+    """`torchrun --nproc-per-node 4 -m evo train experiments/tiny.py` with pp2×dp2 (1F1B, 4
+    micro-batches per data-parallel rank) logs the losses of one process with 8 micro-batches
+    (fp32, 1e-5 relative), and one process resuming the pipeline's step-2 checkpoint logs the
+    same step-3 loss; the pipeline run records its ``pp_idle``."""
+    common = ["experiments/tiny.py", "--set", "steps=3", "--set", "eval_every=0",
+              "--set", "sample_tokens=1", "--set", "data.seq_len=64", "--set",
+              "data.micro_batch=1", "--set", "checkpoint_every=2", "--set",
+              "async_checkpoint=false"]
+    env = repo_env(OMP_NUM_THREADS="1")
+    dist_run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         "-m", "evo", "train", *common, "--set", "plan.pp=2", "--set", "plan.dp=2",
+         "--set", "data.micro_num=4", "--set", f"run_dir={tmp_path / 'dist'}"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert dist_run.returncode == 0, dist_run.stderr[-3000:]
+
+    def read(run_dir):
+        return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n") if x]
+
+    def one(run_dir):
+        r = subprocess.run([sys.executable, "-m", "evo", "train", *common, "--set",
+                            "data.micro_num=8", "--set", f"run_dir={run_dir}"],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return read(run_dir)
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "dist" / "checkpoints" / "step-00000002",
+                    tmp_path / "resumed" / "checkpoints" / "step-00000002")
+    a, b, resumed = read(tmp_path / "dist"), one(tmp_path / "one"), one(tmp_path / "resumed")
+    assert [r["step"] for r in a] == [1, 2, 3] == [r["step"] for r in b]
+    assert [r["step"] for r in resumed] == [3]
+    for ra, rb in zip(a + resumed, b + b[2:]):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(rb["loss"]), (ra["loss"], rb["loss"])
+        assert ra["tokens"] == rb["tokens"]
+    assert a[0]["comm_bytes"]["send/pp"] > 0 and 0 <= a[0]["pp_idle"] < 1
+    assert "pp_idle" not in b[0]
+
+
+@pytest.mark.parametrize("schedule, v", [("1f1b", 1), ("interleaved", 2), ("zbh1", 1)])
+def test_plan_report_per_stage_equals_the_formulas(schedule, v):
+    """``evo plan``'s per-stage figures for pp2 over 8 micro-batches of T tokens (fp32): the
+    weights each rank holds, the micro-batches in flight (1F1B: p − r on rank r), the activations
+    they hold (per micro-batch in flight: one [T, hidden] input per layer; the head's [T, hidden]
+    norm input and two [T, vocab] logits), the p2p bytes
+    (rank 0: an activation out and its gradient back per micro-batch and boundary), the bubble
+    ((p−1)/m, (p−1)/(v·m), 0)."""
+    import math
+    import torch
+    cfg = dataclasses.replace(CFG, num_layers=6)          # 8 blocks: 4 stages of 2 for v=2
+    plan, m, T = Plan(dp=1, pp=2, pp_schedule=schedule, pp_virtual=v).resolve(2), 8, 64
+    rows = pipeline.stage_report(cfg, plan, micro_num=m, tokens_per_micro=T,
+                                 compute_dtype=torch.float32)
+    act = T * cfg.hidden_size * 4
+    specs = models.param_specs(cfg)
+    split = pipeline.stage_blocks(cfg, plan)
+    for r, row in enumerate(rows):
+        held = {k for s in pipeline.rank_stages(plan, r) for b in split[s] for k in b.params}
+        assert row["params"] == sum(math.prod(specs[k].shape) for k in held) * 4
+        assert row["optimizer"] == 2 * row["params"]
+        boundaries = sum(1 for s in pipeline.rank_stages(plan, r) for nb in (s - 1, s + 1)
+                         if 0 <= nb < plan.stages and pipeline.stage_rank(plan, nb) != r)
+        assert row["p2p"] == boundaries * 2 * m * act
+    assert sum(r["params"] for r in rows) == sum(math.prod(s.shape) for s in specs.values()) * 4
+    assert rows[0]["bubble"] == {"1f1b": 1 / 8, "interleaved": 1 / 16, "zbh1": 0.0}[schedule]
+    if schedule == "1f1b":
+        assert [r["in_flight"] for r in rows] == [2, 1]
+        layers = [sum(b.kind == "layer" for b in split[r]) for r in (0, 1)]
+        head = T * (cfg.hidden_size + 2 * cfg.vocab_size) * 4        # norm input, logits ×2
+        assert [r["activations"] for r in rows] == [2 * layers[0] * act,
+                                                    layers[1] * act + head]
+    text = pipeline.format_report(rows)
+    assert text.splitlines()[0].split()[:3] == ["pp", "stages", "blocks"] and len(rows) == 2
