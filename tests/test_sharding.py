@@ -333,3 +333,15 @@ def test_pipeline_plans_resume_a_one_process_checkpoint(sweep):
     for case in CASES:
         if case.plan.pp > 1:
             assert sweep["plans"][case.name]["one_process_checkpoint_loads"], case.name
+
+
+def test_every_mutation_snippet_still_occurs_once():
+    """scripts/mutate.py's mutations name snippets of the code; a refactor that moves one makes
+    its mutation silently vanish, so each must still occur exactly once in its file."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+    try:
+        import mutate
+    finally:
+        sys.path.pop(0)
+    assert mutate.check_snippets(mutate.MUTATIONS) == []
+    assert len({m.name for m in mutate.MUTATIONS}) == len(mutate.MUTATIONS)
