@@ -32,6 +32,19 @@ SIZES = (1 << 12, 1 << 17, 1 << 20, 1 << 22)    # bytes handed to a collective
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
 
+def _counted(fn, calls: int, repeat: int = 3) -> float:
+    """The median seconds of one call of ``fn`` over ``repeat`` samples of ``calls`` calls: a
+    fixed count, so that every member of a collective makes the same calls."""
+    fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
 def _timed(fn, min_seconds: float = 0.2, repeat: int = 3) -> float:
     """The median seconds of one call of ``fn`` (each sample loops for ``min_seconds``)."""
     fn()
@@ -63,8 +76,8 @@ def _layer_seconds(cfg, tokens: int, dtype: torch.dtype) -> float:
               if k.startswith("layers.0.")}
     x = torch.randn(1, tokens, cfg.hidden_size, dtype=dtype, requires_grad=True)
     pos = torch.arange(tokens)[None]
-    from evo.models.family import Attend  # the attention a training step uses
-    ctx = fam.context(cfg, pos, dtype, Attend(None, "auto"), None)
+    from evo.models.family import Attend, ops  # what a training step uses
+    ctx = fam.context(cfg, pos, dtype, Attend(None, "auto"), ops("torch"))
 
     def run():
         y = fam.block(cfg, params, 0, x, ctx, Regions())
@@ -145,7 +158,8 @@ def collectives(world: int, rank: int) -> dict:
             for nbytes in SIZES:
                 dist.barrier()
                 if group is not None:
-                    t = _timed(_collective(kind, nbytes, group, size), 0.05)
+                    calls = 20 if nbytes < 1 << 20 else 5
+                    t = _counted(_collective(kind, nbytes, group, size), calls)
                     points.append((nbytes, t))
             if points:
                 out[kind][str(size)] = _fit(points)
@@ -213,7 +227,8 @@ def worker(out: str) -> None:
 def calibrate(out: str, nproc: int) -> dict:
     """Run the measurement under torchrun with ``nproc`` processes; write and return the profile."""
     from evo.sharding import cost
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from evo.sweep import WORKER_ENV
+    env = {**os.environ, **WORKER_ENV}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc-per-node", str(nproc), "-m", "evo.calibrate", out],
                        env=env, capture_output=True, text=True)

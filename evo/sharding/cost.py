@@ -23,6 +23,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -293,21 +294,49 @@ def _planner_bytes(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype
 @functools.lru_cache(maxsize=65536)
 def planner_comm_bytes(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype: str,
                        remat: float) -> dict[str, int]:
-    """``planner.expected_comm_bytes`` of a plan the planner runs (cached; large models through
-    ``_layered``, exactly)."""
+    """``planner.expected_comm_bytes`` of a plan the planner runs (cached: do not modify the
+    answer). A large model's answer comes from ``_coefficients``, exactly."""
     plan = canonical(plan)
     if not _layered(cfg):
         return dict(_planner_bytes(cfg, plan, micro_num, tokens_per_micro, dtype, remat))
-    one, two = _with_layers(cfg, 1), _with_layers(cfg, 2)
-    e10 = dict(_planner_bytes(one, plan, micro_num, tokens_per_micro, dtype, 0.0))
-    e20 = dict(_planner_bytes(two, plan, micro_num, tokens_per_micro, dtype, 0.0))
-    e11 = dict(_planner_bytes(one, plan, micro_num, tokens_per_micro, dtype, 1.0))
+    coeffs = _coefficients(cfg, plan, dtype)
     layers, redo = cfg.num_layers, math.floor(remat * cfg.num_layers)
+    t = Fraction(tokens_per_micro, plan.tp)
     out = {}
-    for k in set(e10) | set(e20) | set(e11):
-        a, b, c = e10.get(k, 0), e20.get(k, 0), e11.get(k, 0)
-        out[k] = a + (layers - 1) * (b - a) + redo * (c - a)
-    return {k: v for k, v in out.items() if v}
+    for k, (step, micro, token) in coeffs.items():
+        x = [step, micro, token]
+        a, b, c = (v[0] + (layers - 1) * v[1] + redo * v[2] for v in x)
+        total = a + micro_num * b + micro_num * t * c
+        if total:
+            out[k] = int(total)
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _coefficients(cfg, plan: Plan, dtype: str) -> dict:
+    """``expected_comm_bytes`` as ``step + m · (micro + t/tp · token)`` per key, each term
+    ``v0 + (layers − 1) · v1 + recomputed · v2``: every count the planner makes is affine in the
+    micro-batches ``m``, their tokens ``t`` and the (recomputed) layers. Nine evaluations on one-
+    and two-layer copies of the model determine the terms exactly (integers; ``t`` a multiple of
+    tp keeps the sequence-parallel pieces whole)."""
+    t0 = plan.tp
+    points = {}
+    for layers, remat in ((1, 0.0), (2, 0.0), (1, 1.0)):
+        small = _with_layers(cfg, layers)
+        e = [dict(_planner_bytes(small, plan, m, t, dtype, remat))
+             for m, t in ((1, t0), (2, t0), (1, 2 * t0))]
+        points[layers, remat] = e
+    keys = {k for e in points.values() for d in e for k in d}
+    out = {}
+    for k in keys:
+        terms = []
+        for layers, remat in ((1, 0.0), (2, 0.0), (1, 1.0)):
+            e1, e2, e3 = (d.get(k, 0) for d in points[layers, remat])
+            token = e3 - e1                        # t0 · per-token bytes
+            micro = e2 - e3                        # per micro-batch, token-free
+            terms.append((2 * e1 - e2, micro, token))
+        out[k] = tuple((x10, x20 - x10, x11 - x10) for x10, x20, x11 in zip(*terms))
+    return out
 
 
 @functools.lru_cache(maxsize=65536)

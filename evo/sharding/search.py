@@ -53,14 +53,16 @@ def _tp_degrees(cfg, world: int, profile: cost.Profile) -> list[int]:
 
 def _model_splits(cfg, world: int, base: Base, profile: cost.Profile):
     """(pp, schedule, virtual, tp, sp, cp) that divide the world, the layers, the heads (tp · sp)
-    and the sequence (cp: 2·cp chunks for causal balance)."""
+    and the sequence (cp: 2·cp chunks for causal balance). The groups that exchange activations
+    inside every layer (tp · sp · cp) stay inside a node."""
     layers = sum(1 for b in models.blocks(cfg) if b.kind == "layer")
     heads, kv = cfg.num_heads, getattr(cfg, "num_kv_heads", None) or cfg.num_heads
+    node = profile.cluster["devices_per_node"]
     for tp in _tp_degrees(cfg, world, profile):
-        for sp in _powers(world // tp):
+        for sp in _powers(min(world, node) // tp):
             if heads % (tp * sp) or base.seq_len % sp or (kv % tp):
                 continue
-            for cp in _powers(world // (tp * sp)):
+            for cp in _powers(min(world, node) // (tp * sp)):
                 if base.seq_len % (2 * cp * sp) and cp > 1:
                     continue
                 for pp in _powers(min(layers, world // (tp * sp * cp))):
