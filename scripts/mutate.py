@@ -82,6 +82,16 @@ MUTATIONS = [
     Mutation("attention-crosses-documents", "evo_kernels/attention.py",
              "return (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])",
              "return idx[None, :] <= idx[:, None]", ("tests/test_hf_reference.py",)),
+    # --- plan cost model (evo/sharding/cost.py)
+    Mutation("cost-all-reduce-moves-half", "evo/sharding/cost.py",
+             '"all_reduce": (2 * (n - 1) / n, 2 * (n - 1)),',
+             '"all_reduce": ((n - 1) / n, 2 * (n - 1)),', ("tests/test_cost.py",)),
+    Mutation("cost-own-bytes-not-the-planners", "evo/sharding/cost.py",
+             "    if implemented(plan):\n        return out",
+             "    if implemented(plan):\n        return {}", ("tests/test_cost.py",)),
+    Mutation("cost-layered-misses-recomputation", "evo/sharding/cost.py",
+             "a + micro_num * b + micro_num * t * c", "a + micro_num * b",
+             ("tests/test_cost.py",)),
 ]
 
 

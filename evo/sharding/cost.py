@@ -618,7 +618,9 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
     update = opt / 2 + (opt / 2 if plan.zero in (1, 2) else 0)   # sqrt(v) and the shard copy
     largest = _largest_block_bytes(cfg, plan) / shrink
     gather = (2 * largest * wl.act_bytes / 4 + largest) if plan.zero == 3 else 0
-    buckets = 2 * plan.bucket_mb * 2**20 if plan.bucket_mb > 0 and plan.dp > 1 else 0
+    # a bucket's gradients concatenated, and the reduction's result (at most all of them)
+    buckets = 2 * min(plan.bucket_mb * 2**20, local) if plan.bucket_mb > 0 and plan.dp > 1 \
+        else 0
     out = {"params": params, "grads": grads, "optimizer": opt, "compute_copy": cast,
            "update": update, "activations": activation_bytes(cfg, plan, wl),
            "buffers": gather + buckets}
@@ -678,8 +680,10 @@ class Prediction:
                 "memory_gib": {k: v / 2**30 for k, v in self.memory.items()}}
 
 
-def predict(cfg, plan: Plan, wl: Workload, profile: Profile) -> Prediction:
-    """Step time and peak memory per rank of a resolved ``plan`` running ``wl`` on ``profile``."""
+def predict(cfg, plan: Plan, wl: Workload, profile: Profile, *, memory: dict | None = None
+            ) -> Prediction:
+    """Step time and peak memory per rank of a resolved ``plan`` running ``wl`` on ``profile``
+    (``memory``: ``memory_bytes`` of the same, when the caller has it)."""
     c = compute_seconds(cfg, plan, wl, profile)
     comm_total, exposed = comm_seconds(cfg, plan, wl, profile, c)
     tp_comm = exposed if plan.pp > 1 else 0.0
@@ -688,4 +692,5 @@ def predict(cfg, plan: Plan, wl: Workload, profile: Profile) -> Prediction:
     step = c["total"] + exposed + bubble + opt
     tokens = wl.micro_num * wl.tokens_per_micro * plan.dp
     return Prediction(plan, wl, step, c["total"], exposed, comm_total, bubble, opt,
-                      tokens / step / plan.world_size, memory_bytes(cfg, plan, wl, profile))
+                      tokens / step / plan.world_size,
+                      memory or memory_bytes(cfg, plan, wl, profile))

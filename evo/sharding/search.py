@@ -117,10 +117,10 @@ def _fitting(cfg, plan: Plan, base: Base, profile: cost.Profile, capacity: float
     recomputation only adds work), or every one that fits (``every_remat``)."""
     for m, mb in _micro_batches(plan, base):
         for remat in (REMAT if plan.zero < 3 else (0.0,)):
-            p = cost.predict(cfg, plan, cost.Workload(m, mb, base.seq_len, base.compute_dtype,
-                                                      remat), profile)
-            if p.memory["total"] <= capacity:
-                yield p
+            wl = cost.Workload(m, mb, base.seq_len, base.compute_dtype, remat)
+            memory = cost.memory_bytes(cfg, plan, wl, profile)
+            if memory["total"] <= capacity:   # time only what fits
+                yield cost.predict(cfg, plan, wl, profile, memory=memory)
                 if not every_remat:
                     break
 
