@@ -42,7 +42,7 @@ def _search(exp, world: int, profile) -> tuple[float, object]:
 
 def scale(args) -> None:
     rows = ["| model | profile | world | search s | best plan | mb | remat | tokens/s/GPU | "
-            "GiB | scaling vs 8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "GiB | scaling vs the smallest world that fits |", "|---|---|---|---|---|---|---|---|---|---|"]
     results = {}
     for name in ("llama_7b", "llama_70b"):
         exp = config.load(os.path.join(ROOT, "experiments", f"{name}.py"))
@@ -50,7 +50,12 @@ def scale(args) -> None:
             prof = cost.load_profile(prof_name)
             base = None
             for world in (8, 64, 1024):
-                took, best = _search(exp, world, prof)
+                try:
+                    took, best = _search(exp, world, prof)
+                except search.NoPlanFits as e:
+                    rows.append(f"| {name} | {prof_name} | {world} | | {e} | | | | | |")
+                    print(rows[-1], flush=True)
+                    continue
                 rate = best.tokens_per_second_per_device
                 base = base or rate
                 results[f"{name}/{prof_name}/{world}"] = {"seconds": took, **best.as_dict()}
