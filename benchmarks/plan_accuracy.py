@@ -42,7 +42,8 @@ def _search(exp, world: int, profile) -> tuple[float, object]:
 
 def scale(args) -> None:
     rows = ["| model | profile | world | search s | best plan | mb | remat | tokens/s/GPU | "
-            "GiB | scaling vs the smallest world that fits |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "GiB | scaling vs the smallest world that fits |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     results = {}
     for name in ("llama_7b", "llama_70b"):
         exp = config.load(os.path.join(ROOT, "experiments", f"{name}.py"))

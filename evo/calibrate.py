@@ -125,15 +125,15 @@ def memory_gbs(n: int = 1 << 24) -> float:
 
 
 def _collective(kind: str, nbytes: int, group, size: int):
-    x = torch.ones(max(1, nbytes // 4))
+    """One collective through ``evo.sharding.comm.Comm``: the calls a sharded step makes."""
+    from evo.sharding import comm as C
+    comm = C.Comm({"g": group}, {"g": size}, C.CommLog())
+    x = torch.ones(max(size, nbytes // 4 // size * size))
     if kind == "all_reduce":
-        return lambda: dist.all_reduce(x, group=group)
+        return lambda: comm.all_reduce(x, "g")
     if kind == "all_gather":
-        out = torch.empty(x.numel() * size)
-        return lambda: dist.all_gather_into_tensor(out, x, group=group)
-    n = x.numel() // size * size
-    inp, out = x[:n].contiguous(), torch.empty(n // size)
-    return lambda: dist.reduce_scatter_tensor(out, inp, group=group)
+        return lambda: comm.all_gather(x, "g")
+    return lambda: comm.reduce_scatter(x, "g")
 
 
 def _fit(points: list[tuple[int, float]]) -> dict:

@@ -5,7 +5,6 @@ import os
 
 import pytest
 
-from conftest import repo_env  # noqa: F401  (the CLI tests' environment)
 from evo import cli, config, sweep
 from evo.sharding import cost, search
 from evo.sharding.layout import model_layouts

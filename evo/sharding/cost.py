@@ -103,7 +103,8 @@ def _check_field(where: str, path: str, value, kind) -> None:
         ok = ok and (kind is not int or value >= 1)
         what = {str: "a string", dict: "an object", int: "a positive integer"}[kind]
     else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value)
         lo_ok = value >= 0 if kind in ("number0", "fraction") else value > 0 if ok else False
         ok = ok and lo_ok and (kind != "fraction" or value <= 1)
         what = {"number": "a number > 0", "number0": "a number >= 0",
@@ -113,7 +114,8 @@ def _check_field(where: str, path: str, value, kind) -> None:
 
 
 def profile_from_dict(d: dict, where: str = "profile") -> Profile:
-    """A ``Profile`` from its JSON object; a missing or bad field is one ``ProfileError`` naming it."""
+    """A ``Profile`` from its JSON object; a missing or bad field is one ``ProfileError`` naming
+    it."""
     if not isinstance(d, dict):
         raise ProfileError(f"{where}: a profile is a JSON object, got {type(d).__name__}")
     for path, kind in SCHEMA.items():
@@ -225,7 +227,8 @@ def link(profile: Profile, n: int, per_node: int) -> Link:
 
 def collective_seconds(profile: Profile, kind: str, nbytes: float, calls: int, n: int,
                        per_node: int) -> float:
-    """Seconds for ``calls`` collectives of ``kind`` handing ``nbytes`` in all, in a group of ``n``."""
+    """Seconds for ``calls`` collectives of ``kind`` handing ``nbytes`` in all, in a group of
+    ``n``."""
     if n <= 1 or nbytes <= 0:
         return 0.0
     measured = profile.collectives.get(kind, {}).get(n)
