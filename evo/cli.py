@@ -62,6 +62,8 @@ def _plan(args) -> None:
     from evo import config
     from evo.sharding.simulate import plan_report, simulate
     exp = config.apply_overrides(config.load(args.experiment), args.set)
+    if args.search:
+        return _plan_search(args, exp)
     plans = [exp.plan] + [config.apply_overrides(exp, [f"plan.{kv}" for kv in spec.split(",")
                                                        if kv]).plan for spec in args.plans]
     tokens = exp.data.micro_batch * exp.data.seq_len
@@ -82,6 +84,43 @@ def _plan(args) -> None:
     r = simulate(exp.model, exp.plan, args.world)
     print(f"checked {r['plan']} on a fake process group of {args.world}: rank 0 holds "
           f"{r['bytes']['total'] / 2**30:.2f} GiB of params, grads and AdamW state")
+
+
+def _plan_search(args, exp) -> None:
+    """``evo plan --search``: every plan of the world ranked by predicted tokens/s per device."""
+    import json
+    import time
+
+    from evo import sweep
+    from evo.sharding import cost, search
+    profile = cost.load_profile(args.profile)
+    base = sweep.base_of(exp, args.world)
+    start = time.perf_counter()
+    result = search.search(exp.model, args.world, base, profile)
+    took = time.perf_counter() - start
+    print(f"{len(result.ranked)} plans fit {args.world} devices of {profile.name} "
+          f"({result.considered} divide the world, {result.over_memory} over memory; "
+          f"{base.rows} rows of {base.seq_len} tokens per step; searched in {took:.1f} s):")
+    print(search.table(result, args.top))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"world": args.world, "profile": profile.name, "seconds": took,
+                       "rows": base.rows, "seq_len": base.seq_len,
+                       "plans": [p.as_dict() for p in result.ranked]}, f, indent=1)
+        print(f"evo: wrote all {len(result.ranked)} plans to {args.json}")
+
+
+def _calibrate(args) -> None:
+    from evo import calibrate
+    calibrate.calibrate(args.out, args.nproc)
+    print(f"evo: wrote the profile of this machine ({args.nproc} processes) to {args.out}")
+
+
+def _sweep(args) -> None:
+    from evo import config, sweep
+    exp = config.apply_overrides(config.load(args.experiment), args.set)
+    sweep.sweep(exp, top=args.top, steps=args.steps, nproc=args.nproc, out=args.out,
+                profile=args.profile, spread=args.spread)
 
 
 def _export_hf(args) -> None:
@@ -136,7 +175,33 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--plans", nargs="*", default=[], metavar="dp=8,zero=1",
                     help="more plans to compare, as plan.KEY=VALUE lists without the prefix")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--search", action="store_true",
+                    help="rank every plan that fits by predicted tokens/s per device")
+    pl.add_argument("--profile", default="a800-80gb-roce",
+                    help="device/cluster profile: a bundled name (a100-80gb-roce, a800-80gb-roce, "
+                         "h100-80gb-ib, h200-141gb-ib) or a JSON file from evo calibrate")
+    pl.add_argument("--json", metavar="OUT", help="with --search: write every plan to OUT")
+    pl.add_argument("--top", type=_positive_int, default=10, help="rows of the table printed")
     pl.set_defaults(fn=_plan)
+
+    c = sub.add_parser("calibrate", help="measure this machine into a profile (JSON)")
+    c.add_argument("--out", required=True, help="the profile file to write")
+    c.add_argument("--nproc", type=_positive_int, default=4,
+                   help="processes measuring at once (the world size sweeps will use)")
+    c.set_defaults(fn=_calibrate)
+
+    w = sub.add_parser("sweep", help="run the best predicted plans and compare with measurement")
+    w.add_argument("experiment")
+    w.add_argument("--top", type=_positive_int, required=True, help="plans to run")
+    w.add_argument("--steps", type=_positive_int, default=5, help="steps per plan")
+    w.add_argument("--nproc", type=_positive_int, required=True, help="processes (torchrun)")
+    w.add_argument("--out", required=True, help="folder for sweep.json and sweep.png")
+    w.add_argument("--profile", default=None,
+                   help="profile JSON (default: evo calibrate into OUT/profile.json first)")
+    w.add_argument("--spread", action="store_true",
+                   help="run plans spread over the whole ranking instead of its top")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    w.set_defaults(fn=_sweep)
 
     e = sub.add_parser("export-hf", help="write a checkpoint's weights as an HF LLaMA directory")
     e.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint")

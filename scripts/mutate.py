@@ -141,6 +141,16 @@ MUTATIONS = [
     Mutation("lse-merge-weights-the-new-block-wrongly", "evo_kernels/attention.py",
              "torch.exp(lse_i - new)[..., None]", "torch.exp(lse_i - lse)[..., None]",
              (SWEEP, "tests/test_context.py")),
+    # --- plan cost model (evo/sharding/cost.py)
+    Mutation("cost-all-reduce-moves-half", "evo/sharding/cost.py",
+             '"all_reduce": (2 * (n - 1) / n, 2 * (n - 1)),',
+             '"all_reduce": ((n - 1) / n, 2 * (n - 1)),', ("tests/test_cost.py",)),
+    Mutation("cost-own-bytes-not-the-planners", "evo/sharding/cost.py",
+             "    if implemented(plan):\n        return out",
+             "    if implemented(plan):\n        return {}", ("tests/test_cost.py",)),
+    Mutation("cost-layered-misses-recomputation", "evo/sharding/cost.py",
+             "a + micro_num * b + micro_num * t * c", "a + micro_num * b",
+             ("tests/test_cost.py",)),
 ]
 
 

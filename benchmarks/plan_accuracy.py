@@ -1,0 +1,130 @@
+"""Plan science benchmarks: how right the predictions are here, and what they say at scale.
+
+    python benchmarks/plan_accuracy.py cpu --out sweeps/cpu [--top 10 --steps 6 --nproc 4]
+        evo calibrate, then evo sweep of plans spread over the ranking of experiments/plan_cpu.py:
+        predicted against measured step time and peak memory per rank, Spearman of the ranking.
+    python benchmarks/plan_accuracy.py search [--out DIR]
+        evo plan --search for LLaMA 7B and 70B at worlds 8, 64 and 1024 on the bundled A800 and
+        H100 profiles: time to answer, best plan, tokens/s per GPU, scaling efficiency against
+        world 8 (the baseline, searched in the same run); and the 7B scaling curve from 8 to 1024
+        GPUs (DIR/scaling_7b.png with matplotlib).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from evo import calibrate, config, sweep  # noqa: E402
+from evo.sharding import cost, search  # noqa: E402
+
+PROFILES = ("a800-80gb-roce", "h100-80gb-ib")
+
+
+def cpu(args) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    profile = os.path.join(args.out, "profile.json")
+    if not os.path.exists(profile):
+        calibrate.calibrate(profile, args.nproc)
+    exp = config.load(os.path.join(ROOT, "experiments", "plan_cpu.py"))
+    sweep.sweep(exp, top=args.top, steps=args.steps, nproc=args.nproc, out=args.out,
+                profile=profile, spread=True)
+
+
+def _search(exp, world: int, profile) -> tuple[float, object]:
+    start = time.perf_counter()
+    r = search.search(exp.model, world, sweep.base_of(exp, world), profile)
+    return time.perf_counter() - start, r.ranked[0]
+
+
+def scale(args) -> None:
+    rows = ["| model | profile | world | search s | best plan | mb | remat | tokens/s/GPU | "
+            "GiB | scaling vs the smallest world that fits |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    results = {}
+    for name in ("llama_7b", "llama_70b"):
+        exp = config.load(os.path.join(ROOT, "experiments", f"{name}.py"))
+        for prof_name in PROFILES:
+            prof = cost.load_profile(prof_name)
+            base = None
+            for world in (8, 64, 1024):
+                try:
+                    took, best = _search(exp, world, prof)
+                except search.NoPlanFits as e:
+                    rows.append(f"| {name} | {prof_name} | {world} | | {e} | | | | | |")
+                    print(rows[-1], flush=True)
+                    continue
+                rate = best.tokens_per_second_per_device
+                base = base or rate
+                results[f"{name}/{prof_name}/{world}"] = {"seconds": took, **best.as_dict()}
+                rows.append(f"| {name} | {prof_name} | {world} | {took:.1f} | "
+                            f"{search.plan_fields(best.plan)} | {best.workload.micro_batch} | "
+                            f"{best.workload.remat} | {rate:.0f} | {best.peak_gib:.1f} | "
+                            f"{rate / base:.2f} |")
+                print(rows[-1], flush=True)
+    curve = scaling_curve()
+    print("\n".join(rows))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "plan_search.json"), "w", encoding="utf-8") as f:
+            json.dump({"search": results, "scaling_7b": curve}, f, indent=1)
+        plot_curve(curve, os.path.join(args.out, "scaling_7b.png"))
+
+
+def scaling_curve() -> dict:
+    """Best predicted tokens/s per GPU of the 7B experiment from 8 to 1024 GPUs, per profile."""
+    exp = config.load(os.path.join(ROOT, "experiments", "llama_7b.py"))
+    curve = {}
+    for prof_name in PROFILES:
+        prof = cost.load_profile(prof_name)
+        curve[prof_name] = {}
+        for world in (8, 16, 32, 64, 128, 256, 512, 1024):
+            _, best = _search(exp, world, prof)
+            curve[prof_name][world] = best.tokens_per_second_per_device
+            print(f"7B {prof_name} world {world}: {best.tokens_per_second_per_device:.0f} "
+                  f"tokens/s/GPU ({search.plan_fields(best.plan)})", flush=True)
+    return curve
+
+
+def plot_curve(curve: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in curve.items():
+        worlds = sorted(points)
+        ax.plot(worlds, [points[w] for w in worlds], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("predicted tokens/s per GPU (best plan)")
+    ax.set_title("LLaMA 7B, 4 sequences of 4096 tokens per data-parallel rank")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("cpu")
+    c.add_argument("--out", required=True)
+    c.add_argument("--top", type=int, default=10)
+    c.add_argument("--steps", type=int, default=6)
+    c.add_argument("--nproc", type=int, default=4)
+    s = sub.add_parser("search")
+    s.add_argument("--out", default=None)
+    args = p.parse_args()
+    (cpu if args.what == "cpu" else scale)(args)
+
+
+if __name__ == "__main__":
+    main()

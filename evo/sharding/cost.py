@@ -1,0 +1,699 @@
+"""Predict a plan's step time and peak memory per rank before launching it.
+
+Three pieces, each a pure function of a model config, a resolved ``Plan``, a ``Workload`` (the
+micro-batches one data-parallel rank runs per step) and a ``Profile`` (what the hardware does):
+
+- **bytes** come from one place: ``planner.expected_comm_bytes`` (the analytic model the measured
+  ``comm_bytes`` of every swept plan equal) for the axes the planner implements, and
+  ``planner.per_rank_bytes`` for weights, gradients and AdamW state. Axes the planner does not run
+  yet (pipeline, Ulysses, ring attention, experts) are modelled analytically in the functions named
+  ``pipeline_*``, ``ulysses_*``, ``ring_*`` and ``expert_*`` below, from the published formulas.
+- **time**: compute from ``models.flops_per_token`` at the profile's achieved efficiency, a fixed
+  cost per block and pass, AdamW per parameter; each collective from its bytes, its group's
+  placement (inside a node or across nodes, from ``mesh_shape(plan)``) and the profile, exposed
+  where the planner does not overlap it; the pipeline bubble of the schedule; recomputation.
+- **memory**: weights, gradients (the full accumulation buffer while backward runs), AdamW state
+  and its update's temporaries, activations by recomputation and sequence split, the schedule's
+  in-flight micro-batches, gather and bucket buffers.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+
+from evo import models
+from evo.sharding import planner
+from evo.sharding.layout import model_layouts
+from evo.sharding.mesh import mesh_shape
+from evo.sharding.plan import Plan
+
+PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "profiles")
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+
+
+class ProfileError(ValueError):
+    """A profile file that is missing a field or holds a bad value (the message names it)."""
+
+
+# ------------------------------------------------------------------------------------ profiles
+
+# The schema: every required field with its type ("number": > 0 unless it is an efficiency or a
+# fraction in [0, 1]). ``cluster.collectives`` is optional: measured (latency, bandwidth) fits per
+# collective kind and group size, which replace the link model for groups of that size.
+SCHEMA = {
+    "name": str,
+    "device.name": str,
+    "device.matmul_tflops": dict,            # dtype name -> dense matmul TFLOP/s
+    "device.compute_efficiency": "fraction",  # achieved / matmul_tflops on a layer's matmuls
+    "device.attention_efficiency": "fraction",
+    "device.block_overhead_us": "number0",   # fixed cost of one block's forward or backward
+    "device.optimizer_ns_per_param": "number",  # AdamW update of one fp32 parameter
+    "device.memory_gib": "number",
+    "device.memory_bandwidth_gbs": "number",
+    "device.memory_overhead": "fraction",    # allocator / runtime slack on top of tensors
+    "cluster.devices_per_node": int,
+    "cluster.intra_node.bandwidth_gbs": "number",
+    "cluster.intra_node.latency_us": "number0",
+    "cluster.inter_node.bandwidth_gbs": "number",   # per node: all of its NICs
+    "cluster.inter_node.latency_us": "number0",
+    "cluster.overlap": "fraction",           # share of overlappable communication hidden
+    "sources": dict,                         # field -> where its value comes from
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth_gbs: float   # GB/s one rank sees
+    latency_us: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A device and cluster, as ``SCHEMA`` describes (``load_profile`` checks every field)."""
+    name: str
+    device: dict
+    cluster: dict
+    sources: dict
+    collectives: dict = field(default_factory=dict)  # kind -> {size: Link} (measured fits)
+
+    def tflops(self, dtype: str) -> float:
+        if dtype not in self.device["matmul_tflops"]:
+            raise ProfileError(f"profile {self.name!r}: device.matmul_tflops has no {dtype!r} "
+                               f"(it has {sorted(self.device['matmul_tflops'])})")
+        return float(self.device["matmul_tflops"][dtype])
+
+
+def _get(d: dict, path: str):
+    for part in path.split("."):
+        if not isinstance(d, dict) or part not in d:
+            raise KeyError(path)
+        d = d[part]
+    return d
+
+
+def _check_field(where: str, path: str, value, kind) -> None:
+    if kind in (str, dict, int):
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        ok = ok and (kind is not int or value >= 1)
+        what = {str: "a string", dict: "an object", int: "a positive integer"}[kind]
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value)
+        lo_ok = value >= 0 if kind in ("number0", "fraction") else value > 0 if ok else False
+        ok = ok and lo_ok and (kind != "fraction" or value <= 1)
+        what = {"number": "a number > 0", "number0": "a number >= 0",
+                "fraction": "a number in [0, 1]"}[kind]
+    if not ok:
+        raise ProfileError(f"{where}: {path} must be {what}, got {value!r}")
+
+
+def profile_from_dict(d: dict, where: str = "profile") -> Profile:
+    """A ``Profile`` from its JSON object; a missing or bad field is one ``ProfileError`` naming
+    it."""
+    if not isinstance(d, dict):
+        raise ProfileError(f"{where}: a profile is a JSON object, got {type(d).__name__}")
+    for path, kind in SCHEMA.items():
+        try:
+            value = _get(d, path)
+        except KeyError:
+            raise ProfileError(f"{where}: missing field {path}") from None
+        _check_field(where, path, value, kind)
+    for dtype, v in d["device"]["matmul_tflops"].items():
+        _check_field(where, f"device.matmul_tflops.{dtype}", v, "number")
+    measured = {}
+    for kind, by_size in d["cluster"].get("collectives", {}).items():
+        if kind not in KINDS:
+            raise ProfileError(f"{where}: cluster.collectives.{kind} is not a collective kind "
+                               f"({', '.join(KINDS)})")
+        measured[kind] = {}
+        for size, fit in by_size.items():
+            p = f"cluster.collectives.{kind}.{size}"
+            for name, k in (("bandwidth_gbs", "number"), ("latency_us", "number0")):
+                if not isinstance(fit, dict) or name not in fit:
+                    raise ProfileError(f"{where}: missing field {p}.{name}")
+                _check_field(where, f"{p}.{name}", fit[name], k)
+            measured[kind][int(size)] = Link(float(fit["bandwidth_gbs"]), float(fit["latency_us"]))
+    return Profile(d["name"], d["device"], d["cluster"], d["sources"], measured)
+
+
+def bundled_profiles() -> list[str]:
+    """Names of the profiles shipped in ``evo/profiles`` (file names without ``.json``)."""
+    return sorted(f[:-5] for f in os.listdir(PROFILE_DIR) if f.endswith(".json"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A bundled profile by name (``a800-80gb-roce``) or a profile JSON file."""
+    path = name_or_path
+    if not os.path.exists(path):
+        path = os.path.join(PROFILE_DIR, f"{name_or_path}.json")
+        if not os.path.exists(path):
+            raise ProfileError(f"--profile {name_or_path}: no such file, and not a bundled "
+                               f"profile ({', '.join(bundled_profiles())})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ProfileError(f"{path}: not valid JSON ({e})") from None
+    return profile_from_dict(d, path)
+
+
+# ---------------------------------------------------------------------------- the workload
+
+@dataclass(frozen=True)
+class Workload:
+    """What one data-parallel rank runs per step: ``micro_num`` micro-batches of ``micro_batch``
+    rows of ``seq_len`` tokens, in ``compute_dtype`` (fp32 master), with ``remat`` of the layers
+    recomputed in backward."""
+    micro_num: int
+    micro_batch: int
+    seq_len: int
+    compute_dtype: str = "bfloat16"
+    remat: float = 0.0
+
+    @property
+    def tokens_per_micro(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    @property
+    def act_bytes(self) -> int:
+        return _element_size(self.compute_dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _element_size(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+# --------------------------------------------------------------------- collectives and links
+
+def _ring(kind: str, n: int) -> tuple[float, int]:
+    """(bytes on the wire per byte handed to the collective, latency steps) of ring algorithms;
+    ``all_gather`` is handed its shard, the others the whole buffer."""
+    return {"all_reduce": (2 * (n - 1) / n, 2 * (n - 1)),
+            "reduce_scatter": ((n - 1) / n, n - 1),
+            "all_gather": (n - 1, n - 1),
+            "all_to_all": ((n - 1) / n, n - 1),
+            "send_recv": (1.0, 1)}[kind]
+
+
+@functools.lru_cache(maxsize=4096)
+def group_placement(shape_key, axis: str, devices_per_node: int) -> tuple[int, int]:
+    """(group size, members per node) of rank 0's group of ``axis``: a group inside one node talks
+    over the intra-node links, one across nodes shares its node's NICs with the other groups."""
+    from evo.sharding.mesh import MeshShape
+    shape = MeshShape(*shape_key)
+    members = shape.members(0, axis)
+    per_node = sum(1 for r in members if r // devices_per_node == 0)
+    return len(members), per_node
+
+
+def link(profile: Profile, n: int, per_node: int) -> Link:
+    """The bandwidth and latency one member of a group of ``n`` sees (``per_node`` members in each
+    node): intra-node links inside a node; across nodes the node's NICs, shared by the
+    ``devices_per_node / per_node`` groups of the node that cross at once."""
+    c = profile.cluster
+    intra = Link(c["intra_node"]["bandwidth_gbs"], c["intra_node"]["latency_us"])
+    if per_node >= n:
+        return intra
+    share = c["inter_node"]["bandwidth_gbs"] * per_node / c["devices_per_node"]
+    return Link(min(intra.bandwidth_gbs, share), c["inter_node"]["latency_us"])
+
+
+def collective_seconds(profile: Profile, kind: str, nbytes: float, calls: int, n: int,
+                       per_node: int) -> float:
+    """Seconds for ``calls`` collectives of ``kind`` handing ``nbytes`` in all, in a group of
+    ``n``."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    measured = profile.collectives.get(kind, {}).get(n)
+    if measured is not None and per_node >= n:   # measured in one node
+        return calls * measured.latency_us * 1e-6 + nbytes / (measured.bandwidth_gbs * 1e9)
+    wire, steps = _ring(kind, n)
+    lk = link(profile, n, per_node)
+    return calls * steps * lk.latency_us * 1e-6 + nbytes * wire / (lk.bandwidth_gbs * 1e9)
+
+
+# ------------------------------------------------------------------------ bytes: one place
+
+@functools.lru_cache(maxsize=65536)
+def base_plan(plan: Plan) -> Plan:
+    """The plan with the axes the planner does not run yet set to 1 (same dp, tp, ZeRO): the part
+    whose bytes ``planner.expected_comm_bytes`` knows exactly."""
+    import dataclasses
+    return dataclasses.replace(plan, pp=1, pp_schedule="1f1b", pp_virtual=1, pp_layers=None,
+                               sp=1, cp=1, weight_parallel=False, ep=1)
+
+
+def implemented(plan: Plan) -> bool:
+    """Whether ``planner.shard`` runs this plan today."""
+    return plan == base_plan(plan)
+
+
+@functools.lru_cache(maxsize=65536)
+def canonical(plan: Plan) -> Plan:
+    """A plan whose byte counts equal ``plan``'s: ``planner.expected_comm_bytes`` and
+    ``per_rank_bytes`` read ``dp`` only through which of the dp / zero / replica groups have more
+    than one member, and the ZeRO shards through ``zero_group``. Plans differing only in ``dp``
+    share one entry of the caches below."""
+    import dataclasses
+    if plan.zero == 0:  # no shards: only whether there is a data-parallel group counts
+        return dataclasses.replace(base_plan(plan), dp=min(plan.dp, 2),
+                                   zero_group=min(plan.dp, 2))
+    g = plan.zero_group
+    return dataclasses.replace(base_plan(plan), dp=g * (2 if plan.dp > g else 1), zero_group=g)
+
+
+@functools.lru_cache(maxsize=65536)
+def _with_layers(cfg, n: int):
+    import dataclasses
+    return dataclasses.replace(cfg, num_layers=n)
+
+
+@functools.lru_cache(maxsize=65536)
+def _layered(cfg) -> bool:
+    """Large models of identical layers are counted on one- and two-layer copies: every count
+    below is affine in the number of layers (and of recomputed layers), so two or three small
+    evaluations give the large model's exact answer in a fraction of the time."""
+    return getattr(cfg, "num_layers", 0) > 4 and all(
+        b.kind != "layer" or b.name.startswith("layers.") for b in models.blocks(_with_layers(
+            cfg, 1)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _planner_bytes(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype: str,
+                   remat: float) -> tuple:
+    b = planner.expected_comm_bytes(cfg, plan, micro_num=micro_num,
+                                    tokens_per_micro=tokens_per_micro,
+                                    compute_dtype=getattr(torch, dtype), remat=remat)
+    return tuple(sorted(b.items()))
+
+
+@functools.lru_cache(maxsize=65536)
+def planner_comm_bytes(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype: str,
+                       remat: float) -> dict[str, int]:
+    """``planner.expected_comm_bytes`` of a plan the planner runs (cached: do not modify the
+    answer). A large model's answer comes from ``_coefficients``, exactly."""
+    plan = canonical(plan)
+    if not _layered(cfg):
+        return dict(_planner_bytes(cfg, plan, micro_num, tokens_per_micro, dtype, remat))
+    coeffs = _coefficients(cfg, plan, dtype)
+    layers, redo = cfg.num_layers, math.floor(remat * cfg.num_layers)
+    t = Fraction(tokens_per_micro, plan.tp)
+    out = {}
+    for k, (step, micro, token) in coeffs.items():
+        x = [step, micro, token]
+        a, b, c = (v[0] + (layers - 1) * v[1] + redo * v[2] for v in x)
+        total = a + micro_num * b + micro_num * t * c
+        if total:
+            out[k] = int(total)
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _coefficients(cfg, plan: Plan, dtype: str) -> dict:
+    """``expected_comm_bytes`` as ``step + m · (micro + t/tp · token)`` per key, each term
+    ``v0 + (layers − 1) · v1 + recomputed · v2``: every count the planner makes is affine in the
+    micro-batches ``m``, their tokens ``t`` and the (recomputed) layers. Nine evaluations on one-
+    and two-layer copies of the model determine the terms exactly (integers; ``t`` a multiple of
+    tp keeps the sequence-parallel pieces whole)."""
+    t0 = plan.tp
+    points = {}
+    for layers, remat in ((1, 0.0), (2, 0.0), (1, 1.0)):
+        small = _with_layers(cfg, layers)
+        e = [dict(_planner_bytes(small, plan, m, t, dtype, remat))
+             for m, t in ((1, t0), (2, t0), (1, 2 * t0))]
+        points[layers, remat] = e
+    keys = {k for e in points.values() for d in e for k in d}
+    out = {}
+    for k in keys:
+        terms = []
+        for layers, remat in ((1, 0.0), (2, 0.0), (1, 1.0)):
+            e1, e2, e3 = (d.get(k, 0) for d in points[layers, remat])
+            token = e3 - e1                        # t0 · per-token bytes
+            micro = e2 - e3                        # per micro-batch, token-free
+            terms.append((2 * e1 - e2, micro, token))
+        out[k] = tuple((x10, x20 - x10, x11 - x10) for x10, x20, x11 in zip(*terms))
+    return out
+
+
+@functools.lru_cache(maxsize=65536)
+def _state_bytes(cfg, plan: Plan) -> tuple:
+    return tuple(sorted(planner.per_rank_bytes(cfg, plan).items()))
+
+
+@functools.lru_cache(maxsize=65536)
+def state_bytes(cfg, plan: Plan) -> dict[str, int]:
+    """``planner.per_rank_bytes`` (cached: do not modify the answer; large models through
+    ``_layered``, exactly)."""
+    plan = canonical(plan)
+    if not _layered(cfg):
+        return dict(_state_bytes(cfg, plan))
+    a = dict(_state_bytes(_with_layers(cfg, 1), plan))
+    b = dict(_state_bytes(_with_layers(cfg, 2), plan))
+    return {k: a[k] + (cfg.num_layers - 1) * (b[k] - a[k]) for k in a}
+
+
+def comm_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
+    """Bytes one rank hands to each collective (``"{kind}/{axis}"``) per step. For a plan the
+    planner runs: exactly ``planner.expected_comm_bytes``. Otherwise that function's answer for the
+    plan's dp × tp × ZeRO part on the rank's share of the sequence, scaled to one pipeline stage,
+    plus the analytic terms of the pipeline, Ulysses, ring and expert axes."""
+    seq_split = plan.sp * plan.cp
+    out = planner_comm_bytes(cfg, base_plan(plan), wl.micro_num,
+                             wl.tokens_per_micro // seq_split, wl.compute_dtype, wl.remat)
+    if implemented(plan):
+        return out
+    out = {k: v / plan.pp for k, v in out.items()}
+    for extra in (pipeline_bytes(cfg, plan, wl), ulysses_bytes(cfg, plan, wl),
+                  ring_bytes(cfg, plan, wl), expert_bytes(cfg, plan, wl),
+                  weight_parallel_bytes(cfg, plan, wl)):
+        for k, v in extra.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _facts(cfg) -> tuple[int, int, int, int]:
+    """(layers, blocks, parameters, tensor-parallel region crossings per micro-batch)."""
+    blocks = models.blocks(cfg)
+    crossings = sum(b.enters + b.exits for b in blocks) * 2 + 3
+    return (sum(1 for b in blocks if b.kind == "layer"), len(blocks),
+            len(models.param_specs(cfg)), crossings)
+
+
+def _layers(cfg) -> int:
+    return _facts(cfg)[0]
+
+
+def pipeline_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
+    """Activations sent to the next stage in forward and gradients back in backward, per
+    micro-batch and stage boundary (``pp_virtual`` boundaries per rank when interleaved)."""
+    if plan.pp == 1:
+        return {}
+    act = wl.tokens_per_micro // (plan.sp * plan.cp * (plan.tp if plan.sequence_parallel else 1))
+    return {"send_recv/pp": 2.0 * wl.micro_num * plan.pp_virtual * act * cfg.hidden_size
+            * wl.act_bytes}
+
+
+def ulysses_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
+    """Ulysses: q, k, v and the attention output all-to-all'd per layer (4·N·h / sp per rank,
+    forward; twice again in backward, and once more per recomputed layer)."""
+    if plan.sp == 1:
+        return {}
+    layers = _layers(cfg) / plan.pp
+    passes = 3 + (1 if plan.zero == 3 else wl.remat)
+    per_layer = 4 * wl.tokens_per_micro * cfg.hidden_size * wl.act_bytes / plan.sp / plan.tp
+    return {"all_to_all/sp": passes * layers * wl.micro_num * per_layer}
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "dim_per_head", None) or cfg.hidden_size // cfg.num_heads
+
+
+def _kv_dim(cfg) -> int:
+    return (getattr(cfg, "num_kv_heads", None) or cfg.num_heads) * _head_dim(cfg)
+
+
+def ring_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
+    """Ring attention: each rank passes its k and v chunk around the ring (2·N_local·d_kv per
+    step, cp − 1 steps) in forward, and k, v, dk, dv in backward (twice that)."""
+    if plan.cp == 1:
+        return {}
+    layers = _layers(cfg) / plan.pp
+    local = wl.tokens_per_micro / (plan.cp * plan.sp)
+    per_layer = 2 * local * _kv_dim(cfg) / plan.tp * wl.act_bytes * (plan.cp - 1)
+    return {"send_recv/cp": 3 * layers * wl.micro_num * per_layer}
+
+
+def expert_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
+    """Expert parallelism (MoE families): tokens dispatched to and combined from their top-k
+    experts by all-to-all, forward and twice in backward."""
+    experts = getattr(cfg, "num_experts", 0)
+    if plan.ep == 1 or not experts:
+        return {}
+    topk = getattr(cfg, "experts_per_token", 2)
+    layers = _layers(cfg) / plan.pp
+    per_layer = 2 * wl.tokens_per_micro / (plan.sp * plan.cp) * topk * cfg.hidden_size \
+        * wl.act_bytes
+    return {"all_to_all/ep": 3 * layers * wl.micro_num * per_layer}
+
+
+def weight_parallel_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
+    """Weight parallel (ISP): each block's weights all-gathered over the sequence group in forward
+    and backward, their gradients reduce-scattered."""
+    if not plan.weight_parallel:
+        return {}
+    g = plan.sp * plan.cp
+    local = state_bytes(cfg, plan)["params"] / plan.pp
+    act = local / 4 * wl.act_bytes
+    return {"all_gather/sp": 2 * wl.micro_num * act / g,
+            "reduce_scatter/sp": wl.micro_num * act}
+
+
+# ------------------------------------------------------------------------------- step time
+
+def collective_calls(cfg, plan: Plan, wl: Workload) -> dict[str, int]:
+    """How many collectives of each ``"{kind}/{axis}"`` a step launches (for the latency term
+    only; the bytes come from ``comm_bytes``): region crossings per block and micro-batch, one
+    reduction per bucket (or per parameter), one gather per parameter and block under ZeRO-3."""
+    _, _, params, crossings = _facts(cfg)
+    bucketed = plan.bucket_mb > 0 and plan.zero < 3 and not plan.sequence_parallel
+    grad_bytes = state_bytes(cfg, plan)["params"] / plan.pp
+    reductions = max(1, math.ceil(grad_bytes / (plan.bucket_mb * 2**20))) if bucketed else params
+    calls = {"tp": wl.micro_num * crossings, "dp": reductions + 3, "replica": params,
+             "zero": params + 2, "pp": 2 * wl.micro_num * plan.pp_virtual,
+             "sp": 4 * wl.micro_num * _layers(cfg), "cp": 3 * wl.micro_num * _layers(cfg)
+             * max(plan.cp - 1, 1), "ep": 6 * wl.micro_num * _layers(cfg)}
+    if plan.zero == 3:
+        calls["zero"] = wl.micro_num * params * 3 + 2
+    return calls
+
+
+def _placement(plan: Plan, axis: str, profile: Profile) -> tuple[int, int]:
+    return _placement_of(plan, axis, profile.cluster["devices_per_node"])
+
+
+@functools.lru_cache(maxsize=65536)
+def _placement_of(plan: Plan, axis: str, dpn: int) -> tuple[int, int]:
+    if axis == "ep":  # a factor of the data-parallel ranks (innermost of them)
+        inner = plan.tp * plan.sp * plan.cp
+        return plan.ep, max(1, min(plan.ep, dpn // inner))
+    shape = mesh_shape(plan)
+    return group_placement((shape.base, shape.derived), axis, dpn)
+
+
+def pipeline_bubble_fraction(plan: Plan, micro_num: int) -> float:
+    """Idle share of a pipeline step relative to its compute: (p−1)/m for 1F1B, (p−1)/(v·m)
+    interleaved, ≈ (p−1)/(3m) for ZB-H1, ≈ 0 for ZB-V (Megatron arXiv 2104.04473; zero bubble
+    arXiv 2401.10241)."""
+    p, m = plan.pp, micro_num
+    if p == 1:
+        return 0.0
+    return {"1f1b": (p - 1) / m, "interleaved": (p - 1) / (plan.pp_virtual * m),
+            "zbh1": (p - 1) / (3 * m), "zbv": 0.0}[plan.pp_schedule]
+
+
+def recomputed_layers(plan: Plan, layers: int, remat: float) -> int:
+    """Layers run forward twice: every layer under ZeRO-3 (the planner recomputes a gathered
+    block), else the first ``floor(remat · layers)``."""
+    return layers if plan.zero == 3 else math.floor(remat * layers)
+
+
+@functools.lru_cache(maxsize=1024)
+def _flops_per_token(cfg, seq_len: int) -> float:
+    return models.flops_per_token(cfg, seq_len)
+
+
+def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, float]:
+    """Forward + backward (+ recomputation) seconds of one rank per step, and of the attention
+    and one micro-batch's backward (what overlaps can hide behind)."""
+    layers = _layers(cfg)
+    attn_per_token = 12.0 * layers * cfg.num_heads * _head_dim(cfg) * wl.seq_len
+    total_per_token = _flops_per_token(cfg, wl.seq_len)
+    split = plan.tp * plan.sp * plan.cp * plan.pp
+    tokens = wl.micro_num * wl.tokens_per_micro
+    redo = 1 + recomputed_layers(plan, layers, wl.remat) / layers / 3
+    peak = profile.tflops(wl.compute_dtype) * 1e12
+    dev = profile.device
+    matmul = (total_per_token - attn_per_token) * tokens / split / (peak
+                                                                   * dev["compute_efficiency"])
+    attention = attn_per_token * tokens / split / (peak * dev["attention_efficiency"])
+    blocks = _facts(cfg)[1] / plan.pp
+    overhead = wl.micro_num * blocks * (3 + wl.remat) * dev["block_overhead_us"] * 1e-6
+    total = (matmul + attention) * redo + overhead
+    return {"total": total, "attention": attention * redo,
+            "backward_micro": total * 2 / 3 / wl.micro_num, "forward": total / 3}
+
+
+def optimizer_seconds(cfg, plan: Plan, profile: Profile) -> float:
+    """AdamW over the parameters this rank updates (all of its pieces, or its ZeRO shard)."""
+    b = state_bytes(cfg, plan)
+    params = b["optimizer"] / 8 / plan.pp / (plan.sp * plan.cp if plan.weight_parallel else 1)
+    return params * profile.device["optimizer_ns_per_param"] * 1e-9
+
+
+def _exposed(key: str, t: float, plan: Plan, c: dict, profile: Profile, last: float) -> float:
+    """The part of a collective's time the step waits for: bucketed data-parallel reductions
+    hide behind the last micro-batch's backward (all but the last bucket), ZeRO-3's forward
+    gathers behind the previous block (backward gathers on demand), ring steps behind attention."""
+    ov = profile.cluster["overlap"]
+    kind, axis = key.split("/")
+    bucketed = plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and not \
+        (plan.sequence_parallel and plan.tp > 1)
+    if bucketed and (key == "all_reduce/dp" or (plan.zero == 2 and key == "reduce_scatter/zero")):
+        return max(t - ov * c["backward_micro"], last)
+    if plan.zero == 3 and key == "all_gather/zero":
+        return t / 2 + max(0.0, t / 2 - ov * c["forward"])
+    if axis == "cp":
+        return max(0.0, t - ov * c["attention"])
+    return t
+
+
+def comm_seconds(cfg, plan: Plan, wl: Workload, profile: Profile, c: dict
+                 ) -> tuple[float, float]:
+    """(total, exposed) seconds of the step's collectives."""
+    calls = collective_calls(cfg, plan, wl)
+    total = exposed = 0.0
+    for key, nbytes in comm_bytes(cfg, plan, wl).items():
+        kind, axis = key.split("/")
+        n, per_node = _placement(plan, axis, profile)
+        k = max(1, calls.get(axis, 1))
+        t = collective_seconds(profile, kind, nbytes, k, n, per_node)
+        last = collective_seconds(profile, kind, min(nbytes, plan.bucket_mb * 2**20), 1, n,
+                                  per_node)
+        total += t
+        exposed += _exposed(key, t, plan, c, profile, last)
+    return total, exposed
+
+
+# ------------------------------------------------------------------------------------ memory
+
+def layer_activation_bytes(cfg, plan: Plan, wl: Workload) -> tuple[float, float]:
+    """(bytes a layer keeps for backward per token, bytes a recomputed layer keeps) on one rank.
+    Kept: the layer input, both norm outputs and the mid residual (hidden-sized; split over tp
+    with sequence parallelism), q, k, v and the attention output, and the MLP's two projections,
+    activation and product (split over tp) — the terms of Korthikanti et al. (arXiv 2205.05198)
+    without the attention matrix, which SDPA / flash attention do not keep."""
+    h, kv = cfg.hidden_size, _kv_dim(cfg)
+    ffn = getattr(cfg, "intermediate_size", 4 * h)
+    seq_tp = plan.tp if plan.sequence_parallel else 1
+    full = (4 * h / seq_tp + (2 * h + 2 * kv + 4 * ffn) / plan.tp) * wl.act_bytes
+    return full, h / seq_tp * wl.act_bytes
+
+
+def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
+    """Activations of the micro-batches in flight on the busiest rank: the sequence split over
+    sp · cp, recomputed layers keeping only their input (and one layer recomputed at a time), the
+    fp32 logits and their gradient; 1F1B's first stage holds ``pp`` micro-batches (interleaved:
+    × (1 + (p−1)/(p·v)), Megatron's factor)."""
+    layers = _layers(cfg)
+    tokens = wl.tokens_per_micro / (plan.sp * plan.cp)
+    full, kept = layer_activation_bytes(cfg, plan, wl)
+    redo = recomputed_layers(plan, layers, wl.remat)
+    per_micro = tokens * ((layers - redo) * full + redo * kept) / plan.pp
+    per_micro += tokens * full if redo else 0
+    logits = 3 * tokens * cfg.vocab_size / plan.tp * 4
+    in_flight = 1.0
+    if plan.pp > 1:
+        in_flight = min(plan.pp, wl.micro_num)
+        if plan.pp_schedule == "interleaved":
+            in_flight *= 1 + (plan.pp - 1) / (plan.pp * plan.pp_virtual)
+    return per_micro * in_flight + logits
+
+
+def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, float]:
+    """Peak bytes per rank: weights, gradients (the whole accumulation buffer while backward
+    runs, below ZeRO-3), AdamW state, the compute-dtype copy of the weights, the update's
+    temporaries, activations, ZeRO-3 gather buffers, gradient buckets; times the profile's
+    allocator overhead."""
+    b = state_bytes(cfg, plan)
+    shrink = plan.pp * (plan.sp * plan.cp if plan.weight_parallel else 1)
+    params, opt = b["params"] / shrink, b["optimizer"] / shrink
+    local = state_bytes(cfg, _unsharded(plan))["params"] / shrink
+    grads = b["grads"] / shrink if plan.zero == 3 else local
+    cast = (params if plan.zero < 3 else 0) * wl.act_bytes / 4 if wl.act_bytes < 4 else 0
+    update = opt / 2 + (opt / 2 if plan.zero in (1, 2) else 0)   # sqrt(v) and the shard copy
+    largest = _largest_block_bytes(cfg, plan) / shrink
+    gather = (2 * largest * wl.act_bytes / 4 + largest) if plan.zero == 3 else 0
+    # a bucket's gradients concatenated, and the reduction's result (at most all of them)
+    buckets = 2 * min(plan.bucket_mb * 2**20, local) if plan.bucket_mb > 0 and plan.dp > 1 \
+        else 0
+    out = {"params": params, "grads": grads, "optimizer": opt, "compute_copy": cast,
+           "update": update, "activations": activation_bytes(cfg, plan, wl),
+           "buffers": gather + buckets}
+    out["total"] = sum(out.values()) * (1 + profile.device["memory_overhead"])
+    return out
+
+
+@functools.lru_cache(maxsize=65536)
+def _unsharded(plan: Plan) -> Plan:
+    """The plan without ZeRO: every data-parallel rank holds its whole tensor-parallel pieces."""
+    import dataclasses
+    return dataclasses.replace(plan, zero=0)
+
+
+def _largest_block_bytes(cfg, plan: Plan) -> float:
+    """fp32 bytes of the largest block's tensor-parallel pieces (what ZeRO-3 gathers at once)."""
+    return _largest_block(cfg if not _layered(cfg) else _with_layers(cfg, 1), plan.tp)
+
+
+@functools.lru_cache(maxsize=1024)
+def _largest_block(cfg, tp: int) -> float:
+    layouts = model_layouts(Plan(tp=tp).resolve(tp), cfg)
+    return max(sum(math.prod(layouts[k].local_shape) * 4 for k in b.params)
+               for b in models.blocks(cfg))
+
+
+# -------------------------------------------------------------------------------- prediction
+
+@dataclass(frozen=True)
+class Prediction:
+    plan: Plan
+    workload: Workload
+    step_seconds: float
+    compute_seconds: float
+    comm_seconds: float          # exposed
+    comm_total_seconds: float    # including what overlaps hide
+    bubble_seconds: float
+    optimizer_seconds: float
+    tokens_per_second_per_device: float
+    memory: dict
+
+    @property
+    def peak_gib(self) -> float:
+        return self.memory["total"] / 2**30
+
+    def as_dict(self) -> dict:
+        import dataclasses
+        p = {k: v for k, v in dataclasses.asdict(self.plan).items() if k != "rules"}
+        return {"plan": p, "micro_batch": self.workload.micro_batch,
+                "micro_num": self.workload.micro_num, "remat": self.workload.remat,
+                "step_seconds": self.step_seconds,
+                "tokens_per_second_per_device": self.tokens_per_second_per_device,
+                "peak_gib": self.peak_gib,
+                "time": {"compute": self.compute_seconds, "exposed_comm": self.comm_seconds,
+                         "bubble": self.bubble_seconds, "optimizer": self.optimizer_seconds,
+                         "comm_total": self.comm_total_seconds},
+                "memory_gib": {k: v / 2**30 for k, v in self.memory.items()}}
+
+
+def predict(cfg, plan: Plan, wl: Workload, profile: Profile, *, memory: dict | None = None
+            ) -> Prediction:
+    """Step time and peak memory per rank of a resolved ``plan`` running ``wl`` on ``profile``
+    (``memory``: ``memory_bytes`` of the same, when the caller has it)."""
+    c = compute_seconds(cfg, plan, wl, profile)
+    comm_total, exposed = comm_seconds(cfg, plan, wl, profile, c)
+    tp_comm = exposed if plan.pp > 1 else 0.0
+    bubble = pipeline_bubble_fraction(plan, wl.micro_num) * (c["total"] + tp_comm)
+    opt = optimizer_seconds(cfg, plan, profile)
+    step = c["total"] + exposed + bubble + opt
+    tokens = wl.micro_num * wl.tokens_per_micro * plan.dp
+    return Prediction(plan, wl, step, c["total"], exposed, comm_total, bubble, opt,
+                      tokens / step / plan.world_size,
+                      memory or memory_bytes(cfg, plan, wl, profile))

@@ -1,0 +1,268 @@
+"""``evo sweep EXP --top K --steps N --nproc P --out DIR``: run the best predicted plans, measure.
+
+The plans come from ``evo.sharding.search`` at world ``P`` on a profile of this machine (``--profile``
+or a fresh ``evo calibrate``); only plans the planner runs are launched (pipeline, Ulysses, ring
+and expert plans are predicted but skipped, and counted in the output). Each plan runs ``N`` steps
+under torchrun on random tokens of the experiment's shape; each rank records every step's wall
+time (after a barrier) and its peak memory:
+
+- on a CPU: the growth of the peak resident set (``getrusage`` max RSS) over a baseline taken the
+  same way after the process group and the batch exist and before the model does, with glibc told
+  to map every allocation above 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the
+  resident set;
+- on a GPU: ``torch.cuda.max_memory_allocated``.
+
+The step time is the median over steps after the first (warm-up) of the slowest rank's time.
+``DIR/sweep.json`` holds predicted and measured side by side (and the measured communication bytes
+against ``planner.expected_comm_bytes``); ``DIR/sweep.png`` charts them (needs matplotlib).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def base_of(exp, world: int):
+    """The experiment's step at ``world`` devices as a search base: its global rows (micro-batch ×
+    micro-batches × its data-parallel degree at that world) of ``data.seq_len`` tokens."""
+    from evo.sharding.search import Base
+    plan = exp.plan
+    dp = plan.dp if plan.dp != -1 else max(1, world // plan.model_parallel)
+    return Base(rows=exp.data.micro_batch * exp.data.micro_num * dp, seq_len=exp.data.seq_len,
+                compute_dtype=exp.compute_dtype)
+
+
+def choose(ranked: list, top: int, spread: bool) -> list:
+    """The first ``top`` predictions, or ``top`` spread evenly over the ranking."""
+    if not spread or top >= len(ranked):
+        return ranked[:top]
+    last = len(ranked) - 1
+    return [ranked[round(i * last / (top - 1))] for i in range(top)] if top > 1 else ranked[:1]
+
+
+def runnable(result, nproc: int, top: int) -> tuple[list, int]:
+    """The predictions the planner can run, and how many were skipped; ``--top`` beyond them is an
+    error naming both counts."""
+    from evo.sharding import cost
+    ok = [p for p in result.ranked if cost.implemented(p.plan)]
+    skipped = len(result.ranked) - len(ok)
+    if top > len(ok):
+        raise ValueError(f"--top {top}: only {len(ok)} plans that evo runs fit {nproc} processes "
+                         f"({len(result.ranked)} fit in all; {skipped} need pipeline, Ulysses, "
+                         "ring or expert parallelism, which the planner does not run yet)")
+    return ok, skipped
+
+
+def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | None = None,
+          spread: bool = False) -> dict:
+    from evo import calibrate
+    from evo.sharding import cost, search
+    os.makedirs(out, exist_ok=True)
+    if profile is None:
+        profile = os.path.join(out, "profile.json")
+        print(f"evo: calibrating this machine into {profile} ({nproc} processes)", flush=True)
+        calibrate.calibrate(profile, nproc)
+    prof = cost.load_profile(profile)
+    result = search.search(exp.model, nproc, base_of(exp, nproc), prof, every_remat=True)
+    ok, skipped = runnable(result, nproc, top)
+    rows = []
+    for i, pred in enumerate(choose(ok, top, spread)):
+        print(f"evo: [{i + 1}/{top}] {search.plan_fields(pred.plan)} mb={pred.workload.micro_batch}"
+              f" remat={pred.workload.remat}", flush=True)
+        measured = run_plan(exp, pred, steps, nproc, out, i)
+        rows.append(compare(exp.model, pred, measured))
+    report = {"experiment": exp.run_dir, "profile": prof.name, "nproc": nproc, "steps": steps,
+              "fit": len(result.ranked), "runnable": len(ok),
+              "skipped_not_implemented": skipped,
+              "note": (f"{skipped} plans that fit need pp/sp/cp/ep or weight_parallel, which the "
+                       "planner does not run yet: predicted, not run") if skipped else "",
+              "plans": rows, "summary": summary(rows)}
+    with open(os.path.join(out, "sweep.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    chart(rows, os.path.join(out, "sweep.png"), prof.name)
+    print(summary_text(report))
+    return report
+
+
+def run_plan(exp, pred, steps: int, nproc: int, out: str, index: int) -> dict:
+    """One plan under torchrun; the rank-0 JSON of every rank's measurements."""
+    from evo import models
+    fam = models.family_of(exp.model)
+    spec = {"family": fam.name, "model": fam.config_to_dict(exp.model),
+            "plan": {k: v for k, v in dataclasses.asdict(pred.plan).items() if k != "rules"},
+            "workload": dataclasses.asdict(pred.workload), "steps": steps}
+    spec_path = os.path.join(out, f"plan{index}.spec.json")
+    result_path = os.path.join(out, f"plan{index}.measured.json")
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", str(nproc), "-m", "evo.sweep", spec_path,
+                        result_path], env={**os.environ, **WORKER_ENV}, capture_output=True,
+                       text=True)
+    if r.returncode:
+        raise RuntimeError(f"evo sweep: plan {spec['plan']} failed:\n{r.stderr[-3000:]}")
+    with open(result_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def compare(cfg, pred, measured: dict) -> dict:
+    from evo.sharding import cost, search
+    step = measured["step_seconds"]
+    peak = max(measured["peak_bytes"])
+    expected = cost.comm_bytes(cfg, pred.plan, pred.workload)
+    return {"plan": search.plan_fields(pred.plan), "micro_batch": pred.workload.micro_batch,
+            "micro_num": pred.workload.micro_num, "remat": pred.workload.remat,
+            "predicted": pred.as_dict(), "measured": measured,
+            "step_error": pred.step_seconds / step - 1,
+            "memory_error": pred.memory["total"] / peak - 1,
+            "comm_bytes_equal": {k: v for k, v in measured["comm_bytes"].items()} ==
+            {k: int(v) for k, v in expected.items()}}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected among measured times)."""
+    def ranks(xs):
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        r = [0.0] * len(xs)
+        for pos, i in enumerate(order):
+            r[i] = float(pos)
+        return r
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    if n < 2:
+        return 1.0
+    d2 = sum((x - y) ** 2 for x, y in zip(ra, rb))
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+def summary(rows: list[dict]) -> dict:
+    if not rows:
+        return {}
+    pred = [r["predicted"]["step_seconds"] for r in rows]
+    meas = [r["measured"]["step_seconds"] for r in rows]
+    return {"max_abs_step_error": max(abs(r["step_error"]) for r in rows),
+            "max_abs_memory_error": max(abs(r["memory_error"]) for r in rows),
+            "spearman_step_time": spearman(pred, meas),
+            "comm_bytes_all_equal": all(r["comm_bytes_equal"] for r in rows)}
+
+
+def summary_text(report: dict) -> str:
+    lines = [f"{'plan':<40}{'mb':>3}{'remat':>6}{'pred s':>9}{'meas s':>9}{'err':>7}"
+             f"{'pred MiB':>10}{'meas MiB':>10}{'err':>7}"]
+    for r in report["plans"]:
+        lines.append(f"{r['plan']:<40}{r['micro_batch']:>3}{r['remat']:>6.1f}"
+                     f"{r['predicted']['step_seconds']:>9.3f}{r['measured']['step_seconds']:>9.3f}"
+                     f"{r['step_error']:>+7.0%}{r['predicted']['peak_gib'] * 1024:>10.1f}"
+                     f"{max(r['measured']['peak_bytes']) / 2**20:>10.1f}{r['memory_error']:>+7.0%}")
+    s = report["summary"]
+    if s:
+        lines.append(f"max |time error| {s['max_abs_step_error']:.1%}, max |memory error| "
+                     f"{s['max_abs_memory_error']:.1%}, Spearman {s['spearman_step_time']:.2f}, "
+                     f"comm bytes equal: {s['comm_bytes_all_equal']}")
+    if report.get("note"):
+        lines.append(report["note"])
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: str, profile: str) -> bool:
+    """Predicted against measured step time and peak memory per plan; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("evo: matplotlib is not installed (pip install 'evo-train[dev]'): no sweep.png")
+        return False
+    names = [f"{r['plan']}\nmb={r['micro_batch']} remat={r['remat']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.5 * len(rows) + 2.5))
+    y = range(len(rows))
+    series = ((axes[0], "step seconds", lambda r: r["predicted"]["step_seconds"],
+               lambda r: r["measured"]["step_seconds"]),
+              (axes[1], "peak MiB per rank", lambda r: r["predicted"]["peak_gib"] * 1024,
+               lambda r: max(r["measured"]["peak_bytes"]) / 2**20))
+    for ax, label, p, m in series:
+        ax.barh([i - 0.2 for i in y], [p(r) for r in rows], 0.4, label="predicted")
+        ax.barh([i + 0.2 for i in y], [m(r) for r in rows], 0.4, label="measured")
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+        ax.legend()
+    axes[0].set_yticks(list(y), names, fontsize=7)
+    axes[1].set_yticks([])
+    fig.suptitle(f"evo sweep: predicted vs measured ({profile})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------ the worker
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _load_code_paths() -> None:
+    """Run recomputation once on a toy function before the baseline: its first call loads code
+    (about 150 MB of resident modules on a CPU) that is no tensor of the step."""
+    from torch.utils.checkpoint import checkpoint
+    x = torch.ones(2, requires_grad=True)
+    checkpoint(lambda t: (t * 2).sin(), x, use_reentrant=False).sum().backward()
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from evo import models, optim, train
+    from evo.sharding import Plan, planner, shard
+    from evo.sharding.mesh import build_mesh
+    spec = json.load(open(spec_path, encoding="utf-8"))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=900))
+    cfg = models.get(spec["family"]).config_from_dict(spec["model"])
+    plan, wl = Plan(**spec["plan"]), spec["workload"]
+    mesh = build_mesh(plan)
+    device = torch.device("cpu")
+    g = torch.Generator().manual_seed(mesh.coords["dp"])
+    tokens = torch.randint(0, cfg.vocab_size, (wl["micro_num"], wl["micro_batch"], wl["seq_len"]),
+                           generator=g)
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, dims=-1)}
+    _load_code_paths()
+    baseline = _peak_bytes(device)
+    opt = optim.adamw(lr=1e-4, weight_decay=0.1)
+    step = shard(train.Step(cfg, opt, compute_dtype=getattr(torch, wl["compute_dtype"]),
+                            remat=wl["remat"], donate=True), plan, mesh)
+    state = planner.init_state(cfg, opt, planner.init_params(cfg, 0, mesh), mesh)
+    times = []
+    for _ in range(spec["steps"]):
+        dist.barrier()
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        times.append(time.perf_counter() - start)
+    peak = _peak_bytes(device) - baseline
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, {"times": times, "peak": peak})
+    if dist.get_rank() == 0:
+        slowest = [max(e["times"][i] for e in every) for i in range(len(times))]
+        with open(out_path, "w", encoding="utf-8") as f:
+            json.dump({"step_seconds": statistics.median(slowest[1:] or slowest),
+                       "step_times": slowest, "peak_bytes": [e["peak"] for e in every],
+                       "comm_bytes": dict(metrics["comm_bytes"])}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2])

@@ -1,0 +1,189 @@
+"""The plan cost model (evo.sharding.cost): profiles, bytes from the planner, time and memory.
+
+References: ``planner.expected_comm_bytes`` (which tests/test_sharding.py proves equal to the bytes
+every swept plan hands to its collectives) and ``planner.per_rank_bytes``; ring-collective and
+bubble formulas written out by hand below.
+"""
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from evo import models
+from evo.models import llama
+from evo.sharding import Plan, cost, planner
+from sweep_worker import CASES, GLOBAL_MICRO, MODELS, T
+
+A800 = cost.load_profile("a800-80gb-roce")
+
+
+def _wl(case) -> cost.Workload:
+    dp = case.plan.resolve(case.world).dp
+    return cost.Workload(GLOBAL_MICRO // dp, 1, T, case.dtype, case.remat)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_comm_bytes_are_the_planners_for_every_swept_plan(case):
+    """For every plan of the equivalence sweep (whose measured bytes test_sharding compares with
+    expected_comm_bytes), the cost model's bytes are exactly expected_comm_bytes."""
+    plan, cfg, wl = case.plan.resolve(case.world), MODELS[case.model], _wl(case)
+    want = planner.expected_comm_bytes(cfg, plan, micro_num=wl.micro_num, tokens_per_micro=T,
+                                       compute_dtype=getattr(torch, case.dtype),
+                                       remat=case.remat)
+    assert cost.comm_bytes(cfg, plan, wl) == want
+
+
+def test_cost_model_consumes_expected_comm_bytes(monkeypatch):
+    """Bytes reach the time model only through planner.expected_comm_bytes: doubling its answer
+    doubles every collective's bandwidth term."""
+    cfg = MODELS["llama"]
+    plan, wl = Plan(dp=2, tp=2, zero=1).resolve(4), cost.Workload(2, 1, 32, "float32")
+    real = planner.expected_comm_bytes
+    cost._planner_bytes.cache_clear()
+    cost.planner_comm_bytes.cache_clear()
+    monkeypatch.setattr(planner, "expected_comm_bytes",
+                        lambda *a, **k: {key: 2 * v for key, v in real(*a, **k).items()})
+    doubled = cost.comm_bytes(cfg, plan, wl)
+    monkeypatch.undo()
+    cost._planner_bytes.cache_clear()
+    cost.planner_comm_bytes.cache_clear()
+    assert doubled == {k: 2 * v for k, v in cost.comm_bytes(cfg, plan, wl).items()}
+
+
+BIG = llama.Config(vocab_size=512, hidden_size=64, num_layers=12, num_heads=8, num_kv_heads=4,
+                   intermediate_size=96)
+
+
+@pytest.mark.parametrize("plan,remat", [(Plan(dp=8, zero=1), 0.5), (Plan(dp=4, tp=2, zero=3), 0.0),
+                                        (Plan(dp=4, tp=2, zero=2, zero_group=2,
+                                              sequence_parallel=True), 0.75),
+                                        (Plan(dp=2, tp=4, zero=0), 1.0)])
+def test_layered_counting_is_exact(plan, remat):
+    """Large models are counted on one- and two-layer copies: the answer equals the direct call."""
+    plan = plan.resolve(8)
+    assert cost._layered(BIG)
+    got = cost.comm_bytes(BIG, plan, cost.Workload(3, 2, 16, "bfloat16", remat))
+    assert got == planner.expected_comm_bytes(BIG, plan, micro_num=3, tokens_per_micro=32,
+                                              compute_dtype=torch.bfloat16, remat=remat)
+    assert cost.state_bytes(BIG, plan) == planner.per_rank_bytes(BIG, plan)
+
+
+def test_bundled_profiles_load_and_cite_every_value():
+    names = cost.bundled_profiles()
+    assert {"a100-80gb-roce", "a800-80gb-roce", "h100-80gb-ib", "h200-141gb-ib"} <= set(names)
+    for name in names:
+        p = cost.load_profile(name)
+        for path in cost.SCHEMA:
+            if path not in ("name", "sources", "device.name"):
+                assert path in p.sources, (name, path)
+    # 4 x 100 Gb/s RoCE per A800 node, 8 x 400 Gb/s InfiniBand per H100 node
+    assert A800.cluster["inter_node"]["bandwidth_gbs"] == 50.0
+    assert cost.load_profile("h100-80gb-ib").cluster["inter_node"]["bandwidth_gbs"] == 400.0
+
+
+@pytest.mark.parametrize("path", ["device.matmul_tflops", "cluster.inter_node.latency_us",
+                                  "cluster.overlap", "sources"])
+def test_a_profile_missing_a_field_names_it(tmp_path, path):
+    d = json.load(open(f"{cost.PROFILE_DIR}/a800-80gb-roce.json"))
+    parts = path.split(".")
+    holder = d
+    for p in parts[:-1]:
+        holder = holder[p]
+    del holder[parts[-1]]
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(d))
+    with pytest.raises(cost.ProfileError, match=f"missing field {path}$"):
+        cost.load_profile(str(f))
+
+
+def test_a_bad_profile_value_names_the_field():
+    d = copy.deepcopy(json.load(open(f"{cost.PROFILE_DIR}/a800-80gb-roce.json")))
+    d["cluster"]["overlap"] = 1.5
+    with pytest.raises(cost.ProfileError, match=r"cluster.overlap must be a number in \[0, 1\]"):
+        cost.profile_from_dict(d)
+    d["cluster"]["overlap"] = 0.5
+    d["device"]["matmul_tflops"]["bfloat16"] = "fast"
+    with pytest.raises(cost.ProfileError, match="device.matmul_tflops.bfloat16 must be a number"):
+        cost.profile_from_dict(d)
+    with pytest.raises(cost.ProfileError, match="not a bundled profile"):
+        cost.load_profile("no-such-gpu")
+
+
+def test_collectives_follow_the_ring_and_the_nodes():
+    """A group inside a node uses NVLink; a data-parallel group across nodes (tp=8 fills each
+    node) shares the node's 50 GB/s among its 8 groups."""
+    nbytes = 1e9
+    intra = cost.collective_seconds(A800, "all_reduce", nbytes, 1, 8, 8)
+    assert intra == pytest.approx(2 * 7 * 8e-6 + 2 * 7 / 8 * nbytes / 200e9)
+    plan = Plan(tp=8).resolve(64)
+    n, per_node = cost._placement(plan, "dp", A800)
+    assert (n, per_node) == (8, 1)
+    inter = cost.collective_seconds(A800, "all_reduce", nbytes, 1, n, per_node)
+    assert inter == pytest.approx(2 * 7 * 20e-6 + 2 * 7 / 8 * nbytes / (50e9 / 8))
+    assert cost._placement(plan, "tp", A800) == (8, 8)
+
+
+def test_compute_time_is_flops_at_the_profiles_efficiency():
+    cfg = MODELS["llama"]
+    plan, wl = Plan(dp=1, tp=2).resolve(2), cost.Workload(4, 2, 32, "bfloat16", 0.5)
+    c = cost.compute_seconds(cfg, plan, wl, A800)
+    dev = A800.device
+    total = models.flops_per_token(cfg, 32)
+    attn = 12 * 2 * 8 * 4 * 32
+    tokens = 4 * 2 * 32 / 2
+    redo = 1 + 1 / 2 / 3  # one of two layers run forward twice
+    want = ((total - attn) / dev["compute_efficiency"] + attn / dev["attention_efficiency"]) \
+        * tokens / 312e12 * redo + 4 * 4 * 3.5 * 40e-6
+    assert c["total"] == pytest.approx(want)
+
+
+def test_memory_holds_the_planners_state_bytes():
+    cfg = MODELS["llama"]
+    for plan in (Plan(dp=4, zero=1), Plan(dp=2, tp=2, zero=3), Plan(dp=4, zero=2, zero_group=2)):
+        plan = plan.resolve(4)
+        m = cost.memory_bytes(cfg, plan, cost.Workload(1, 1, 32, "float32"), A800)
+        b = planner.per_rank_bytes(cfg, plan)
+        assert m["params"] == b["params"] and m["optimizer"] == b["optimizer"]
+        unsharded = planner.per_rank_bytes(cfg, dataclasses.replace(plan, zero=0))["grads"]
+        assert m["grads"] == (b["grads"] if plan.zero == 3 else unsharded)
+
+
+def test_activations_shrink_with_recomputation_sequence_split_and_stages():
+    cfg = llama.Config(vocab_size=512, hidden_size=256, num_layers=8, num_heads=8,
+                       intermediate_size=512)
+    wl = cost.Workload(8, 1, 1024, "bfloat16", 0.0)
+    act = lambda plan, w=wl: cost.activation_bytes(cfg, plan.resolve(64), w)  # noqa: E731
+    assert act(Plan(), dataclasses.replace(wl, remat=1.0)) < act(Plan()) / 3
+    assert act(Plan(cp=2)) == pytest.approx(act(Plan()) / 2)
+    full, kept = cost.layer_activation_bytes(cfg, Plan().resolve(1), wl)
+    logits = 3 * 1024 * 512 * 4
+    # 1F1B's first stage holds pp micro-batches of its pp-th of the layers
+    assert act(Plan(pp=4)) == pytest.approx(4 * 1024 * 8 * full / 4 + logits)
+
+
+def test_pipeline_bubble_of_each_schedule():
+    m = 16
+    bubble = lambda **k: cost.pipeline_bubble_fraction(Plan(pp=4, **k), m)  # noqa: E731
+    assert bubble() == 3 / 16
+    assert bubble(pp_schedule="interleaved", pp_virtual=2) == 3 / 32
+    assert bubble(pp_schedule="zbh1") == pytest.approx(3 / 48)
+    assert bubble(pp_schedule="zbv", pp_virtual=2) == 0.0
+    assert cost.pipeline_bubble_fraction(Plan(), m) == 0.0
+
+
+def test_analytic_axes_add_their_collectives():
+    cfg = MODELS["llama"]
+    wl = cost.Workload(4, 1, 32, "bfloat16")
+    layers = cfg.num_layers
+    b = cost.comm_bytes(cfg, Plan(sp=2, cp=2, pp=2).resolve(8), wl)
+    # Ulysses: 4·N·h/sp per layer, forward + twice in backward, N = the micro-batch's tokens
+    assert b["all_to_all/sp"] == 3 * layers / 2 * 4 * 4 * 32 * 32 * 2 / 2
+    # ring: k and v of the local chunk around cp − 1 steps, forward + backward twice
+    assert b["send_recv/cp"] == 3 * layers / 2 * 4 * 2 * (32 / 4) * 16 * 2 * 1
+    assert b["send_recv/pp"] == 2 * 4 * (32 / 4) * 32 * 2
+    assert not cost.implemented(Plan(pp=2)) and cost.implemented(Plan(tp=2, zero=3))
+    assert math.isfinite(cost.predict(cfg, Plan(sp=2, cp=2, pp=2).resolve(8), wl,
+                                      A800).step_seconds)
