@@ -1,7 +1,7 @@
 """Long context pieces that need no process group: attention with its log-sum-exp, the sequence
 layout (zigzag) and its causal load balance, the batch split, and the bad inputs of plan.sp /
 plan.cp. The distributed equivalence (sp, cp, both, with dp, ZeRO and tp) is in the sweep
-(tests/sweep_worker.py) and the CLI test (tests/test_cli.py).
+(tests/sweep_worker.py) and the CLI test (tests/test_torchrun.py).
 
 Tolerances: fp64 inputs, so the exact merge of two key blocks equals the one-block attention to
 1e-12 (a few hundred fp64 roundings); fp32 to 1e-6 (≈ 10 eps of the largest output).
