@@ -16,17 +16,17 @@ train_folder, valid_folder = data.build_stdlib_corpus(corpus, vocab_size=4096, t
 
 model = models.mixtral.Config(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4,
                               num_kv_heads=2, intermediate_size=128, num_experts=8, top_k=2,
-                              aux_loss_coef=0.01, max_seq_len=1024)
+                              tie_embeddings=True, aux_loss_coef=0.01, max_seq_len=1024)
 experiment = Experiment(
     model=model,
-    data=data.Packed(folder=train_folder, valid_folder=valid_folder, seq_len=128, micro_batch=4,
+    data=data.Packed(folder=train_folder, valid_folder=valid_folder, seq_len=256, micro_batch=4,
                      micro_num=1, seed=0),
-    optimizer=optim.adamw(lr=optim.warmup_cosine(peak=1e-2, warmup=0.1, floor=1e-3),
+    optimizer=optim.adamw(lr=optim.warmup_cosine(peak=4e-3, warmup=0.05, floor=4e-4),
                           weight_decay=0.1, clip_norm=1.0),
     plan=Plan(dp=-1, tp=1, zero=0),
-    steps=150,
+    steps=400,
     log_every=25,
-    eval_every=75,
+    eval_every=100,
     eval_batches=8,
     run_dir="runs/tiny_moe",
     tokenizer=f"{corpus}/tokenizer.json",
