@@ -107,7 +107,8 @@ class MeshShape:
 
 def mesh_shape(plan: Plan) -> MeshShape:
     """The mesh of a resolved plan: ``pp × replica × zero × cp × sp × tp`` with the derived
-    ``dp = (replica, zero)`` (and ``seq = (cp, sp)`` under ``plan.weight_parallel``); with ``plan.ep > 1``, ``pp × replica × zero × ep × cp × sp × tp``
+    ``dp = (replica, zero)`` (and ``seq = (cp, sp)`` under ``plan.weight_parallel``); with
+    ``plan.ep > 1``, ``pp × replica × zero × ep × cp × sp × tp``
     (see ``expert_mesh_shape``)."""
     if plan.ep > 1:
         return expert_mesh_shape(plan)

@@ -18,7 +18,10 @@ What each plan does, per step:
   between regions is split on the sequence, entered by all-gather and left by reduce-scatter.
 - long context (``plan.sp``, ``plan.cp``; ``evo.sharding.context``): every packed row split over
   the sequence group, Ulysses all-to-alls and zigzag ring attention around attention (the
-  ``Regions.attention`` hook), gradients and loss sums all-reduced over cp and sp.
+  ``Regions.attention`` hook), gradients and loss sums all-reduced over cp and sp. With
+  ``plan.weight_parallel`` the weights are stored sharded over the sequence group (mesh axis
+  ``seq``) and handled as ZeRO-3's over ``zero``: gathered per block (next block prefetched,
+  again when recomputed), gradients reduce-scattered over the group in backward.
 
 The model takes part only through its family's blocks and its ``Regions`` hooks
 (``evo.models.family``, ``evo.models.layers``); the planner names no parameter.
