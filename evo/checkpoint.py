@@ -61,6 +61,16 @@ def _rows_range(lay: ParamLayout, plan, zero_index: int) -> tuple[int, int]:
     return min(start, rows), min(start + lay.shard_shape[0], rows)
 
 
+def _params_sharded(plan) -> bool:
+    """Whether a rank stores a shard of each piece's rows: ZeRO-3, or weight parallelism (one
+    shard per rank of the sequence group, ``seq``)."""
+    return plan.zero == 3 or plan.weight_parallel
+
+
+def _opt_sharded(plan) -> bool:
+    return plan.zero >= 1 or plan.weight_parallel
+
+
 def piece_rect(lay: ParamLayout, plan, coords: dict[str, int], sharded: bool
                ) -> tuple[list[int], list[int]]:
     """Global (offset, size) of this rank's piece: the tensor-parallel piece, or its ZeRO shard
@@ -68,7 +78,7 @@ def piece_rect(lay: ParamLayout, plan, coords: dict[str, int], sharded: bool
     offset = list(lay.offset(coords, mesh_shape(plan).sizes))
     size = list(lay.local_shape)
     if sharded and size:
-        lo, hi = _rows_range(lay, plan, coords["zero"])
+        lo, hi = _rows_range(lay, plan, coords["seq" if plan.weight_parallel else "zero"])
         offset[0] += lo
         size[0] = hi - lo
     return offset, size
@@ -79,13 +89,13 @@ def _stored_pieces(cfg, mesh: Mesh, state: train.TrainState) -> dict[str, tuple]
     plan, c = mesh.plan, mesh.coords
     layouts = pipeline.local_layouts(model_layouts(plan, cfg), cfg, plan, c["pp"], primary=True)
     out = {}
-    groups = (("params/", state.params, plan.zero == 3),
-              ("opt/mu/", state.opt_state.mu, plan.zero >= 1),
-              ("opt/nu/", state.opt_state.nu, plan.zero >= 1))
+    groups = (("params/", state.params, _params_sharded(plan)),
+              ("opt/mu/", state.opt_state.mu, _opt_sharded(plan)),
+              ("opt/nu/", state.opt_state.nu, _opt_sharded(plan)))
     for prefix, tensors, sharded in groups:
         writer = c["replica"] == 0 if sharded else c["dp"] == 0   # one copy of each piece
-        if c["cp"] != 0 or c["sp"] != 0:                          # the sequence group's copies
-            continue
+        if (c["cp"] != 0 or c["sp"] != 0) and not plan.weight_parallel:   # the sequence
+            continue                                              # group's copies
         if not writer and plan.ep == 1:
             continue
         for k, lay in layouts.items():
@@ -417,7 +427,8 @@ def load_params(path: str, cfg, mesh: Mesh, *, device=None
     """This rank's parameter pieces under ``mesh.plan``, from a checkpoint of any plan."""
     index = read_index(path)
     check_model(index, cfg, path)
-    return _load_group(_Reader(path, index), "params/", cfg, mesh, mesh.plan.zero == 3, device)
+    return _load_group(_Reader(path, index), "params/", cfg, mesh, _params_sharded(mesh.plan),
+                       device)
 
 
 def _load_group(reader: _Reader, prefix: str, cfg, mesh: Mesh, sharded: bool, device):
@@ -439,9 +450,9 @@ def load_state(path: str, cfg, optimizer, mesh: Mesh, *, device=None
     check_model(index, cfg, path)
     reader = _Reader(path, index)
     plan = mesh.plan
-    params = _load_group(reader, "params/", cfg, mesh, plan.zero == 3, device)
-    mu = _load_group(reader, "opt/mu/", cfg, mesh, plan.zero >= 1, device)
-    nu = _load_group(reader, "opt/nu/", cfg, mesh, plan.zero >= 1, device)
+    params = _load_group(reader, "params/", cfg, mesh, _params_sharded(plan), device)
+    mu = _load_group(reader, "opt/mu/", cfg, mesh, _opt_sharded(plan), device)
+    nu = _load_group(reader, "opt/nu/", cfg, mesh, _opt_sharded(plan), device)
     s = index["scalars"]
     dev = next(iter(params.values())).device
     opt = optimizer.init(mu)._replace(

@@ -128,7 +128,8 @@ MUTATIONS = [
              "return visible(idx[:, None], idx[None, :], window)", ("tests/test_hf_reference.py",)),
     # --- long context (plan.sp, plan.cp)
     Mutation("sequence-group-grads-not-summed", "evo/sharding/planner.py",
-             "        grads = context.reduce_over_sequence(grads, comm)\n", ""),
+             "            grads = context.reduce_over_sequence(grads, comm)\n",
+             "            pass\n"),
     Mutation("ring-mask-document-start-shifted", "evo_kernels/attention.py",
              "& (k >= self.q_start[..., None])", "& (k >= self.q_start[..., None] - 1)",
              (SWEEP, "tests/test_context.py")),
@@ -141,6 +142,13 @@ MUTATIONS = [
     Mutation("lse-merge-weights-the-new-block-wrongly", "evo_kernels/attention.py",
              "torch.exp(lse_i - new)[..., None]", "torch.exp(lse_i - lse)[..., None]",
              (SWEEP, "tests/test_context.py")),
+    # --- weight parallelism (plan.weight_parallel): backward keeps each rank's own part of its
+    # shard's gradient instead of reduce-scattering the gathered gradient over the group
+    Mutation("wp-grads-not-reduce-scattered-over-the-sequence-group", "evo/sharding/planner.py",
+             "return C.gather_from(w, self.comm, self.shard_axis, 0,",
+             "return C._region(w, self.comm, self.shard_axis, 'all_gather', 'split' if "
+             "self.plan.weight_parallel else 'reduce_scatter', 0, "
+             "self.coords.get(self.shard_axis, 0),"),
     # --- plan cost model (evo/sharding/cost.py)
     Mutation("cost-all-reduce-moves-half", "evo/sharding/cost.py",
              '"all_reduce": (2 * (n - 1) / n, 2 * (n - 1)),',

@@ -142,6 +142,9 @@ CASES = [
     Case("pp2-zbv", Plan(dp=1, pp=2, pp_schedule="zbv", pp_virtual=2), 2),
     Case("pp2-tied", Plan(dp=1, pp=2), 2, "llama-odd-tied"),
     Case("pp2-dp2-zero2-unbucketed", Plan(dp=2, pp=2, zero=2, bucket_mb=0), 4),
+    # weight parallelism: each block's weights sharded over the sequence group, gathered per
+    # block (next one prefetched, again when recomputed), gradients reduce-scattered over it
+    Case("sp2-wp", Plan(dp=1, sp=2, weight_parallel=True), 2),
 ]
 
 

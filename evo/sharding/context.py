@@ -23,7 +23,9 @@ Attention (``SequenceAttention``, the ``Regions.attention`` of a sharded step):
 
 Gradients of every parameter are summed over the sequence group after the data-parallel
 synchronisation (each rank saw part of each sequence); the loss normaliser counts the labelled
-tokens of the whole sequence.
+tokens of the whole sequence. Under ``plan.weight_parallel`` the weights are stored sharded over
+the sequence group (mesh axis ``seq``) and gathered per block (``planner.ShardedRegions``): the
+backward of the gather reduce-scatters their gradients over the group, which is that sum.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 Two splits compose. The plan's rules split each dimension whose logical axis they map to mesh axes
 (``"tp"`` today) into contiguous chunks, one per rank of those axes. ZeRO then splits that piece on
 its first dimension into ``zero_group`` chunks, padding the first dimension with zeros to a
-multiple of ``zero_group`` (padding rows get zero gradients and stay zero). Everything here is arithmetic on
+multiple of ``zero_group`` (padding rows get zero gradients and stay zero); under
+``plan.weight_parallel`` (which takes no ZeRO) the piece is split so over the ``cp · sp`` ranks of
+the sequence group instead. Everything here is arithmetic on
 shapes: it runs for a world of 16384 ranks without allocating anything.
 """
 from __future__ import annotations
@@ -74,6 +76,8 @@ def param_layout(plan: Plan, shape: tuple[int, ...], axes: tuple[str, ...], name
     shard = list(local)
     if plan.zero > 0 and local:
         shard[0] = math.ceil(local[0] / plan.zero_group)
+    elif plan.weight_parallel and local:   # one shard per rank of the sequence group (``seq``)
+        shard[0] = math.ceil(local[0] / (plan.cp * plan.sp))
     return ParamLayout(tuple(shape), split, tuple(local), tuple(shard))
 
 

@@ -107,14 +107,21 @@ class MeshShape:
 
 def mesh_shape(plan: Plan) -> MeshShape:
     """The mesh of a resolved plan: ``pp × replica × zero × cp × sp × tp`` with the derived
-    ``dp = (replica, zero)``; with ``plan.ep > 1``, ``pp × replica × zero × ep × cp × sp × tp``
+    ``dp = (replica, zero)`` (and ``seq = (cp, sp)`` under ``plan.weight_parallel``); with
+    ``plan.ep > 1``, ``pp × replica × zero × ep × cp × sp × tp``
     (see ``expert_mesh_shape``)."""
     if plan.ep > 1:
         return expert_mesh_shape(plan)
     return MeshShape(base=(("pp", plan.pp), ("replica", plan.dp // plan.zero_group),
                            ("zero", plan.zero_group), ("cp", plan.cp), ("sp", plan.sp),
                            ("tp", plan.tp)),
-                     derived=(("dp", ("replica", "zero")),))
+                     derived=(("dp", ("replica", "zero")), *sequence_axis(plan)))
+
+
+def sequence_axis(plan: Plan) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """With ``plan.weight_parallel``, the derived ``seq = (cp, sp)``: the ranks sharing one
+    sequence, over which each block's weights are sharded (``seq`` index ``cp · sp_size + sp``)."""
+    return (("seq", ("cp", "sp")),) if plan.weight_parallel else ()
 
 
 def expert_mesh_shape(plan: Plan) -> MeshShape:

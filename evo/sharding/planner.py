@@ -18,7 +18,10 @@ What each plan does, per step:
   between regions is split on the sequence, entered by all-gather and left by reduce-scatter.
 - long context (``plan.sp``, ``plan.cp``; ``evo.sharding.context``): every packed row split over
   the sequence group, Ulysses all-to-alls and zigzag ring attention around attention (the
-  ``Regions.attention`` hook), gradients and loss sums all-reduced over cp and sp.
+  ``Regions.attention`` hook), gradients and loss sums all-reduced over cp and sp. With
+  ``plan.weight_parallel`` the weights are stored sharded over the sequence group (mesh axis
+  ``seq``) and handled as ZeRO-3's over ``zero``: gathered per block (next block prefetched,
+  again when recomputed), gradients reduce-scattered over the group in backward.
 
 The model takes part only through its family's blocks and its ``Regions`` hooks
 (``evo.models.family``, ``evo.models.layers``); the planner names no parameter.
@@ -55,7 +58,8 @@ class ShardedRegions(Regions):
         self.comm, self.layouts = comm, layouts
         self.plan, self.tp_index = mesh.plan, mesh.coords["tp"]
         self.sp = mesh.plan.sequence_parallel and mesh.plan.tp > 1
-        self.checkpoint_layers = mesh.plan.zero == 3
+        self.checkpoint_layers = mesh.plan.zero == 3 or mesh.plan.weight_parallel
+        self.shard_axis = stored_shard_axis(mesh.plan)
         self.blocks = fam.blocks(cfg)
         self.order = {b.name: i for i, b in enumerate(self.blocks)}
         self.embedding = fam.embedding_param(cfg)
@@ -66,14 +70,15 @@ class ShardedRegions(Regions):
         self.expert_traffic = EP.ExpertTraffic()
 
     def _sharded(self) -> bool:
-        return self.plan.zero == 3 and self.comm.size("zero") > 1
+        return self.shard_axis is not None and self.comm.size(self.shard_axis) > 1
 
     def param(self, params, name):
         w = params[name]
         if not self._sharded():
             return w
         rows = self.layouts[name].local_shape[0]
-        return C.gather_from(w, self.comm, "zero", 0, self.prefetched.pop(name, None))[:rows]
+        return C.gather_from(w, self.comm, self.shard_axis, 0,
+                             self.prefetched.pop(name, None))[:rows]
 
     def block(self, params, block):
         i = self.order[block.name]
@@ -81,7 +86,8 @@ class ShardedRegions(Regions):
         if self._sharded() and self.in_forward:
             for k in self.blocks[i + 1].params:
                 if k not in self.prefetched:
-                    self.prefetched[k] = C.launch_all_gather(self.comm, params[k].detach(), "zero")
+                    self.prefetched[k] = C.launch_all_gather(self.comm, params[k].detach(),
+                                                             self.shard_axis)
         return {k: self.param(params, k) for k in block.params}
 
     def embed(self, tokens, weight):
@@ -168,6 +174,21 @@ def _zero_shard(x: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> torch.Tenso
     return _pad_rows(x, layout.shard_shape[0] * n).chunk(n)[mesh.coords["zero"]]
 
 
+def stored_shard_axis(plan) -> str | None:
+    """The mesh axis parameters are stored sharded over, gathered per block: ``zero`` (ZeRO-3),
+    ``seq`` (``plan.weight_parallel``: the sequence group), or None (stored whole)."""
+    return "seq" if plan.weight_parallel else "zero" if plan.zero == 3 else None
+
+
+def _stored_shard(x: torch.Tensor, layout: ParamLayout, mesh: Mesh) -> torch.Tensor:
+    """The piece as this rank stores it: its ZeRO-3 or weight-parallel shard, else whole."""
+    axis = stored_shard_axis(mesh.plan)
+    if axis is None:
+        return x
+    n = mesh.sizes[axis]
+    return _pad_rows(x, layout.shard_shape[0] * n).chunk(n)[mesh.coords[axis]]
+
+
 def _balance(cfg, params: dict[str, torch.Tensor], load: torch.Tensor,
              layouts: dict[str, ParamLayout], mesh: Mesh) -> dict[str, torch.Tensor]:
     """This rank's pieces of ``models.moe.update_bias``: each bias step cut as its bias is
@@ -175,7 +196,7 @@ def _balance(cfg, params: dict[str, torch.Tensor], load: torch.Tensor,
     out = dict(params)
     for k, s in models.moe.bias_steps(cfg, load).items():
         s = _tp_piece(s, layouts[k], mesh)
-        s = _zero_shard(s, layouts[k], mesh) if mesh.plan.zero == 3 else s
+        s = _stored_shard(s, layouts[k], mesh)
         out[k] = params[k] + s.to(params[k].dtype)
     return out
 
@@ -195,7 +216,7 @@ def shard_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
     out = {}
     for k, lay in layouts.items():
         x = _tp_piece(params[k], lay, mesh)
-        out[k] = (_zero_shard(x, lay, mesh) if mesh.plan.zero == 3 else x).contiguous().clone()
+        out[k] = _stored_shard(x, lay, mesh).contiguous().clone()
     return out
 
 
@@ -207,7 +228,7 @@ def init_params(cfg, seed: int, mesh: Mesh, *, device=None
     out = {}
     for k, lay in layouts.items():
         x = _tp_piece(models.init_param(cfg, k, seed, device=device), lay, mesh)
-        out[k] = (_zero_shard(x, lay, mesh) if mesh.plan.zero == 3 else x).contiguous().clone()
+        out[k] = _stored_shard(x, lay, mesh).contiguous().clone()
     return out
 
 
@@ -244,8 +265,8 @@ def gather_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
     out = {}
     for k, lay in layouts.items():
         x = params[k]
-        if mesh.plan.zero == 3:
-            x = comm.all_gather(x, "zero")[:lay.local_shape[0]]
+        if stored_shard_axis(mesh.plan) is not None:
+            x = comm.all_gather(x, stored_shard_axis(mesh.plan))[:lay.local_shape[0]]
         if lay.tp_dim is not None:
             x = comm.all_gather(x, "tp", lay.tp_dim)
         if lay.ep_dim is not None:
@@ -412,7 +433,8 @@ class ShardedStep:
                                 loss_scale=None if scaled is None else scaled.scale)
         t_backward = clock.lap()
         grads = self._synchronise(grads, layouts, comm, regions, bucketed=sink is not None)
-        grads = context.reduce_over_sequence(grads, comm)
+        if not plan.weight_parallel:   # else backward reduce-scattered them over ``seq``
+            grads = context.reduce_over_sequence(grads, comm)
         aux = context.reduce_over_sequence(aux, comm)
         if stages is not None:
             grads = pipeline.sum_tied(step.model, grads, layouts, self.mesh, comm)
@@ -533,6 +555,8 @@ class ShardedStep:
         """Global L2 norm: squares of split gradients summed over the ranks holding the pieces."""
         if self.plan.ep > 1:
             return _expert_grad_norm(grads, layouts, comm, self.plan)
+        if self.plan.weight_parallel:   # shards over the sequence group (check_plan: tp = 1)
+            return comm.all_reduce(tree.global_norm(grads) ** 2, "seq").sqrt()
         if self.plan.tp == 1 and (self.plan.zero == 0 or self.plan.zero_group == 1):
             return tree.global_norm(grads)  # every rank holds whole gradients: the plain norm
         split = [g for k, g in grads.items() if layouts[k].tp_dim is not None]
@@ -565,11 +589,21 @@ def check_plan(plan, cfg, attention: str = "auto") -> None:
     """What the planner refuses about a plan for a model, before any process-group work: fields
     it does not implement yet, axes not yet proven together, and the sequence group's checks
     (``context.check_plan``)."""
-    if plan.weight_parallel:
-        raise ValueError("shard: plan.weight_parallel is not implemented by the planner yet")
+    _check_weight_parallel(plan)
     _check_combination(plan, cfg)
     if plan.cp * plan.sp > 1:
         context.check_plan(plan, cfg, attention)
+
+
+def _check_weight_parallel(plan) -> None:
+    """``plan.weight_parallel`` stores each weight, its gradient and its optimizer state as one
+    shard per rank of the sequence group; it is proven with ``zero=0``, ``tp=1`` and ``dp=1``."""
+    if not plan.weight_parallel:
+        return
+    for field, value, ok in (("zero", plan.zero, 0), ("tp", plan.tp, 1), ("dp", plan.dp, 1)):
+        if value not in (ok, -1):
+            raise ValueError(f"shard: plan.weight_parallel with plan.{field}={value} is not "
+                             f"implemented by the planner yet (only plan.{field}={ok})")
 
 
 def _check_combination(plan, cfg) -> None:
@@ -597,6 +631,7 @@ def shard(step: train.Step, plan, mesh: Mesh | None = None) -> ShardedStep:
     mesh = mesh or build_mesh(plan)
     if mesh.plan != plan.resolve(mesh.plan.world_size):
         raise ValueError(f"shard: the mesh was built for {mesh.plan}, not {plan}")
+    _check_weight_parallel(mesh.plan)   # dp resolved
     model_layouts(mesh.plan, step.model)  # validate the plan against the model up front
     pipeline.check(step.model, mesh.plan)
     if mesh.plan.pp > 1 and step.compile:
@@ -613,9 +648,9 @@ def per_rank_bytes(cfg, plan, dtype: torch.dtype = torch.float32, *, pp_index: i
     size = torch.empty((), dtype=dtype).element_size()
     local = sum(math.prod(l.local_shape) for l in layouts.values()) * size
     shard = sum(math.prod(l.shard_shape) for l in layouts.values()) * size
-    params = shard if plan.zero == 3 else local
-    grads = shard if plan.zero >= 2 else local
-    opt = 2 * (shard if plan.zero >= 1 else local)
+    params = shard if plan.zero == 3 or plan.weight_parallel else local
+    grads = shard if plan.zero >= 2 or plan.weight_parallel else local
+    opt = 2 * (shard if plan.zero >= 1 or plan.weight_parallel else local)
     return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}
 
 
@@ -641,7 +676,8 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     from collections import Counter
     sizes = {"tp": plan.tp, "dp": plan.dp, "zero": plan.zero_group,
              "replica": plan.dp // (plan.zero_group * plan.ep), "ep": plan.ep,
-             "edp": plan.dp // plan.ep, "cp": plan.cp, "sp": plan.sp, "pp": plan.pp}
+             "edp": plan.dp // plan.ep, "cp": plan.cp, "sp": plan.sp, "pp": plan.pp,
+             "seq": plan.cp * plan.sp if plan.weight_parallel else 1}
     out: Counter = Counter()
 
     def add(kind, axis, nbytes, times=1):
@@ -661,6 +697,9 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
         add("all_reduce", "tp", inside * act, micro_num)
     if plan.zero == 3:
         _count_zero3(add, plan, blocks, layouts, micro_num, act)
+    if plan.weight_parallel:   # the same gathers and reduce-scatters, over the sequence group
+        _count_zero3(add, plan, blocks, layouts, micro_num, act, axis="seq")
+        add("all_reduce", "seq", 4)                                      # the norm's squares
     if plan.ep > 1:
         traffic = expert_traffic or EP.balanced_traffic(
             cfg, plan, micro_num=micro_num, tokens_per_micro=tokens_per_micro,
@@ -675,10 +714,33 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
         add("all_reduce", "dp", 4 * (len(cfg.moe_layers) * cfg.num_experts + 2))
     if plan.zero > 0 and plan.ep == 1:
         add("all_reduce", "zero", 2 * 4)
-    _count_sequence(add, plan, cfg, layouts, micro_num, tokens_per_micro, act, remat, sources)
-    tokens_per_micro //= plan.cp * plan.sp    # each rank of a sequence group: its part
-    _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act, remat,
-                   every=models.blocks(cfg))
+    add("all_reduce", "dp" if plan.ep > 1 else "tp", 4)
+    if plan.ep > 1:
+        add("all_reduce", "tp", 4)
+    if any(b.kind == "head" for b in blocks):
+        add("all_reduce", "tp", tokens_per_micro * 4, micro_num * 3)    # vocab-parallel CE
+    if plan.pp > 1:
+        pipeline.count_pp(add, cfg, plan, pp_index, micro_num=micro_num, sources=sources,
+                          act_bytes=tokens_per_micro * cfg.hidden_size * act
+                          // (plan.tp if plan.sequence_parallel else 1))
+    return dict(out)
+
+
+def _count_sequence(add, plan, cfg, layouts, micro_num: int, tokens_per_micro: int, act: int,
+                    remat: float, sources: int) -> None:
+    """plan.sp / plan.cp (``context.count_comm``): the gradients summed over the sequence group
+    are those ``_synchronise`` returns (fp32)."""
+    layers = sum(b.kind == "layer" for b in models.blocks(cfg))
+    recomputed = layers if plan.zero == 3 or plan.weight_parallel else \
+        math.floor(remat * layers)
+    synced = sum(math.prod(l.shard_shape if plan.zero > 0 else l.local_shape) * 4
+                 for l in layouts.values()) if not plan.weight_parallel else 0
+    context.count_comm(add, plan, cfg, micro_num, tokens_per_micro, act, recomputed, synced,
+                       sources)
+
+
+def _count_regions(add, plan, blocks, micro_num: int, full_act: int, remat: float,
+                   every=None) -> None:
     """Tensor-parallel region crossings: each block's enters and exits, forward and backward.
     The recomputed layers (every layer under ZeRO-3, else the first ``floor(remat · layers)`` of
     the model, ``every`` block; counted where they are among ``blocks``) run forward again in
@@ -727,10 +789,12 @@ def _count_experts(add, plan, layouts, traffic: dict, row_bytes: int) -> None:
                                     for k, l in layouts.items() if l.tp_dim is None))
 
 
-def _count_zero3(add, plan, blocks, layouts, micro_num: int, act: int) -> None:
-    """ZeRO-3: a parameter is gathered (compute dtype) each time a block reading it runs —
-    layers twice, forward and recomputation — and its gradient reduce-scattered once per block
-    reading it."""
+def _count_zero3(add, plan, blocks, layouts, micro_num: int, act: int, axis: str = "zero"
+                 ) -> None:
+    """ZeRO-3 (or weight parallelism, ``axis="seq"``): a parameter is gathered (compute dtype)
+    each time a block reading it runs — layers twice, forward and recomputation — and its
+    gradient reduce-scattered once per block reading it."""
+    n = plan.zero_group if axis == "zero" else plan.cp * plan.sp
     gathers: dict[str, int] = {}
     reads: dict[str, int] = {}
     for b in blocks:
@@ -739,8 +803,8 @@ def _count_zero3(add, plan, blocks, layouts, micro_num: int, act: int) -> None:
             reads[k] = reads.get(k, 0) + 1
     for k, lay in layouts.items():
         shard = math.prod(lay.shard_shape)
-        add("all_gather", "zero", shard * act, micro_num * gathers.get(k, 0))
-        add("reduce_scatter", "zero", shard * plan.zero_group * act, micro_num * reads.get(k, 0))
+        add("all_gather", axis, shard * act, micro_num * gathers.get(k, 0))
+        add("reduce_scatter", axis, shard * n * act, micro_num * reads.get(k, 0))
 
 
 def _count_synchronisation(add, plan, layouts) -> None:
