@@ -675,10 +675,32 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
         add("all_reduce", "dp", 4 * (len(cfg.moe_layers) * cfg.num_experts + 2))
     if plan.zero > 0 and plan.ep == 1:
         add("all_reduce", "zero", 2 * 4)
-    _count_sequence(add, plan, cfg, layouts, micro_num, tokens_per_micro, act, remat, sources)
-    tokens_per_micro //= plan.cp * plan.sp    # each rank of a sequence group: its part
-    _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act, remat,
-                   every=models.blocks(cfg))
+    add("all_reduce", "dp" if plan.ep > 1 else "tp", 4)
+    if plan.ep > 1:
+        add("all_reduce", "tp", 4)
+    if any(b.kind == "head" for b in blocks):
+        add("all_reduce", "tp", tokens_per_micro * 4, micro_num * 3)    # vocab-parallel CE
+    if plan.pp > 1:
+        pipeline.count_pp(add, cfg, plan, pp_index, micro_num=micro_num, sources=sources,
+                          act_bytes=tokens_per_micro * cfg.hidden_size * act
+                          // (plan.tp if plan.sequence_parallel else 1))
+    return dict(out)
+
+
+def _count_sequence(add, plan, cfg, layouts, micro_num: int, tokens_per_micro: int, act: int,
+                    remat: float, sources: int) -> None:
+    """plan.sp / plan.cp (``context.count_comm``): the gradients summed over the sequence group
+    are those ``_synchronise`` returns (fp32)."""
+    layers = sum(b.kind == "layer" for b in models.blocks(cfg))
+    recomputed = layers if plan.zero == 3 else math.floor(remat * layers)
+    synced = sum(math.prod(l.shard_shape if plan.zero > 0 else l.local_shape) * 4
+                 for l in layouts.values())
+    context.count_comm(add, plan, cfg, micro_num, tokens_per_micro, act, recomputed, synced,
+                       sources)
+
+
+def _count_regions(add, plan, blocks, micro_num: int, full_act: int, remat: float,
+                   every=None) -> None:
     """Tensor-parallel region crossings: each block's enters and exits, forward and backward.
     The recomputed layers (every layer under ZeRO-3, else the first ``floor(remat · layers)`` of
     the model, ``every`` block; counted where they are among ``blocks``) run forward again in
