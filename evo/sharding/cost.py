@@ -258,11 +258,20 @@ def implemented(plan: Plan) -> bool:
     return plan == base_plan(plan)
 
 
+# Pipeline plans of models with more layers than this keep the formulas: the planner counts a
+# pp rank's bytes over the whole model per call (~0.05 s for 7B), per rank, micro-batch size and
+# recomputation — minutes for a search at 1024 devices, whose answer must take seconds.
+PLANNER_PP_MAX_LAYERS = 16
+
+
 @functools.lru_cache(maxsize=65536)
 def modelled(cfg, plan: Plan) -> str:
     """``"planner"`` when the planner accepts ``plan`` for the model (``planner.check_plan`` and
     ``pipeline.check``): its bytes and states are the planner's own models; ``"formula"`` when it
-    refuses it (``weight_parallel``, axes not yet proven together): the published formulas."""
+    refuses it (``weight_parallel``, axes not yet proven together), or for pipeline plans of
+    models of more than ``PLANNER_PP_MAX_LAYERS`` layers: the published formulas."""
+    if plan.pp > 1 and _layers(cfg) > PLANNER_PP_MAX_LAYERS:
+        return "formula"
     try:
         planner.check_plan(plan, cfg)
         _pipeline_check(cfg, _pp_key(plan), plan.zero == 3)
@@ -295,7 +304,7 @@ def _rank_signatures(cfg, key: tuple, redo: int) -> tuple:
     first ``redo`` —, its stage boundaries to other ranks). Of a model of identical layers, two
     ranks of one signature hand the same bytes and hold the same state."""
     plan = _pp_plan(key)
-    split = pipeline.stage_blocks(cfg, plan)
+    split = _split(cfg, key)
     seen, out = 0, {}
     for s, blocks in enumerate(split):
         r = pipeline.stage_rank(plan, s)
@@ -309,6 +318,21 @@ def _rank_signatures(cfg, key: tuple, redo: int) -> tuple:
                      and pipeline.stage_rank(plan, nb) != r)
         out[r] = (names, layers, redone, cross)
     return tuple(out[r] for r in range(plan.pp))
+
+
+@functools.lru_cache(maxsize=4096)
+def _split(cfg, key: tuple) -> tuple:
+    return tuple(tuple(b) for b in pipeline.stage_blocks(cfg, _pp_plan(key)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _fixed_split(cfg, plan: Plan) -> Plan:
+    """The plan with its stages' block counts spelled out (``pp_layers``): the same split as
+    the balanced one, so the planner does not balance it again on every call."""
+    import dataclasses
+    if plan.pp == 1 or plan.pp_layers is not None:
+        return plan
+    return dataclasses.replace(plan, pp_layers=tuple(len(b) for b in _split(cfg, _pp_key(plan))))
 
 
 def pp_ranks(cfg, plan: Plan, remat: float = 0.0) -> list[int]:
@@ -372,7 +396,7 @@ def planner_comm_bytes(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, d
     """``planner.expected_comm_bytes`` of a plan the planner runs, for pp rank ``pp_index``
     (cached: do not modify the answer). A large model's answer comes from ``_coefficients``,
     exactly (without pipeline stages or experts)."""
-    plan = canonical(plan)
+    plan = _fixed_split(cfg, canonical(plan))
     if not _layered(cfg) or plan.pp > 1 or plan.ep > 1:
         return dict(_planner_bytes(cfg, plan, micro_num, tokens_per_micro, dtype, remat,
                                    pp_index))
@@ -429,7 +453,7 @@ def _state_bytes(cfg, plan: Plan, pp_index: int = 0) -> tuple:
 def state_bytes(cfg, plan: Plan) -> dict[str, int]:
     """``planner.per_rank_bytes`` of the pp rank holding the most (cached: do not modify the
     answer; large models without pipeline stages or experts through ``_layered``, exactly)."""
-    plan = canonical(plan)
+    plan = _fixed_split(cfg, canonical(plan))
     if plan.pp > 1:
         return max((dict(_state_bytes(cfg, plan, r)) for r in pp_ranks(cfg, plan)),
                    key=lambda b: b["total"])
@@ -714,8 +738,16 @@ def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _in_flight(key: tuple, micro_num: int) -> tuple:
-    plan = _pp_plan(key)
-    return tuple(pipeline.in_flight(plan, micro_num, r) for r in range(plan.pp))
+    """``pipeline.in_flight`` of every pp rank, from one ``pipeline.action_lists``."""
+    lists = pipeline.action_lists(_pp_plan(key), micro_num)
+    out = []
+    for r in range(key[0]):
+        live = peak = 0
+        for a in lists[r]:
+            live += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
+            peak = max(peak, live)
+        out.append(peak)
+    return tuple(out)
 
 
 def _stage_activations(cfg, plan: Plan, wl: Workload, r: int) -> float:
