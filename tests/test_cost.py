@@ -186,9 +186,7 @@ def test_pipeline_bubble_of_each_schedule():
     assert bubble(pp_schedule="zbv", pp_virtual=2) == 0.0
     assert cost.pipeline_bubble_fraction(Plan(), m) == 0.0
     for k in ({}, {"pp_schedule": "interleaved", "pp_virtual": 2}, {"pp_schedule": "zbh1"}):
-        plan = Plan(pp=4, **k).resolve(4)
-        assert bubble(**k) == pipeline.stage_report(PP_BIG, plan, micro_num=m,
-                                                    tokens_per_micro=8)[0]["bubble"]
+        assert bubble(**k) == pipeline.bubble_fraction(Plan(pp=4, **k).resolve(4), m)
 
 
 PP_BIG = llama.Config(vocab_size=512, hidden_size=64, num_layers=14, num_heads=8,
