@@ -1,12 +1,13 @@
 """Plan search (evo.sharding.search) and its command line: every ranked plan is valid and fits,
 the ranking is by predicted tokens/s per device, and bad input gets one error naming it."""
+import dataclasses
 import json
 import os
 
 import pytest
 
 from evo import cli, config, sweep
-from evo.sharding import cost, search
+from evo.sharding import Plan, cost, pipeline, planner, search
 from evo.sharding.layout import model_layouts
 
 HERE = os.path.dirname(__file__)
@@ -70,6 +71,19 @@ def test_cli_plan_search_writes_every_plan(tmp_path, capsys):
     assert set(first["time"]) >= {"compute", "exposed_comm", "bubble"}
     assert first["plan"]["dp"] * first["plan"]["tp"] * first["plan"]["pp"] * \
         first["plan"]["sp"] * first["plan"]["cp"] == 4
+    # the planner's models for every plan it accepts; the formulas, labelled, for the others
+    exp = _exp("plan_cpu.py")
+    for p in d["plans"]:
+        plan = dataclasses.replace(Plan(), **{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in p["plan"].items()})
+        try:
+            planner.check_plan(plan, exp.model)
+            pipeline.check(exp.model, plan)
+            assert p["modelled"] == "planner", p["plan"]
+        except ValueError:
+            assert p["modelled"] == "formula", p["plan"]
+    assert {p["modelled"] for p in d["plans"]} == {"planner", "formula"}
+    assert any(line.rstrip().endswith("  model") for line in printed.splitlines())
 
 
 def test_cli_bad_profile_is_one_error(tmp_path, capsys):

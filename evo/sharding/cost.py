@@ -4,10 +4,13 @@ Three pieces, each a pure function of a model config, a resolved ``Plan``, a ``W
 micro-batches one data-parallel rank runs per step) and a ``Profile`` (what the hardware does):
 
 - **bytes** come from one place: ``planner.expected_comm_bytes`` (the analytic model the measured
-  ``comm_bytes`` of every swept plan equal) for the axes the planner implements, and
-  ``planner.per_rank_bytes`` for weights, gradients and AdamW state. Axes the planner does not run
-  yet (pipeline, Ulysses, ring attention, experts) are modelled analytically in the functions named
-  ``pipeline_*``, ``ulysses_*``, ``ring_*`` and ``expert_*`` below, from the published formulas.
+  ``comm_bytes`` of every swept plan equal) for every plan the planner accepts
+  (``planner.check_plan``, ``pipeline.check``): dp, tp, ZeRO, pipeline stages (the critical pp
+  rank's), Ulysses and ring attention (``context.count_comm``) and experts (balanced routing); and
+  ``planner.per_rank_bytes`` for weights, gradients and AdamW state (the largest pp rank's). Plans
+  the planner refuses (``weight_parallel``, axis combinations not yet proven) keep the published
+  formulas in the functions named ``pipeline_*``, ``ulysses_*``, ``ring_*``, ``expert_*`` and
+  ``weight_parallel_*`` below (``modelled(cfg, plan)`` says which).
 - **time**: compute from ``models.flops_per_token`` at the profile's achieved efficiency, a fixed
   cost per block and pass, AdamW per parameter; each collective from its bytes, its group's
   placement (inside a node or across nodes, from ``mesh_shape(plan)``) and the profile, exposed
@@ -28,7 +31,7 @@ from fractions import Fraction
 import torch
 
 from evo import models
-from evo.sharding import planner
+from evo.sharding import context, pipeline, planner
 from evo.sharding.layout import model_layouts
 from evo.sharding.mesh import mesh_shape
 from evo.sharding.plan import Plan
@@ -251,22 +254,114 @@ def base_plan(plan: Plan) -> Plan:
 
 
 def implemented(plan: Plan) -> bool:
-    """Whether ``planner.shard`` runs this plan today."""
+    """Whether ``evo sweep`` runs this plan (dp × tp × ZeRO: the plans it measures today)."""
     return plan == base_plan(plan)
+
+
+# Pipeline plans of models with more layers than this keep the formulas: the planner counts a
+# pp rank's bytes over the whole model per call (~0.05 s for 7B), per rank, micro-batch size and
+# recomputation — minutes for a search at 1024 devices, whose answer must take seconds.
+PLANNER_PP_MAX_LAYERS = 16
+
+
+@functools.lru_cache(maxsize=65536)
+def modelled(cfg, plan: Plan) -> str:
+    """``"planner"`` when the planner accepts ``plan`` for the model (``planner.check_plan`` and
+    ``pipeline.check``): its bytes and states are the planner's own models; ``"formula"`` when it
+    refuses it (``weight_parallel``, axes not yet proven together), or for pipeline plans of
+    models of more than ``PLANNER_PP_MAX_LAYERS`` layers: the published formulas."""
+    if plan.pp > 1 and _layers(cfg) > PLANNER_PP_MAX_LAYERS:
+        return "formula"
+    try:
+        planner.check_plan(plan, cfg)
+        _pipeline_check(cfg, _pp_key(plan), plan.zero == 3)
+    except ValueError:
+        return "formula"
+    return "planner"
+
+
+def _pp_key(plan: Plan) -> tuple:
+    return plan.pp, plan.pp_schedule, plan.pp_virtual, plan.pp_layers
+
+
+@functools.lru_cache(maxsize=4096)
+def _pp_plan(key: tuple, zero3: bool = False) -> Plan:
+    """A plan with only the pipeline fields of ``key`` (what ``pipeline``'s splits and schedules
+    read), so that plans differing elsewhere share the caches below."""
+    pp, schedule, virtual, layers = key
+    return Plan(dp=2 if zero3 else 1, zero=3 if zero3 else 0, pp=pp, pp_schedule=schedule,
+                pp_virtual=virtual, pp_layers=layers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pipeline_check(cfg, key: tuple, zero3: bool) -> None:
+    pipeline.check(cfg, _pp_plan(key, zero3))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rank_signatures(cfg, key: tuple, redo: int) -> tuple:
+    """Per pp rank: (its non-layer blocks, its layers, its recomputed layers — among the model's
+    first ``redo`` —, its stage boundaries to other ranks). Of a model of identical layers, two
+    ranks of one signature hand the same bytes and hold the same state."""
+    plan = _pp_plan(key)
+    split = _split(cfg, key)
+    seen, out = 0, {}
+    for s, blocks in enumerate(split):
+        r = pipeline.stage_rank(plan, s)
+        names, layers, redone, cross = out.get(r, ((), 0, 0, 0))
+        for b in blocks:
+            if b.kind == "layer":
+                layers, redone, seen = layers + 1, redone + (seen < redo), seen + 1
+            else:
+                names += (f"{b.kind}:{b.name}",)
+        cross += sum(1 for nb in (s - 1, s + 1) if 0 <= nb < len(split)
+                     and pipeline.stage_rank(plan, nb) != r)
+        out[r] = (names, layers, redone, cross)
+    return tuple(out[r] for r in range(plan.pp))
+
+
+@functools.lru_cache(maxsize=4096)
+def _split(cfg, key: tuple) -> tuple:
+    return tuple(tuple(b) for b in pipeline.stage_blocks(cfg, _pp_plan(key)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _fixed_split(cfg, plan: Plan) -> Plan:
+    """The plan with its stages' block counts spelled out (``pp_layers``): the same split as
+    the balanced one, so the planner does not balance it again on every call."""
+    import dataclasses
+    if plan.pp == 1 or plan.pp_layers is not None:
+        return plan
+    return dataclasses.replace(plan, pp_layers=tuple(len(b) for b in _split(cfg, _pp_key(plan))))
+
+
+def pp_ranks(cfg, plan: Plan, remat: float = 0.0) -> list[int]:
+    """The pp ranks whose bytes and states to compare for the critical one: every rank, or of a
+    model of identical layers one rank per ``_rank_signatures`` signature."""
+    if plan.pp == 1:
+        return [0]
+    if not _layered(cfg):
+        return list(range(plan.pp))
+    redo = recomputed_layers(plan, _layers(cfg), remat)
+    first = {}
+    for r, sig in enumerate(_rank_signatures(cfg, _pp_key(plan), redo)):
+        first.setdefault(sig, r)
+    return sorted(first.values())
 
 
 @functools.lru_cache(maxsize=65536)
 def canonical(plan: Plan) -> Plan:
     """A plan whose byte counts equal ``plan``'s: ``planner.expected_comm_bytes`` and
     ``per_rank_bytes`` read ``dp`` only through which of the dp / zero / replica groups have more
-    than one member, and the ZeRO shards through ``zero_group``. Plans differing only in ``dp``
-    share one entry of the caches below."""
+    than one member, and the ZeRO shards through ``zero_group`` (expert parallelism reads ``dp``
+    itself: kept). Plans differing only in ``dp`` share one entry of the caches below."""
     import dataclasses
+    if plan.ep > 1:
+        return plan
     if plan.zero == 0:  # no shards: only whether there is a data-parallel group counts
-        return dataclasses.replace(base_plan(plan), dp=min(plan.dp, 2),
-                                   zero_group=min(plan.dp, 2))
+        return dataclasses.replace(plan, dp=min(plan.dp, 2), zero_group=min(plan.dp, 2))
     g = plan.zero_group
-    return dataclasses.replace(base_plan(plan), dp=g * (2 if plan.dp > g else 1), zero_group=g)
+    return dataclasses.replace(plan, dp=g * (2 if plan.dp > g else 1), zero_group=g)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -287,24 +382,27 @@ def _layered(cfg) -> bool:
 
 @functools.lru_cache(maxsize=65536)
 def _planner_bytes(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype: str,
-                   remat: float) -> tuple:
+                   remat: float, pp_index: int = 0) -> tuple:
     b = planner.expected_comm_bytes(cfg, plan, micro_num=micro_num,
                                     tokens_per_micro=tokens_per_micro,
-                                    compute_dtype=getattr(torch, dtype), remat=remat)
+                                    compute_dtype=getattr(torch, dtype), remat=remat,
+                                    pp_index=pp_index)
     return tuple(sorted(b.items()))
 
 
 @functools.lru_cache(maxsize=65536)
 def planner_comm_bytes(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype: str,
-                       remat: float) -> dict[str, int]:
-    """``planner.expected_comm_bytes`` of a plan the planner runs (cached: do not modify the
-    answer). A large model's answer comes from ``_coefficients``, exactly."""
-    plan = canonical(plan)
-    if not _layered(cfg):
-        return dict(_planner_bytes(cfg, plan, micro_num, tokens_per_micro, dtype, remat))
+                       remat: float, pp_index: int = 0) -> dict[str, int]:
+    """``planner.expected_comm_bytes`` of a plan the planner runs, for pp rank ``pp_index``
+    (cached: do not modify the answer). A large model's answer comes from ``_coefficients``,
+    exactly (without pipeline stages or experts)."""
+    plan = _fixed_split(cfg, canonical(plan))
+    if not _layered(cfg) or plan.pp > 1 or plan.ep > 1:
+        return dict(_planner_bytes(cfg, plan, micro_num, tokens_per_micro, dtype, remat,
+                                   pp_index))
     coeffs = _coefficients(cfg, plan, dtype)
     layers, redo = cfg.num_layers, math.floor(remat * cfg.num_layers)
-    t = Fraction(tokens_per_micro, plan.tp)
+    t = Fraction(tokens_per_micro, _token_unit(plan))
     out = {}
     for k, (step, micro, token) in coeffs.items():
         x = [step, micro, token]
@@ -321,8 +419,8 @@ def _coefficients(cfg, plan: Plan, dtype: str) -> dict:
     ``v0 + (layers − 1) · v1 + recomputed · v2``: every count the planner makes is affine in the
     micro-batches ``m``, their tokens ``t`` and the (recomputed) layers. Nine evaluations on one-
     and two-layer copies of the model determine the terms exactly (integers; ``t`` a multiple of
-    tp keeps the sequence-parallel pieces whole)."""
-    t0 = plan.tp
+    tp · sp · cp, ``_token_unit``, keeps the sequence-parallel pieces whole)."""
+    t0 = _token_unit(plan)
     points = {}
     for layers, remat in ((1, 0.0), (2, 0.0), (1, 1.0)):
         small = _with_layers(cfg, layers)
@@ -342,33 +440,56 @@ def _coefficients(cfg, plan: Plan, dtype: str) -> dict:
     return out
 
 
+def _token_unit(plan: Plan) -> int:
+    return plan.tp * plan.sp * plan.cp
+
+
 @functools.lru_cache(maxsize=65536)
-def _state_bytes(cfg, plan: Plan) -> tuple:
-    return tuple(sorted(planner.per_rank_bytes(cfg, plan).items()))
+def _state_bytes(cfg, plan: Plan, pp_index: int = 0) -> tuple:
+    return tuple(sorted(planner.per_rank_bytes(cfg, plan, pp_index=pp_index).items()))
 
 
 @functools.lru_cache(maxsize=65536)
 def state_bytes(cfg, plan: Plan) -> dict[str, int]:
-    """``planner.per_rank_bytes`` (cached: do not modify the answer; large models through
-    ``_layered``, exactly)."""
-    plan = canonical(plan)
-    if not _layered(cfg):
+    """``planner.per_rank_bytes`` of the pp rank holding the most (cached: do not modify the
+    answer; large models without pipeline stages or experts through ``_layered``, exactly)."""
+    plan = _fixed_split(cfg, canonical(plan))
+    if plan.pp > 1:
+        return max((dict(_state_bytes(cfg, plan, r)) for r in pp_ranks(cfg, plan)),
+                   key=lambda b: b["total"])
+    if not _layered(cfg) or plan.ep > 1:
         return dict(_state_bytes(cfg, plan))
     a = dict(_state_bytes(_with_layers(cfg, 1), plan))
     b = dict(_state_bytes(_with_layers(cfg, 2), plan))
     return {k: a[k] + (cfg.num_layers - 1) * (b[k] - a[k]) for k in a}
 
 
+def rank_state(cfg, plan: Plan) -> dict[str, float]:
+    """Weights, gradients and AdamW state of the busiest rank: ``state_bytes`` for a plan the
+    planner models; for one it refuses, the dp × tp × ZeRO part's divided over the pipeline
+    stages (and the sequence group under weight parallelism)."""
+    if modelled(cfg, plan) == "planner":
+        return state_bytes(cfg, plan)
+    shrink = plan.pp * (plan.sp * plan.cp if plan.weight_parallel else 1)
+    return {k: v / shrink for k, v in state_bytes(cfg, base_plan(plan)).items()}
+
+
 def comm_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
     """Bytes one rank hands to each collective (``"{kind}/{axis}"``) per step. For a plan the
-    planner runs: exactly ``planner.expected_comm_bytes``. Otherwise that function's answer for the
-    plan's dp × tp × ZeRO part on the rank's share of the sequence, scaled to one pipeline stage,
-    plus the analytic terms of the pipeline, Ulysses, ring and expert axes."""
+    planner accepts (``modelled``): exactly ``planner.expected_comm_bytes``, with pipeline stages
+    of the critical pp rank — the one handing the most bytes in all (the step waits for its
+    slowest stage; ranks differ by the embedding, the head and the tied gradients' sum). For a
+    plan it refuses: that function's answer for the plan's dp × tp × ZeRO part on the rank's share
+    of the sequence, scaled to one pipeline stage, plus the formulas of the pipeline, Ulysses,
+    ring, expert and weight-parallel axes."""
+    if modelled(cfg, plan) == "planner":
+        ranks = (planner_comm_bytes(cfg, plan, wl.micro_num, wl.tokens_per_micro,
+                                    wl.compute_dtype, wl.remat, r)
+                 for r in pp_ranks(cfg, plan, wl.remat))
+        return max(ranks, key=lambda b: sum(b.values()))
     seq_split = plan.sp * plan.cp
     out = planner_comm_bytes(cfg, base_plan(plan), wl.micro_num,
                              wl.tokens_per_micro // seq_split, wl.compute_dtype, wl.remat)
-    if implemented(plan):
-        return out
     out = {k: v / plan.pp for k, v in out.items()}
     for extra in (pipeline_bytes(cfg, plan, wl), ulysses_bytes(cfg, plan, wl),
                   ring_bytes(cfg, plan, wl), expert_bytes(cfg, plan, wl),
@@ -450,7 +571,7 @@ def weight_parallel_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
     if not plan.weight_parallel:
         return {}
     g = plan.sp * plan.cp
-    local = state_bytes(cfg, plan)["params"] / plan.pp
+    local = state_bytes(cfg, base_plan(plan))["params"] / plan.pp
     act = local / 4 * wl.act_bytes
     return {"all_gather/sp": 2 * wl.micro_num * act / g,
             "reduce_scatter/sp": wl.micro_num * act}
@@ -464,7 +585,7 @@ def collective_calls(cfg, plan: Plan, wl: Workload) -> dict[str, int]:
     reduction per bucket (or per parameter), one gather per parameter and block under ZeRO-3."""
     _, _, params, crossings = _facts(cfg)
     bucketed = plan.bucket_mb > 0 and plan.zero < 3 and not plan.sequence_parallel
-    grad_bytes = state_bytes(cfg, plan)["params"] / plan.pp
+    grad_bytes = rank_state(cfg, plan)["params"]
     reductions = max(1, math.ceil(grad_bytes / (plan.bucket_mb * 2**20))) if bucketed else params
     calls = {"tp": wl.micro_num * crossings, "dp": reductions + 3, "replica": params,
              "zero": params + 2, "pp": 2 * wl.micro_num * plan.pp_virtual,
@@ -489,14 +610,12 @@ def _placement_of(plan: Plan, axis: str, dpn: int) -> tuple[int, int]:
 
 
 def pipeline_bubble_fraction(plan: Plan, micro_num: int) -> float:
-    """Idle share of a pipeline step relative to its compute: (p−1)/m for 1F1B, (p−1)/(v·m)
-    interleaved, ≈ (p−1)/(3m) for ZB-H1, ≈ 0 for ZB-V (Megatron arXiv 2104.04473; zero bubble
-    arXiv 2401.10241)."""
-    p, m = plan.pp, micro_num
-    if p == 1:
-        return 0.0
-    return {"1f1b": (p - 1) / m, "interleaved": (p - 1) / (plan.pp_virtual * m),
-            "zbh1": (p - 1) / (3 * m), "zbv": 0.0}[plan.pp_schedule]
+    """Idle share of a pipeline step relative to its compute: the pipeline module's own
+    ``pipeline.bubble_fraction`` of the schedule — (p−1)/m for 1F1B, (p−1)/(v·m) interleaved
+    (Megatron arXiv 2104.04473), 0 for the zero-bubble schedules ``zbh1`` and ``zbv`` (torch's
+    ``ScheduleInterleavedZeroBubble`` and ``ScheduleZBVZeroBubble``, arXiv 2401.10241) with equal
+    forward, input- and weight-backward times."""
+    return pipeline.bubble_fraction(plan, micro_num)
 
 
 def recomputed_layers(plan: Plan, layers: int, remat: float) -> int:
@@ -533,8 +652,7 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
 
 def optimizer_seconds(cfg, plan: Plan, profile: Profile) -> float:
     """AdamW over the parameters this rank updates (all of its pieces, or its ZeRO shard)."""
-    b = state_bytes(cfg, plan)
-    params = b["optimizer"] / 8 / plan.pp / (plan.sp * plan.cp if plan.weight_parallel else 1)
+    params = rank_state(cfg, plan)["optimizer"] / 8
     return params * profile.device["optimizer_ns_per_param"] * 1e-9
 
 
@@ -562,6 +680,9 @@ def comm_seconds(cfg, plan: Plan, wl: Workload, profile: Profile, c: dict
     total = exposed = 0.0
     for key, nbytes in comm_bytes(cfg, plan, wl).items():
         kind, axis = key.split("/")
+        if kind == "recv":        # arrives while the matching send leaves (full duplex)
+            continue
+        kind = "send_recv" if kind == "send" else kind
         n, per_node = _placement(plan, axis, profile)
         k = max(1, calls.get(axis, 1))
         t = collective_seconds(profile, kind, nbytes, k, n, per_node)
@@ -588,10 +709,18 @@ def layer_activation_bytes(cfg, plan: Plan, wl: Workload) -> tuple[float, float]
 
 
 def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
-    """Activations of the micro-batches in flight on the busiest rank: the sequence split over
-    sp · cp, recomputed layers keeping only their input (and one layer recomputed at a time), the
-    fp32 logits and their gradient; 1F1B's first stage holds ``pp`` micro-batches (interleaved:
-    × (1 + (p−1)/(p·v)), Megatron's factor)."""
+    """Activations of the micro-batches in flight on the busiest rank. For a plan the planner
+    accepts: with pipeline stages, each pp rank's in-flight micro-batches under its schedule
+    (``pipeline.in_flight``, what ``pipeline.stage_report`` counts) of its layers; with a sequence
+    group, ``context.activation_bytes``. Otherwise (and for plain dp × tp): recomputed layers
+    keeping only their input (and one layer recomputed at a time), the sequence split over
+    sp · cp, the fp32 logits and their gradient; 1F1B's first stage holds ``pp`` micro-batches
+    (interleaved: × (1 + (p−1)/(p·v)), Megatron's factor)."""
+    planned = modelled(cfg, plan) == "planner"
+    if planned and plan.pp > 1:
+        return max(_stage_activations(cfg, plan, wl, r) for r in pp_ranks(cfg, plan, wl.remat))
+    if planned and plan.sp * plan.cp > 1 and hasattr(cfg, "kv_heads"):
+        return _context_activations(cfg, plan, wl)
     layers = _layers(cfg)
     tokens = wl.tokens_per_micro / (plan.sp * plan.cp)
     full, kept = layer_activation_bytes(cfg, plan, wl)
@@ -607,16 +736,58 @@ def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
     return per_micro * in_flight + logits
 
 
+@functools.lru_cache(maxsize=4096)
+def _in_flight(key: tuple, micro_num: int) -> tuple:
+    """``pipeline.in_flight`` of every pp rank, from one ``pipeline.action_lists``."""
+    lists = pipeline.action_lists(_pp_plan(key), micro_num)
+    out = []
+    for r in range(key[0]):
+        live = peak = 0
+        for a in lists[r]:
+            live += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
+            peak = max(peak, live)
+        out.append(peak)
+    return tuple(out)
+
+
+def _stage_activations(cfg, plan: Plan, wl: Workload, r: int) -> float:
+    """Pipeline rank ``r``: its in-flight micro-batches (summed over its stages) each holding one
+    stage's share of the rank's layers (``layer_activation_bytes``, recomputed layers their
+    input), the head's fp32 logits and their gradient when it runs the head."""
+    redo = recomputed_layers(plan, _layers(cfg), wl.remat)
+    names, layers, redone, _ = _rank_signatures(cfg, _pp_key(plan), redo)[r]
+    stages = len(pipeline.rank_stages(plan, r))
+    full, kept = layer_activation_bytes(cfg, plan, wl)
+    tokens = wl.tokens_per_micro
+    per_micro = tokens * ((layers - redone) * full + redone * kept) / stages
+    held = _in_flight(_pp_key(plan), wl.micro_num)[r] * per_micro
+    held += tokens * full if redone else 0
+    head = any(n.startswith("head:") for n in names)
+    return held + (3 * tokens * cfg.vocab_size / plan.tp * 4 if head else 0)
+
+
+def _context_activations(cfg, plan: Plan, wl: Workload) -> float:
+    """``context.activation_bytes`` per row, times the rows of a micro-batch; a recomputed layer
+    keeps its input alone (one layer recomputed at a time)."""
+    one = context.activation_bytes(_with_layers(cfg, 1), plan, wl.seq_len, wl.act_bytes)["total"]
+    two = context.activation_bytes(_with_layers(cfg, 2), plan, wl.seq_len, wl.act_bytes)["total"]
+    layer, layers = two - one, _layers(cfg)
+    redo = recomputed_layers(plan, layers, wl.remat)
+    kept = wl.seq_len // (plan.sp * plan.cp) * cfg.hidden_size * wl.act_bytes
+    row = one - layer + (layers - redo) * layer + redo * kept + (layer if redo else 0)
+    return wl.micro_batch * row
+
+
 def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, float]:
     """Peak bytes per rank: weights, gradients (the whole accumulation buffer while backward
     runs, below ZeRO-3), AdamW state, the compute-dtype copy of the weights, the update's
     temporaries, activations, ZeRO-3 gather buffers, gradient buckets; times the profile's
     allocator overhead."""
-    b = state_bytes(cfg, plan)
+    b = rank_state(cfg, plan)
     shrink = plan.pp * (plan.sp * plan.cp if plan.weight_parallel else 1)
-    params, opt = b["params"] / shrink, b["optimizer"] / shrink
-    local = state_bytes(cfg, _unsharded(plan))["params"] / shrink
-    grads = b["grads"] / shrink if plan.zero == 3 else local
+    params, opt = b["params"], b["optimizer"]
+    local = rank_state(cfg, _unsharded(plan))["params"]
+    grads = b["grads"] if plan.zero == 3 else local
     cast = (params if plan.zero < 3 else 0) * wl.act_bytes / 4 if wl.act_bytes < 4 else 0
     update = opt / 2 + (opt / 2 if plan.zero in (1, 2) else 0)   # sqrt(v) and the shard copy
     largest = _largest_block_bytes(cfg, plan) / shrink
@@ -664,6 +835,7 @@ class Prediction:
     optimizer_seconds: float
     tokens_per_second_per_device: float
     memory: dict
+    modelled: str = "planner"    # or "formula": see ``modelled``
 
     @property
     def peak_gib(self) -> float:
@@ -674,6 +846,7 @@ class Prediction:
         p = {k: v for k, v in dataclasses.asdict(self.plan).items() if k != "rules"}
         return {"plan": p, "micro_batch": self.workload.micro_batch,
                 "micro_num": self.workload.micro_num, "remat": self.workload.remat,
+                "modelled": self.modelled,
                 "step_seconds": self.step_seconds,
                 "tokens_per_second_per_device": self.tokens_per_second_per_device,
                 "peak_gib": self.peak_gib,
@@ -696,4 +869,4 @@ def predict(cfg, plan: Plan, wl: Workload, profile: Profile, *, memory: dict | N
     tokens = wl.micro_num * wl.tokens_per_micro * plan.dp
     return Prediction(plan, wl, step, c["total"], exposed, comm_total, bubble, opt,
                       tokens / step / plan.world_size,
-                      memory or memory_bytes(cfg, plan, wl, profile))
+                      memory or memory_bytes(cfg, plan, wl, profile), modelled(cfg, plan))

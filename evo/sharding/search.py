@@ -185,13 +185,14 @@ def plan_fields(p: Plan) -> str:
 
 
 def table(result: SearchResult, top: int = 10) -> str:
-    """The best ``top`` plans as a text table."""
+    """The best ``top`` plans as a text table (``model``: ``planner`` where the bytes and states
+    are the planner's models, ``formula`` where the planner refuses the plan)."""
     rows = [f"{'#':>3} {'plan':<58}{'mb':>3}{'m':>5}{'remat':>6}{'step s':>9}{'tok/s/dev':>11}"
-            f"{'GiB':>7}{'compute':>9}{'comm':>8}{'bubble':>8}"]
+            f"{'GiB':>7}{'compute':>9}{'comm':>8}{'bubble':>8}  model"]
     for i, p in enumerate(result.ranked[:top], 1):
         w = p.workload
         rows.append(f"{i:>3} {plan_fields(p.plan):<58}{w.micro_batch:>3}{w.micro_num:>5}"
                     f"{w.remat:>6.1f}{p.step_seconds:>9.3f}{p.tokens_per_second_per_device:>11.0f}"
                     f"{p.peak_gib:>7.1f}{p.compute_seconds:>9.3f}{p.comm_seconds:>8.3f}"
-                    f"{p.bubble_seconds:>8.3f}")
+                    f"{p.bubble_seconds:>8.3f}  {p.modelled}")
     return "\n".join(rows)
