@@ -89,8 +89,9 @@ def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
     """(overhead per block pass, efficiency) from a reference layer at two token counts, and the
     attention's efficiency."""
     from evo import models
-    cfg = models.llama.Config(vocab_size=256, hidden_size=256, num_layers=1, num_heads=8,
-                              intermediate_size=688, max_seq_len=1024)
+    cfg = models.get(models.REFERENCE_FAMILY).config(
+        vocab_size=256, hidden_size=256, num_layers=1, num_heads=8, intermediate_size=688,
+        max_seq_len=1024)
     h, f, s1, s2 = cfg.hidden_size, cfg.intermediate_size, 128, 512
     flops = lambda s: 6 * s * (4 * h * h + 3 * h * f)  # noqa: E731  (matmuls of one layer)
     t1, t2 = _layer_seconds(cfg, s1, dtype), _layer_seconds(cfg, s2, dtype)

@@ -16,7 +16,10 @@ from evo.models.family import (UNRECORDED_FAMILY, Block, Family, KVCache, ParamS
 
 apply = forward
 
-__all__ = ["UNRECORDED_FAMILY", "Block", "Family", "KVCache", "ParamSpec", "apply", "axes",
+# The dense decoder whose layer `evo calibrate` times to measure a machine's compute efficiency.
+REFERENCE_FAMILY = llama.Llama.name
+
+__all__ = ["REFERENCE_FAMILY", "UNRECORDED_FAMILY", "Block", "Family", "KVCache", "ParamSpec", "apply", "axes",
            "blocks", "check_inputs", "decode", "family_of", "flops_per_token", "for_architecture",
            "forward", "get", "hf_architectures", "init", "init_cache", "init_param", "internlm2",
            "is_concrete", "llama", "mistral", "mixtral", "moe", "names", "num_params",
