@@ -198,8 +198,8 @@ def run_tests(scratch: str, tests: tuple[str, ...]) -> tuple[int, str, dict | No
     path = [scratch] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "EVO_SWEEP_OUT": sweep_out,
            "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                        "-rfE", *tests], cwd=scratch, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "-x", "-q", "-p",
+                        "no:cacheprovider", "-rfE", *tests], cwd=scratch, env=env, capture_output=True, text=True,
                        timeout=1800)
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
     sweep = json.load(open(sweep_out)) if os.path.exists(sweep_out) else None
