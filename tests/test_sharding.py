@@ -101,8 +101,8 @@ def test_moe_sweep_sits_above_fp32_rounding(monkeypatch):
     margins, route = [], moe.route
 
     def recording_route(scores, top_k, norm_topk_prob, bias=None):
-        choose = scores.detach() if bias is None else scores.detach() + bias.to(scores.dtype)
-        top = torch.topk(choose, top_k + 1, dim=-1).values
+        choose = scores if bias is None else scores + bias.to(scores.dtype)
+        top = torch.topk(choose.detach(), top_k + 1, dim=-1).values
         margins.append(float((top[:, top_k - 1] - top[:, top_k]).min()))
         return route(scores, top_k, norm_topk_prob, bias)
     monkeypatch.setattr(moe, "route", recording_route)
