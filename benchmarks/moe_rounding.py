@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "tests"))
 import sweep_worker as W  # noqa: E402
 from evo import train  # noqa: E402
-from evo.models import moe  # noqa: E402
 from evo.sharding import planner  # noqa: E402
 from evo.sharding.mesh import build_mesh  # noqa: E402
 
@@ -38,29 +37,6 @@ def worst_rel(a: dict, b: dict) -> tuple[float, str]:
     r = {k: ((a[k].double() - b[k].double()).norm() / b[k].double().norm()).item() for k in b}
     k = max(r, key=r.get)
     return r[k], k
-
-
-def one_process(step: train.Step, dtype: torch.dtype) -> tuple[list[dict], float]:
-    """Params after each step of one process computing in ``dtype``, and the smallest top-k
-    margin its routing saw."""
-    margins, route = [], moe.route
-
-    def recording(scores, top_k, norm_topk_prob, bias=None):
-        choose = scores if bias is None else scores + bias.to(scores.dtype)
-        top = torch.topk(choose.detach(), top_k + 1, dim=-1).values
-        margins.append(float((top[:, top_k - 1] - top[:, top_k]).min()))
-        return route(scores, top_k, norm_topk_prob, bias)
-    moe.route = recording
-    try:
-        one = dataclasses.replace(step, compute_dtype=dtype, remat=0.0)
-        params0 = {k: v.to(dtype) for k, v in W.init_params(step.model).items()}
-        state, out = train.init_state(params0, one.optimizer), []
-        for b in W.global_batches(step.model.vocab_size):
-            state, _ = one(state, b)
-            out.append(state.params)
-    finally:
-        moe.route = route
-    return out, min(margins)
 
 
 def plan_run(case: W.Case, step: train.Step) -> list[dict] | None:
@@ -87,8 +63,8 @@ def measure(eps: float) -> list[dict]:
         step = W.step_for(case)
         step = dataclasses.replace(step, optimizer=dataclasses.replace(step.optimizer, eps=eps))
         if first and not rows:
-            p32, margin = one_process(step, torch.float32)
-            p64, _ = one_process(step, torch.float64)
+            p32, margin = W.one_process_margins(step, torch.float32)
+            p64, _ = W.one_process_margins(step, torch.float64)
             rows.append({"case": "one process fp32", "eps": eps, "margin": margin,
                          "step1_fp32": 0.0, "fp32": 0.0, "fp64": worst_rel(p32[-1], p64[-1])[0],
                          "worst": worst_rel(p32[-1], p64[-1])[1]})
