@@ -61,7 +61,7 @@ OPT = optim.adamw(lr=optim.warmup_cosine(peak=1e-2, warmup=1, total_steps=3), we
 # lr·eps / (|g| + eps)² at the first step, to lr / eps = 1e4 (1e6 at eps 1e-8, where a few expert
 # weights whose exact gradient is 1e-9..1e-8, a cancellation, carry fp32 rounding errors of 1e-11
 # that differ with the summation order tensor parallelism takes: the params of one fp32 process are
-# then 6e-6 from fp64 and a tp plan 1.3e-5 from one fp32 process); elements with |g| > eps still
+# then 6e-6 from fp64 and a tp plan 1.3e-5 from one fp32 process); elements with |g| ≫ eps still
 # move by ≈ ±lr. tests/test_sharding.py asserts the one-process fp32 run within 3e-6 of fp64.
 OPTIMIZERS = {"mixtral-odd": dataclasses.replace(OPT, eps=1e-6)}
 STEPS, GLOBAL_MICRO, T = 3, 4, 32
