@@ -166,6 +166,12 @@ MUTATIONS = [
              "                layers, redone, seen = layers + 1, redone + (seen < redo), seen + 1",
              "                layers, redone, seen = layers + 1, redone, seen + 1",
              ("tests/test_cost.py",)),
+    # --- the sweep's premise: the mixture of experts' params bound sits above fp32 rounding
+    # (AdamW's eps back at 1e-8 makes one fp32 process 6.2e-6 from fp64)
+    Mutation("moe-sweep-adam-eps-at-the-fp32-floor", "tests/sweep_worker.py",
+             'OPTIMIZERS = {"mixtral-odd": dataclasses.replace(OPT, eps=1e-6)}',
+             'OPTIMIZERS = {"mixtral-odd": dataclasses.replace(OPT, eps=1e-8)}',
+             ("tests/test_sharding.py::test_moe_sweep_sits_above_fp32_rounding",)),
 ]
 
 

@@ -57,6 +57,13 @@ def init_params(cfg):
 CLIP = 0.5
 OPT = optim.adamw(lr=optim.warmup_cosine(peak=1e-2, warmup=1, total_steps=3), weight_decay=0.1,
                   clip_norm=CLIP)
+# The mixture of experts' optimizer: eps 1e-6 bounds AdamW's gain on a gradient's rounding,
+# lr·eps / (|g| + eps)² at the first step, to lr / eps = 1e4 (1e6 at eps 1e-8, where a few expert
+# weights whose exact gradient is 1e-9..1e-8, a cancellation, carry fp32 rounding errors of 1e-11
+# that differ with the summation order tensor parallelism takes: the params of one fp32 process are
+# then 6e-6 from fp64 and a tp plan 1.3e-5 from one fp32 process); elements with |g| ≫ eps still
+# move by ≈ ±lr. tests/test_sharding.py asserts the one-process fp32 run within 3e-6 of fp64.
+OPTIMIZERS = {"mixtral-odd": dataclasses.replace(OPT, eps=1e-6)}
 STEPS, GLOBAL_MICRO, T = 3, 4, 32
 SOURCES = 3  # per-source loss: every token carries a source id in [-1, SOURCES)
 
@@ -149,8 +156,8 @@ CASES = [
 
 
 def step_for(case: Case) -> train.Step:
-    return train.Step(MODELS[case.model], OPT, compute_dtype=getattr(torch, case.dtype),
-                      remat=case.remat, sources=SOURCES)
+    return train.Step(MODELS[case.model], OPTIMIZERS.get(case.model, OPT),
+                      compute_dtype=getattr(torch, case.dtype), remat=case.remat, sources=SOURCES)
 
 
 def global_batches(vocab_size: int):
@@ -219,13 +226,39 @@ def reference(case: Case, cache: dict):
     if key not in cache:
         step = dataclasses.replace(step_for(case), remat=0.0)
         params0 = init_params(step.model)
-        state, metrics = train.init_state(tree.clone(params0), OPT), []
+        state, metrics = train.init_state(tree.clone(params0), step.optimizer), []
         for b in global_batches(step.model.vocab_size):
             state, m = step(state, b)
             metrics.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                             "source": m["source_loss_sum"] / m["source_tokens"]})
         cache[key] = (params0, state, metrics)
     return cache[key]
+
+
+def one_process_margins(step: train.Step, dtype: torch.dtype) -> tuple[list[dict], float]:
+    """The sweep's steps in one process computing (master weights included) in ``dtype``: the
+    params after each step, and the smallest margin of a chosen top-k expert's score (plus bias)
+    over the next one in any MoE layer (``step.model`` has MoE layers)."""
+    from evo.models import moe
+    margins, route = [], moe.route
+
+    def recording(scores, top_k, norm_topk_prob, bias=None):
+        choose = scores if bias is None else scores + bias.to(scores.dtype)
+        top = torch.topk(choose.detach(), top_k + 1, dim=-1).values
+        margins.append(float((top[:, top_k - 1] - top[:, top_k]).min()))
+        return route(scores, top_k, norm_topk_prob, bias)
+    moe.route = recording
+    try:
+        one = dataclasses.replace(step, compute_dtype=dtype, remat=0.0)
+        params0 = {k: v.to(dtype) for k, v in init_params(step.model).items()}
+        state, out = train.init_state(params0, one.optimizer), []
+        for b in global_batches(step.model.vocab_size):
+            state, _ = one(state, b)
+            out.append(state.params)
+    finally:
+        moe.route = route
+    assert len(margins) == len(out) * GLOBAL_MICRO * len(step.model.moe_layers), len(margins)
+    return out, min(margins)
 
 
 def checkpoint_round_trip(cfg, state, full, mesh, group, root) -> bool:
@@ -271,7 +304,8 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
         return None
     cfg, dp, dp_index = step.model, mesh.plan.dp, mesh.coords["dp"]
     sharded = planner.shard(step, case.plan, mesh)
-    state = planner.init_state(cfg, OPT, planner.shard_params(cfg, params0, mesh), mesh)
+    state = planner.init_state(cfg, step.optimizer, planner.shard_params(cfg, params0, mesh),
+                               mesh)
     built = planner.init_params(cfg, 0, mesh)  # the same pieces, one parameter at a time
     init_equal = all(torch.equal(built[k], v) for k, v in state.params.items())
     pieces = {"params": tree.num_bytes(state.params),
