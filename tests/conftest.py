@@ -13,6 +13,18 @@ if not torch.cuda.is_available():
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The files that take longest (each over a minute on a 2-core machine), longest first: pytest-xdist
+# hands files to its workers in collection order, and a long file started last is the suite's tail.
+LONGEST_FIRST = ("test_demo.py", "test_docs.py", "test_sharding.py", "test_checkpoint.py",
+                 "test_hf_families.py", "test_torchrun.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, the rest in their usual order (a stable sort: each file's tests
+    keep theirs)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 def repo_env(**extra: str) -> dict[str, str]:
     """The environment of every subprocess a test starts: this repository first on PYTHONPATH
