@@ -166,6 +166,13 @@ MUTATIONS = [
              "                layers, redone, seen = layers + 1, redone + (seen < redo), seen + 1",
              "                layers, redone, seen = layers + 1, redone, seen + 1",
              ("tests/test_cost.py",)),
+    Mutation("pp-replay-ignores-the-inputs", "evo/sharding/pipeline.py",
+             "start[a] = max([free[r]] + [done[n] for n in need])", "start[a] = free[r]",
+             ("tests/test_pipeline.py::test_replay_of_1f1b_by_hand",
+              "tests/test_pipeline.py::test_replayed_idle_equals_the_published_bubbles")),
+    Mutation("pp-replay-input-grad-of-i-unknown", "evo/sharding/pipeline.py",
+             'if a.kind == "I":                # the input gradient', "if False:  #",
+             ("tests/test_pipeline.py::test_replayed_idle_equals_the_published_bubbles",)),
 ]
 
 

@@ -90,6 +90,48 @@ def test_action_lists_run_every_pass_once_in_dependency_order(schedule, v, pp, m
             pos[r] += 1
 
 
+def _replay(schedule, v, p, m, F, I, W):  # noqa: E741
+    plan = Plan(pp=p, pp_schedule=schedule, pp_virtual=v).resolve(p)
+    lists = pipeline.action_lists(plan, m)
+    cost = {"F": F, "B": I + W, "I": I, "W": W}
+    return pipeline.replay(lists, {r: [cost[a.kind] for a in acts] for r, acts in lists.items()},
+                           plan.stages)
+
+
+def test_replay_of_1f1b_by_hand():
+    """pp2, 2 micro-batches, F = 1, B = 2: rank 1 runs F0 1-2, B0 2-4, F1 4-5, B1 5-7; rank 0
+    F0 0-1, F1 1-2, then waits for B0's input gradient: B0 4-6, B1 7-9. Busy 12 of 2 × 9."""
+    t = _replay("1f1b", 1, 2, 2, 1.0, 1.0, 1.0)
+    A = pipeline.Action
+    assert t.start == {A("F", 0, 0): 0, A("F", 0, 1): 1, A("B", 0, 0): 4, A("B", 0, 1): 7,
+                       A("F", 1, 0): 1, A("B", 1, 0): 2, A("F", 1, 1): 4, A("B", 1, 1): 5}
+    assert t.span == 9 and t.idle == pytest.approx(1 - 12 / 18, abs=1e-12)
+
+
+@pytest.mark.parametrize("p, m", [(2, 4), (4, 4), (4, 8)])
+def test_replayed_idle_equals_the_published_bubbles(p, m):
+    """Equal stages: 1F1B idles (p−1)/(m+p−1) whatever F : B; interleaved (v = 2)
+    (p−1)/(v·m+p−1); ZB-H1 with F = I = W (p−1)/(3m+p−1) — its bubble (p−1)(F+I−W) of
+    arXiv 2401.10241, checked also at F = 1, I = 2, W = 0.5 (exact in floats: 1e-12)."""
+    for F, I, W in ((1.0, 1.0, 1.0), (1.0, 2.0, 0.5), (0.3, 0.7, 0.2)):  # noqa: E741
+        assert _replay("1f1b", 1, p, m, F, I, W).idle == pytest.approx((p - 1) / (m + p - 1),
+                                                                         abs=1e-12)
+        assert _replay("interleaved", 2, p, m, F, I, W).idle == \
+            pytest.approx((p - 1) / (2 * m + p - 1), abs=1e-12)
+    bubble = (p - 1) * (1.0 + 2.0 - 0.5)
+    assert _replay("zbh1", 1, p, m, 1.0, 2.0, 0.5).idle == \
+        pytest.approx(bubble / (bubble + m * 3.5), abs=1e-12)
+    assert _replay("zbh1", 1, p, m, 1.0, 1.0, 1.0).idle == \
+        pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-12)
+
+
+def test_replay_refuses_lists_that_deadlock():
+    A = pipeline.Action
+    lists = {0: [A("B", 0, 0), A("F", 0, 0)], 1: [A("F", 1, 0), A("B", 1, 0)]}
+    with pytest.raises(ValueError, match="deadlock"):
+        pipeline.replay(lists, {0: [1.0, 1.0], 1: [1.0, 1.0]}, 2)
+
+
 @pytest.mark.parametrize("plan, micro_num, culprit", [
     (Plan(pp=8, dp=1), None, "8 stages, but the model has only 4 blocks"),
     (Plan(pp=2, pp_layers=(1, 1)), None, r"plan.pp_layers=\(1, 1\) counts 2 blocks"),
