@@ -169,22 +169,27 @@ def test_train_refuses_too_few_micro_batches_before_starting(tmp_path):
         del os.environ["WORLD_SIZE"]
 
 
-def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path):
+def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoints_resume_across_plans(tmp_path):
     """`torchrun --nproc-per-node 4 -m evo train experiments/tiny.py` with pp2×dp2 (1F1B, 4
-    micro-batches per data-parallel rank) logs the losses of one process with 8 micro-batches
-    (fp32, 1e-5 relative), and one process resuming the pipeline's step-2 checkpoint logs the
-    same step-3 loss; the pipeline run records its ``pp_idle``."""
+    micro-batches per data-parallel rank, ZeRO 0, blocks split 3 | 3) logs the losses of one
+    process with 8 micro-batches (fp32, 1e-5 relative); its step-2 checkpoint resumed by one
+    process logs the same step-3 loss, and its step-1 checkpoint resumed by another pp2×dp2
+    layout (ZeRO-1, blocks split 2 | 4, ZB-H1) logs the same losses at steps 2 and 3 (the second
+    needs the restored AdamW moments); the pipeline run records its ``pp_idle``."""
     common = ["experiments/tiny.py", "--set", "steps=3", "--set", "eval_every=0",
               "--set", "sample_tokens=1", "--set", "data.seq_len=64", "--set",
               "data.micro_batch=1", "--set", "checkpoint_every=2", "--set",
               "async_checkpoint=false"]
     env = repo_env(OMP_NUM_THREADS="1")
-    dist_run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-         "-m", "evo", "train", *common, "--set", "plan.pp=2", "--set", "plan.dp=2",
-         "--set", "data.micro_num=4", "--set", f"run_dir={tmp_path / 'dist'}"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-    assert dist_run.returncode == 0, dist_run.stderr[-3000:]
+
+    def torchrun(run_dir, *sets):
+        r = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+             "4", "-m", "evo", "train", *common, "--set", "plan.pp=2", "--set", "plan.dp=2",
+             "--set", "data.micro_num=4", *sets, "--set", f"run_dir={run_dir}"],
+            capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return read(run_dir)
 
     def read(run_dir):
         return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n") if x]
@@ -195,13 +200,20 @@ def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoint_resumes_in_one(
                            capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
         return read(run_dir)
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "dist" / "checkpoints" / "step-00000002",
-                    tmp_path / "resumed" / "checkpoints" / "step-00000002")
-    a, b, resumed = read(tmp_path / "dist"), one(tmp_path / "one"), one(tmp_path / "resumed")
+
+    def resume_from(step, run_dir):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        name = f"step-{step:08d}"
+        shutil.copytree(tmp_path / "dist" / "checkpoints" / name, run_dir / "checkpoints" / name)
+        return run_dir
+    a = torchrun(tmp_path / "dist", "--set", "checkpoint_every=1")
+    b = one(tmp_path / "one")
+    resumed = one(resume_from(2, tmp_path / "resumed"))
+    other = torchrun(resume_from(1, tmp_path / "other"), "--set", "plan.zero=1", "--set",
+                     "plan.pp_layers=[2,4]", "--set", "plan.pp_schedule=zbh1")
     assert [r["step"] for r in a] == [1, 2, 3] == [r["step"] for r in b]
-    assert [r["step"] for r in resumed] == [3]
-    for ra, rb in zip(a + resumed, b + b[2:]):
+    assert [r["step"] for r in resumed] == [3] and [r["step"] for r in other] == [2, 3]
+    for ra, rb in zip(a + resumed + other, b + b[2:] + b[1:]):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(rb["loss"]), (ra["loss"], rb["loss"])
         assert ra["tokens"] == rb["tokens"]
     assert a[0]["comm_bytes"]["send/pp"] > 0 and 0 <= a[0]["pp_idle"] < 1
