@@ -17,9 +17,11 @@ what ``evo plan`` counts), one compute thread per process. Reported, over the la
   schedule's;
 - ``equal``: the same replay with every stage's F, B, I, W the mean measured cost of that kind
   (balanced stages at the measured F : I : W): for 1F1B, interleaved and ZB-H1 this is the
-  published formula evaluated at the measured costs (tests/test_pipeline.py proves the identity);
+  formula evaluated at the measured costs (tests/test_pipeline.py proves the identity: ZB-H1's
+  bubble is (p−1)(F+I−min(F, W)));
 - ``formula``: the idle fraction with F = I = W: (p−1)/(m+p−1) for 1F1B, (p−1)/(v·m+p−1)
   interleaved, (p−1)/(3m+p−1) ZB-H1 (its bubble (p−1)(F+I−W), arXiv 2401.10241), 0 ZB-V;
+- the mean measured milliseconds of each kind of action, and each rank's compute per step.
 - ``act peak / plan``: the largest bytes of non-parameter floating tensors saved for backward
   that are alive at once on a rank (saved-tensor hooks, released when autograd frees them),
   per rank relative to ``pipeline.stage_report``'s activations of that rank. The hooks pack a

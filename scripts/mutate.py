@@ -173,6 +173,11 @@ MUTATIONS = [
     Mutation("pp-replay-input-grad-of-i-unknown", "evo/sharding/pipeline.py",
              'if a.kind == "I":                # the input gradient', "if False:  #",
              ("tests/test_pipeline.py::test_replayed_idle_equals_the_published_bubbles",)),
+    Mutation("pp-hybrid-zero-shards-over-all-dp", "evo/sharding/layout.py",
+             "shard[0] = math.ceil(local[0] / plan.zero_group)",
+             "shard[0] = math.ceil(local[0] / plan.dp)",
+             ("tests/test_pipeline.py::"
+              "test_hybrid_zero_under_pp_shards_each_stage_inside_its_group",)),
 ]
 
 

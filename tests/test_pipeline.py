@@ -111,16 +111,18 @@ def test_replay_of_1f1b_by_hand():
 @pytest.mark.parametrize("p, m", [(2, 4), (4, 4), (4, 8)])
 def test_replayed_idle_equals_the_published_bubbles(p, m):
     """Equal stages: 1F1B idles (p−1)/(m+p−1) whatever F : B; interleaved (v = 2)
-    (p−1)/(v·m+p−1); ZB-H1 with F = I = W (p−1)/(3m+p−1) — its bubble (p−1)(F+I−W) of
-    arXiv 2401.10241, checked also at F = 1, I = 2, W = 0.5 (exact in floats: 1e-12)."""
+    (p−1)/(v·m+p−1); ZB-H1 (torch's order) a bubble of (p−1)(F+I−W) when W ≤ F — arXiv
+    2401.10241's, (p−1)/(3m+p−1) of the step at F = I = W — and (p−1)·I when the weight pass is
+    the longer (its W cannot fill more than an F's slot). Exact in floats (1e-12)."""
     for F, I, W in ((1.0, 1.0, 1.0), (1.0, 2.0, 0.5), (0.3, 0.7, 0.2)):  # noqa: E741
         assert _replay("1f1b", 1, p, m, F, I, W).idle == pytest.approx((p - 1) / (m + p - 1),
                                                                          abs=1e-12)
         assert _replay("interleaved", 2, p, m, F, I, W).idle == \
             pytest.approx((p - 1) / (2 * m + p - 1), abs=1e-12)
-    bubble = (p - 1) * (1.0 + 2.0 - 0.5)
-    assert _replay("zbh1", 1, p, m, 1.0, 2.0, 0.5).idle == \
-        pytest.approx(bubble / (bubble + m * 3.5), abs=1e-12)
+    for F, I, W in ((1.0, 2.0, 0.5), (1.0, 1.0, 1.5), (5.3, 7.8, 10.6)):  # noqa: E741
+        bubble = (p - 1) * (F + I - min(F, W))
+        assert _replay("zbh1", 1, p, m, F, I, W).idle == \
+            pytest.approx(bubble / (bubble + m * (F + I + W)), abs=1e-12)
     assert _replay("zbh1", 1, p, m, 1.0, 1.0, 1.0).idle == \
         pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-12)
 
@@ -218,6 +220,38 @@ def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoints_resume_across_
         assert ra["tokens"] == rb["tokens"]
     assert a[0]["comm_bytes"]["send/pp"] > 0 and 0 <= a[0]["pp_idle"] < 1
     assert "pp_idle" not in b[0]
+
+
+def test_hybrid_zero_under_pp_shards_each_stage_inside_its_group():
+    """pp2 × dp4 with ZeRO-1 in groups of 2 (8 ranks, built without process groups): each rank
+    holds its stage's parameters whole and AdamW moments of ceil(rows / 2) rows of each, every
+    (stage, replica) has one ZeRO group of zero indices 0 and 1, and the bytes equal ``evo plan``'s
+    ``per_rank_bytes``: 2 moments × 4 bytes × Σ ceil(rows / 2) · the other dims (a vocabulary
+    of 65 rows pads to 66). The equivalence with one process on 8 gloo processes is a manual run
+    (docs/plans.md, Pipeline)."""
+    import math
+    import torch
+    cfg = dataclasses.replace(CFG, vocab_size=65)
+    plan = Plan(pp=2, dp=4, zero=1, zero_group=2).resolve(8)
+    full, opt = models.init(cfg), optim.adamw(lr=1e-3)
+    split = pipeline.stage_blocks(cfg, plan)
+    rows = {}
+    for rank in range(8):
+        mesh = Mesh(plan, rank)
+        state = planner.init_state(cfg, opt, planner.shard_params(cfg, full, mesh), mesh)
+        c = mesh.coords
+        stage = {k for b in split[c["pp"]] for k in b.params}
+        assert set(state.params) == stage
+        assert all(torch.equal(state.params[k], full[k]) for k in stage)
+        for k in stage:
+            n = math.ceil(full[k].shape[0] / 2)
+            assert state.opt_state.mu[k].shape == (n, *full[k].shape[1:])
+            rows.setdefault((c["pp"], c["replica"], k), []).append(c["zero"])
+        moments = sum(t.numel() * 4 for m in (state.opt_state.mu, state.opt_state.nu)
+                      for t in m.values())
+        want = 2 * 4 * sum(math.ceil(full[k].shape[0] / 2) * full[k][0].numel() for k in stage)
+        assert moments == want == planner.per_rank_bytes(cfg, plan, pp_index=c["pp"])["optimizer"]
+    assert all(sorted(z) == [0, 1] for z in rows.values()) and len(rows) == 2 * len(full)
 
 
 @pytest.mark.parametrize("schedule, v", [("1f1b", 1), ("interleaved", 2), ("zbh1", 1)])
