@@ -17,6 +17,9 @@ schedule that runs the micro-batches of one step through them.
   functions over its slice of the flat params; activations and their gradients travel by
   ``isend`` / ``irecv`` on the pp group (counted as ``send/pp``, ``recv/pp``); the time spent
   waiting in receives over the whole is the step's measured idle fraction.
+- **Replay**: ``replay`` lays the action lists out in time from given durations (each action as
+  soon as its rank is free and its inputs exist): with the executor's measured per-action costs
+  it is the schedule's own idle fraction, free of how the machine shares its cores.
 """
 from __future__ import annotations
 
