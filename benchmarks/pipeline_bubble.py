@@ -25,9 +25,9 @@ what ``evo plan`` counts), one compute thread per process. Reported, over the la
 - ``act peak / plan``: the largest bytes of non-parameter floating tensors saved for backward
   that are alive at once on a rank (saved-tensor hooks, released when autograd frees them),
   per rank relative to ``pipeline.stage_report``'s activations of that rank. The hooks pack a
-  detached alias: packing the tensor itself makes a reference cycle (tensor, its autograd node,
-  the saved variable) that a ``retain_graph=True`` pass (the ``I`` of a stage whose input feeds a
-  node no weight gradient runs) leaves uncollected, so the count never fell.
+  detached alias: a tensor packed itself stays alive for good once a ``retain_graph=True`` pass
+  ran its node and no later pass did (the ``I`` of ZB-V's head-only stage: the norm's input
+  gradient), so the count never fell (docs/plans.md, Pipeline).
 """
 import datetime
 import os
