@@ -406,9 +406,7 @@ class ShardedStep:
     rank's state pieces and this data-parallel rank's micro-batches. Metrics gain
     ``comm_bytes``: bytes handed to each collective kind on each mesh axis during the step, and
     ``time``: seconds of ``forward_backward`` (with the collectives it overlaps), ``comm`` (the
-    gradient reductions and ZeRO gathers after it) and ``optimizer`` (norm and update). Pipeline
-    plans add ``pp_idle`` and this rank's ``pp_seconds``: each action's compute seconds
-    (``pipeline.PipelineSchedule.seconds``, what ``pipeline.replay`` takes)."""
+    gradient reductions and ZeRO gathers after it) and ``optimizer`` (norm and update)."""
     step: train.Step
     mesh: Mesh
 
@@ -477,7 +475,8 @@ class ShardedStep:
                             ("loss", "source_loss_sum", "source_tokens") if k in metrics},
                            pp_idle=comm.all_reduce(torch.tensor(stages.idle), "pp") / plan.pp,
                            comm_bytes=dict(comm.log.bytes))
-            metrics["pp_seconds"] = torch.tensor(stages.seconds)   # this rank's, no collective
+            # this rank's compute seconds per action (no collective): what pipeline.replay takes
+            metrics["pp_seconds"] = torch.tensor(stages.seconds)
         return train.TrainState(state.step + 1, new, opt_state,
                                 step.next_scaler(scaled, info)), metrics
 
