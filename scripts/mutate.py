@@ -178,6 +178,11 @@ MUTATIONS = [
              "shard[0] = math.ceil(local[0] / plan.dp)",
              ("tests/test_pipeline.py::"
               "test_hybrid_zero_under_pp_shards_each_stage_inside_its_group",)),
+    Mutation("pp-checkpoint-zero-shards-read-from-rank-0", "evo/checkpoint.py",
+             'lo, hi = _rows_range(lay, plan, coords["seq" if plan.weight_parallel else "zero"])',
+             "lo, hi = _rows_range(lay, plan, 0)",
+             ("tests/test_pipeline.py::test_torchrun_pp2_dp2_matches_one_process_and_its_"
+              "checkpoints_resume_across_plans",)),
 ]
 
 
