@@ -183,6 +183,11 @@ MUTATIONS = [
              "lo, hi = _rows_range(lay, plan, 0)",
              ("tests/test_pipeline.py::test_torchrun_pp2_dp2_matches_one_process_and_its_"
               "checkpoints_resume_across_plans",)),
+    Mutation("pp-action-seconds-cumulative-wall-clock", "evo/sharding/pipeline.py",
+             "self.seconds.append(time.thread_time() - c0 - (run.waited_cpu - w0))",
+             "self.seconds.append(time.perf_counter() - t0)",
+             ("tests/test_pipeline.py::"
+              "test_executor_in_threads_equals_one_process_and_times_each_action",)),
 ]
 
 

@@ -134,6 +134,71 @@ def test_replay_refuses_lists_that_deadlock():
         pipeline.replay(lists, {0: [1.0, 1.0], 1: [1.0, 1.0]}, 2)
 
 
+@pytest.mark.parametrize("schedule, v", [("1f1b", 1), ("zbv", 2)])
+def test_executor_in_threads_equals_one_process_and_times_each_action(schedule, v, monkeypatch):
+    """The executor's two pp ranks as two threads of one process, the point-to-point messages
+    passed through queues keyed by their tags: the gradients of both ranks' stages together equal
+    the one-process step's (fp32, 1e-5 relative), the loss on the last stage's rank too, and each
+    rank records one positive compute time (thread CPU seconds) per action of its list that sum
+    to no more than the rank's wall-clock time (``pp_seconds``, what ``replay`` takes)."""
+    import queue
+    import threading
+    import time
+    import types
+    import torch
+    from evo.models import layers
+    plan, m = Plan(pp=2, pp_schedule=schedule, pp_virtual=v).resolve(2), 4
+    step = train.Step(CFG, optim.adamw(lr=1e-3))
+    params = models.init(CFG)
+    tokens = torch.randint(0, CFG.vocab_size, (m, 1, 16),
+                           generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tokens, "labels": tokens}
+    ref, ref_aux = step.grads(params, batch)
+    boxes: dict = {}
+
+    def box(tag):
+        return boxes.setdefault(tag, queue.Queue())
+
+    def isend(x, group, group_dst, tag):
+        box(tag).put(x.clone())
+        return types.SimpleNamespace(wait=lambda: None)
+
+    def irecv(x, group, group_src, tag):
+        return types.SimpleNamespace(wait=lambda: x.copy_(box(tag).get(timeout=60)))
+    monkeypatch.setattr(pipeline.dist, "isend", isend)
+    monkeypatch.setattr(pipeline.dist, "irecv", irecv)
+
+    class Local(layers.Regions):
+        sp = False
+    comm = types.SimpleNamespace(log=types.SimpleNamespace(add=lambda *a: None))
+    out = {}
+
+    def rank(r):
+        sched = pipeline.PipelineSchedule(
+            CFG, types.SimpleNamespace(plan=plan, coords={"pp": r}, groups={}), comm)
+        mine = {k: v for k, v in params.items()
+                if k in pipeline.local_layouts(params, CFG, plan, r)}
+        t0 = time.perf_counter()
+        grads, aux = dataclasses.replace(step, schedule=sched).grads(mine, batch,
+                                                                     regions=Local())
+        out[r] = (grads, aux, sched.seconds, time.perf_counter() - t0)
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    grads = {**out[0][0], **out[1][0]}
+    assert set(grads) == set(ref)
+    for k in ref:
+        assert ((grads[k] - ref[k]).norm() / ref[k].norm()).item() <= 1e-5, k
+    last = pipeline.stage_rank(plan, plan.stages - 1)
+    assert abs(out[last][1]["loss"].item() - ref_aux["loss"].item()) <= 1e-5 * ref_aux["loss"]
+    for r in (0, 1):
+        seconds, wall = out[r][2], out[r][3]
+        assert len(seconds) == len(pipeline.action_lists(plan, m)[r])
+        assert all(t > 0 for t in seconds) and sum(seconds) <= wall
+
+
 @pytest.mark.parametrize("plan, micro_num, culprit", [
     (Plan(pp=8, dp=1), None, "8 stages, but the model has only 4 blocks"),
     (Plan(pp=2, pp_layers=(1, 1)), None, r"plan.pp_layers=\(1, 1\) counts 2 blocks"),
