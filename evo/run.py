@@ -389,6 +389,7 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
     state, m = r.step_fn(state, batch)
     comm_bytes, times = m.pop("comm_bytes"), m.pop("time")
     expert_traffic = m.pop("expert_traffic", None)   # under plan.ep: the rows dispatched
+    m.pop("pp_seconds", None)   # a pipeline rank's per-action compute seconds (benchmarks)
     per_source = {}
     if "source_tokens" in m:
         sums, counts = m.pop("source_loss_sum").tolist(), m.pop("source_tokens").tolist()

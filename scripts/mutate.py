@@ -172,6 +172,28 @@ MUTATIONS = [
              'OPTIMIZERS = {"mixtral-odd": dataclasses.replace(OPT, eps=1e-6)}',
              'OPTIMIZERS = {"mixtral-odd": dataclasses.replace(OPT, eps=1e-8)}',
              ("tests/test_sharding.py::test_moe_sweep_sits_above_fp32_rounding",)),
+    Mutation("pp-replay-ignores-the-inputs", "evo/sharding/pipeline.py",
+             "start[a] = max([free[r]] + [done[n] for n in need])", "start[a] = free[r]",
+             ("tests/test_pipeline.py::test_replay_of_1f1b_by_hand",
+              "tests/test_pipeline.py::test_replayed_idle_equals_the_published_bubbles")),
+    Mutation("pp-replay-input-grad-of-i-unknown", "evo/sharding/pipeline.py",
+             'if a.kind == "I":                # the input gradient', "if False:  #",
+             ("tests/test_pipeline.py::test_replayed_idle_equals_the_published_bubbles",)),
+    Mutation("pp-hybrid-zero-shards-over-all-dp", "evo/sharding/layout.py",
+             "shard[0] = math.ceil(local[0] / plan.zero_group)",
+             "shard[0] = math.ceil(local[0] / plan.dp)",
+             ("tests/test_pipeline.py::"
+              "test_hybrid_zero_under_pp_shards_each_stage_inside_its_group",)),
+    Mutation("pp-checkpoint-zero-shards-read-from-rank-0", "evo/checkpoint.py",
+             'lo, hi = _rows_range(lay, plan, coords["seq" if plan.weight_parallel else "zero"])',
+             "lo, hi = _rows_range(lay, plan, 0)",
+             ("tests/test_pipeline.py::test_torchrun_pp2_dp2_matches_one_process_and_its_"
+              "checkpoints_resume_across_plans",)),
+    Mutation("pp-action-seconds-cumulative-wall-clock", "evo/sharding/pipeline.py",
+             "self.seconds.append(time.thread_time() - c0 - (run.waited_cpu - w0))",
+             "self.seconds.append(time.perf_counter() - t0)",
+             ("tests/test_pipeline.py::"
+              "test_executor_in_threads_equals_one_process_and_times_each_action",)),
 ]
 
 

@@ -90,6 +90,115 @@ def test_action_lists_run_every_pass_once_in_dependency_order(schedule, v, pp, m
             pos[r] += 1
 
 
+def _replay(schedule, v, p, m, F, I, W):  # noqa: E741
+    plan = Plan(pp=p, pp_schedule=schedule, pp_virtual=v).resolve(p)
+    lists = pipeline.action_lists(plan, m)
+    cost = {"F": F, "B": I + W, "I": I, "W": W}
+    return pipeline.replay(lists, {r: [cost[a.kind] for a in acts] for r, acts in lists.items()},
+                           plan.stages)
+
+
+def test_replay_of_1f1b_by_hand():
+    """pp2, 2 micro-batches, F = 1, B = 2: rank 1 runs F0 1-2, B0 2-4, F1 4-5, B1 5-7; rank 0
+    F0 0-1, F1 1-2, then waits for B0's input gradient: B0 4-6, B1 7-9. Busy 12 of 2 × 9."""
+    t = _replay("1f1b", 1, 2, 2, 1.0, 1.0, 1.0)
+    A = pipeline.Action
+    assert t.start == {A("F", 0, 0): 0, A("F", 0, 1): 1, A("B", 0, 0): 4, A("B", 0, 1): 7,
+                       A("F", 1, 0): 1, A("B", 1, 0): 2, A("F", 1, 1): 4, A("B", 1, 1): 5}
+    assert t.span == 9 and t.idle == pytest.approx(1 - 12 / 18, abs=1e-12)
+
+
+@pytest.mark.parametrize("p, m", [(2, 4), (4, 4), (4, 8)])
+def test_replayed_idle_equals_the_published_bubbles(p, m):
+    """Equal stages: 1F1B idles (p−1)/(m+p−1) whatever F : B; interleaved (v = 2)
+    (p−1)/(v·m+p−1); ZB-H1 (torch's order) a bubble of (p−1)(F+I−W) when W ≤ F — arXiv
+    2401.10241's, (p−1)/(3m+p−1) of the step at F = I = W — and (p−1)·I when the weight pass is
+    the longer (its W cannot fill more than an F's slot). Exact in floats (1e-12)."""
+    for F, I, W in ((1.0, 1.0, 1.0), (1.0, 2.0, 0.5), (0.3, 0.7, 0.2)):  # noqa: E741
+        assert _replay("1f1b", 1, p, m, F, I, W).idle == pytest.approx((p - 1) / (m + p - 1),
+                                                                         abs=1e-12)
+        assert _replay("interleaved", 2, p, m, F, I, W).idle == \
+            pytest.approx((p - 1) / (2 * m + p - 1), abs=1e-12)
+    for F, I, W in ((1.0, 2.0, 0.5), (1.0, 1.0, 1.5), (5.3, 7.8, 10.6)):  # noqa: E741
+        bubble = (p - 1) * (F + I - min(F, W))
+        assert _replay("zbh1", 1, p, m, F, I, W).idle == \
+            pytest.approx(bubble / (bubble + m * (F + I + W)), abs=1e-12)
+    assert _replay("zbh1", 1, p, m, 1.0, 1.0, 1.0).idle == \
+        pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-12)
+
+
+def test_replay_refuses_lists_that_deadlock():
+    A = pipeline.Action
+    lists = {0: [A("B", 0, 0), A("F", 0, 0)], 1: [A("F", 1, 0), A("B", 1, 0)]}
+    with pytest.raises(ValueError, match="deadlock"):
+        pipeline.replay(lists, {0: [1.0, 1.0], 1: [1.0, 1.0]}, 2)
+
+
+@pytest.mark.parametrize("schedule, v", [("1f1b", 1), ("zbv", 2)])
+def test_executor_in_threads_equals_one_process_and_times_each_action(schedule, v, monkeypatch):
+    """The executor's two pp ranks as two threads of one process, the point-to-point messages
+    passed through queues keyed by their tags: the gradients of both ranks' stages together equal
+    the one-process step's (fp32, 1e-5 relative), the loss on the last stage's rank too, and each
+    rank records one positive compute time (thread CPU seconds) per action of its list that sum
+    to no more than the rank's wall-clock time (``pp_seconds``, what ``replay`` takes)."""
+    import queue
+    import threading
+    import time
+    import types
+    import torch
+    from evo.models import layers
+    plan, m = Plan(pp=2, pp_schedule=schedule, pp_virtual=v).resolve(2), 4
+    step = train.Step(CFG, optim.adamw(lr=1e-3))
+    params = models.init(CFG)
+    tokens = torch.randint(0, CFG.vocab_size, (m, 1, 16),
+                           generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tokens, "labels": tokens}
+    ref, ref_aux = step.grads(params, batch)
+    boxes: dict = {}
+
+    def box(tag):
+        return boxes.setdefault(tag, queue.Queue())
+
+    def isend(x, group, group_dst, tag):
+        box(tag).put(x.clone())
+        return types.SimpleNamespace(wait=lambda: None)
+
+    def irecv(x, group, group_src, tag):
+        return types.SimpleNamespace(wait=lambda: x.copy_(box(tag).get(timeout=60)))
+    monkeypatch.setattr(pipeline.dist, "isend", isend)
+    monkeypatch.setattr(pipeline.dist, "irecv", irecv)
+
+    class Local(layers.Regions):
+        sp = False
+    comm = types.SimpleNamespace(log=types.SimpleNamespace(add=lambda *a: None))
+    out = {}
+
+    def rank(r):
+        sched = pipeline.PipelineSchedule(
+            CFG, types.SimpleNamespace(plan=plan, coords={"pp": r}, groups={}), comm)
+        mine = {k: v for k, v in params.items()
+                if k in pipeline.local_layouts(params, CFG, plan, r)}
+        t0 = time.perf_counter()
+        grads, aux = dataclasses.replace(step, schedule=sched).grads(mine, batch,
+                                                                     regions=Local())
+        out[r] = (grads, aux, sched.seconds, time.perf_counter() - t0)
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    grads = {**out[0][0], **out[1][0]}
+    assert set(grads) == set(ref)
+    for k in ref:
+        assert ((grads[k] - ref[k]).norm() / ref[k].norm()).item() <= 1e-5, k
+    last = pipeline.stage_rank(plan, plan.stages - 1)
+    assert abs(out[last][1]["loss"].item() - ref_aux["loss"].item()) <= 1e-5 * ref_aux["loss"]
+    for r in (0, 1):
+        seconds, wall = out[r][2], out[r][3]
+        assert len(seconds) == len(pipeline.action_lists(plan, m)[r])
+        assert all(t > 0 for t in seconds) and sum(seconds) <= wall
+
+
 @pytest.mark.parametrize("plan, micro_num, culprit", [
     (Plan(pp=8, dp=1), None, "8 stages, but the model has only 4 blocks"),
     (Plan(pp=2, pp_layers=(1, 1)), None, r"plan.pp_layers=\(1, 1\) counts 2 blocks"),
@@ -127,22 +236,27 @@ def test_train_refuses_too_few_micro_batches_before_starting(tmp_path):
         del os.environ["WORLD_SIZE"]
 
 
-def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoint_resumes_in_one(tmp_path):
+def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoints_resume_across_plans(tmp_path):
     """`torchrun --nproc-per-node 4 -m evo train experiments/tiny.py` with pp2×dp2 (1F1B, 4
-    micro-batches per data-parallel rank) logs the losses of one process with 8 micro-batches
-    (fp32, 1e-5 relative), and one process resuming the pipeline's step-2 checkpoint logs the
-    same step-3 loss; the pipeline run records its ``pp_idle``."""
+    micro-batches per data-parallel rank, ZeRO 0, blocks split 3 | 3) logs the losses of one
+    process with 8 micro-batches (fp32, 1e-5 relative); its step-2 checkpoint resumed by one
+    process logs the same step-3 loss, and its step-1 checkpoint resumed by another pp2×dp2
+    layout (ZeRO-1, blocks split 2 | 4, ZB-H1) logs the same losses at steps 2 and 3 (the second
+    needs the restored AdamW moments); the pipeline run records its ``pp_idle``."""
     common = ["experiments/tiny.py", "--set", "steps=3", "--set", "eval_every=0",
               "--set", "sample_tokens=1", "--set", "data.seq_len=64", "--set",
               "data.micro_batch=1", "--set", "checkpoint_every=2", "--set",
               "async_checkpoint=false"]
     env = repo_env(OMP_NUM_THREADS="1")
-    dist_run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-         "-m", "evo", "train", *common, "--set", "plan.pp=2", "--set", "plan.dp=2",
-         "--set", "data.micro_num=4", "--set", f"run_dir={tmp_path / 'dist'}"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-    assert dist_run.returncode == 0, dist_run.stderr[-3000:]
+
+    def torchrun(run_dir, *sets):
+        r = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+             "4", "-m", "evo", "train", *common, "--set", "plan.pp=2", "--set", "plan.dp=2",
+             "--set", "data.micro_num=4", *sets, "--set", f"run_dir={run_dir}"],
+            capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return read(run_dir)
 
     def read(run_dir):
         return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n") if x]
@@ -153,17 +267,56 @@ def test_torchrun_pp2_dp2_matches_one_process_and_its_checkpoint_resumes_in_one(
                            capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
         return read(run_dir)
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "dist" / "checkpoints" / "step-00000002",
-                    tmp_path / "resumed" / "checkpoints" / "step-00000002")
-    a, b, resumed = read(tmp_path / "dist"), one(tmp_path / "one"), one(tmp_path / "resumed")
+
+    def resume_from(step, run_dir):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        name = f"step-{step:08d}"
+        shutil.copytree(tmp_path / "dist" / "checkpoints" / name, run_dir / "checkpoints" / name)
+        return run_dir
+    a = torchrun(tmp_path / "dist", "--set", "checkpoint_every=1")
+    b = one(tmp_path / "one")
+    resumed = one(resume_from(2, tmp_path / "resumed"))
+    other = torchrun(resume_from(1, tmp_path / "other"), "--set", "plan.zero=1", "--set",
+                     "plan.pp_layers=[2,4]", "--set", "plan.pp_schedule=zbh1")
     assert [r["step"] for r in a] == [1, 2, 3] == [r["step"] for r in b]
-    assert [r["step"] for r in resumed] == [3]
-    for ra, rb in zip(a + resumed, b + b[2:]):
+    assert [r["step"] for r in resumed] == [3] and [r["step"] for r in other] == [2, 3]
+    for ra, rb in zip(a + resumed + other, b + b[2:] + b[1:]):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(rb["loss"]), (ra["loss"], rb["loss"])
         assert ra["tokens"] == rb["tokens"]
     assert a[0]["comm_bytes"]["send/pp"] > 0 and 0 <= a[0]["pp_idle"] < 1
     assert "pp_idle" not in b[0]
+
+
+def test_hybrid_zero_under_pp_shards_each_stage_inside_its_group():
+    """pp2 × dp4 with ZeRO-1 in groups of 2 (8 ranks, built without process groups): each rank
+    holds its stage's parameters whole and AdamW moments of ceil(rows / 2) rows of each, every
+    (stage, replica) has one ZeRO group of zero indices 0 and 1, and the bytes equal ``evo plan``'s
+    ``per_rank_bytes``: 2 moments × 4 bytes × Σ ceil(rows / 2) · the other dims (a vocabulary
+    of 65 rows pads to 66). The equivalence with one process on 8 gloo processes is a manual run
+    (docs/plans.md, Pipeline)."""
+    import math
+    import torch
+    cfg = dataclasses.replace(CFG, vocab_size=65)
+    plan = Plan(pp=2, dp=4, zero=1, zero_group=2).resolve(8)
+    full, opt = models.init(cfg), optim.adamw(lr=1e-3)
+    split = pipeline.stage_blocks(cfg, plan)
+    rows = {}
+    for rank in range(8):
+        mesh = Mesh(plan, rank)
+        state = planner.init_state(cfg, opt, planner.shard_params(cfg, full, mesh), mesh)
+        c = mesh.coords
+        stage = {k for b in split[c["pp"]] for k in b.params}
+        assert set(state.params) == stage
+        assert all(torch.equal(state.params[k], full[k]) for k in stage)
+        for k in stage:
+            n = math.ceil(full[k].shape[0] / 2)
+            assert state.opt_state.mu[k].shape == (n, *full[k].shape[1:])
+            rows.setdefault((c["pp"], c["replica"], k), []).append(c["zero"])
+        moments = sum(t.numel() * 4 for m in (state.opt_state.mu, state.opt_state.nu)
+                      for t in m.values())
+        want = 2 * 4 * sum(math.ceil(full[k].shape[0] / 2) * full[k][0].numel() for k in stage)
+        assert moments == want == planner.per_rank_bytes(cfg, plan, pp_index=c["pp"])["optimizer"]
+    assert all(sorted(z) == [0, 1] for z in rows.values()) and len(rows) == 2 * len(full)
 
 
 @pytest.mark.parametrize("schedule, v", [("1f1b", 1), ("interleaved", 2), ("zbh1", 1)])

@@ -17,6 +17,9 @@ schedule that runs the micro-batches of one step through them.
   functions over its slice of the flat params; activations and their gradients travel by
   ``isend`` / ``irecv`` on the pp group (counted as ``send/pp``, ``recv/pp``); the time spent
   waiting in receives over the whole is the step's measured idle fraction.
+- **Replay**: ``replay`` lays the action lists out in time from given durations (each action as
+  soon as its rank is free and its inputs exist): with the executor's measured per-action costs
+  it is the schedule's own idle fraction, free of how the machine shares its cores.
 """
 from __future__ import annotations
 
@@ -257,6 +260,50 @@ def in_flight(plan, micro_num: int, pp_index: int) -> int:
     return peak
 
 
+class Timeline(NamedTuple):
+    idle: float                  # 1 − busy / (ranks · span): the schedule's bubble
+    span: float                  # when the last action ends
+    start: dict                  # Action -> when it starts
+
+
+def replay(lists: dict[int, list[Action]], seconds: dict[int, list[float]],
+           stages: int) -> Timeline:
+    """The timeline of action lists with given durations (``seconds[r][j]``: rank ``r``'s
+    ``j``-th action), messages taking no time: each rank runs its actions in order, each as soon
+    as the rank is free and its inputs exist — ``F`` of (s, i) after ``F`` of (s−1, i); ``B`` or
+    ``I`` of (s, i) after ``F`` of (s, i) and the input gradient (``B`` or ``I``) of (s+1, i);
+    ``W`` after ``I`` of (s, i). ValueError on a deadlock."""
+    done: dict = {}                              # (kind, stage, micro) -> end
+    start, free, pos = {}, dict.fromkeys(lists, 0.0), dict.fromkeys(lists, 0)
+    while any(pos[r] < len(lists[r]) for r in lists):
+        moved = False
+        for r, actions in lists.items():
+            while pos[r] < len(actions):
+                a = actions[pos[r]]
+                need = _needs(a, stages - 1)
+                if not all(n in done for n in need):
+                    break
+                start[a] = max([free[r]] + [done[n] for n in need])
+                free[r] = start[a] + seconds[r][pos[r]]
+                done[(a.kind, a.stage, a.micro)] = free[r]
+                if a.kind == "I":                # the input gradient is what stage s−1 needs
+                    done[("B", a.stage, a.micro)] = free[r]
+                pos[r], moved = pos[r] + 1, True
+        if not moved:
+            raise ValueError(f"the action lists deadlock at {pos}")
+    span = max(free.values())
+    busy = sum(sum(v) for v in seconds.values())
+    return Timeline(1 - busy / (len(lists) * span) if span > 0 else 0.0, span, start)
+
+
+def _needs(a: Action, last: int) -> list[tuple]:
+    if a.kind == "F":
+        return [("F", a.stage - 1, a.micro)] if a.stage else []
+    if a.kind == "W":
+        return [("I", a.stage, a.micro)]
+    return [("F", a.stage, a.micro)] + ([("B", a.stage + 1, a.micro)] if a.stage < last else [])
+
+
 # ----------------------------------------------------------------------------------- executor
 
 _KINDS = {"F": 0, "B": 1}
@@ -264,14 +311,16 @@ _KINDS = {"F": 0, "B": 1}
 
 class PipelineSchedule:
     """A ``train.Schedule`` running this rank's stages by the plan's action list. After a call,
-    ``idle`` holds the fraction of the call's time spent waiting in receives."""
+    ``idle`` holds the fraction of the call's time spent waiting in receives, and ``seconds``
+    each action's compute cost: the CPU time of the calling thread (receives excluded), in the
+    order of ``action_lists(plan, micro_num)[pp_index]`` (what ``replay`` takes)."""
 
     def __init__(self, cfg, mesh, comm):
         self.cfg, self.plan, self.comm = cfg, mesh.plan, comm
         self.pp_index = mesh.coords["pp"]
         self.split = stage_blocks(cfg, self.plan)
         self.group = mesh.groups.get("pp")
-        self.idle = 0.0
+        self.idle, self.seconds = 0.0, []
 
     def __call__(self, step, leaves, batch, scale, regions, acc, on_ready) -> None:
         micros = list(train.micro_batches(batch))
@@ -279,9 +328,11 @@ class PipelineSchedule:
             raise ValueError(f"data.micro_num={len(micros)} must be at least plan.pp="
                              f"{self.plan.pp}: the pipeline's micro-batches are the step's")
         run = _Run(self, step, leaves, micros, scale, regions, acc)
-        t0 = time.perf_counter()
+        t0, self.seconds = time.perf_counter(), []
         for a in action_lists(self.plan, len(micros))[self.pp_index]:
+            c0, w0 = time.thread_time(), run.waited_cpu
             getattr(run, a.kind)(a.stage, a.micro)
+            self.seconds.append(time.thread_time() - c0 - (run.waited_cpu - w0))
         for w in run.sends:
             w.wait()
         total = time.perf_counter() - t0
@@ -308,7 +359,7 @@ class _Run:
         self.douts: dict = {}          # (stage, micro) -> output gradient kept for W
         self.local: dict = {}          # messages between two stages of this rank
         self.sends: list = []
-        self.waited = 0.0
+        self.waited = self.waited_cpu = 0.0   # wall-clock and thread CPU seconds in receives
         self.last = sched.plan.stages - 1
 
     # -- messages
@@ -332,10 +383,11 @@ class _Run:
         seq = tokens.shape[1] // (self.s.plan.tp if self.regions.sp else 1)
         x = torch.empty((tokens.shape[0], seq, self.s.cfg.hidden_size),
                         dtype=self.step.compute_dtype, device=tokens.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         dist.irecv(x, group=self.s.group, group_src=stage_rank(self.s.plan, from_stage),
                    tag=self._tag(kind, stage, micro)).wait()
         self.waited += time.perf_counter() - t0
+        self.waited_cpu += time.thread_time() - c0
         self.s.comm.log.add("recv", "pp", x)
         return x
 

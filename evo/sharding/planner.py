@@ -475,6 +475,8 @@ class ShardedStep:
                             ("loss", "source_loss_sum", "source_tokens") if k in metrics},
                            pp_idle=comm.all_reduce(torch.tensor(stages.idle), "pp") / plan.pp,
                            comm_bytes=dict(comm.log.bytes))
+            # this rank's compute seconds per action (no collective): what pipeline.replay takes
+            metrics["pp_seconds"] = torch.tensor(stages.seconds)
         return train.TrainState(state.step + 1, new, opt_state,
                                 step.next_scaler(scaled, info)), metrics
 
