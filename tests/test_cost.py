@@ -177,12 +177,12 @@ def test_activations_shrink_with_recomputation_sequence_split_and_stages():
 
 def test_pipeline_bubble_of_each_schedule():
     """The pipeline module's bubble of each schedule, equal to the published formulas: (p−1)/m
-    for 1F1B, (p−1)/(v·m) interleaved, 0 for the zero-bubble schedules (equal F, B, W times)."""
+    for 1F1B, (p−1)/(v·m) interleaved, (p−1)/(3m) ZB-H1, 0 ZB-V (equal F, B, W times)."""
     m = 16
     bubble = lambda **k: cost.pipeline_bubble_fraction(Plan(pp=4, **k), m)  # noqa: E731
     assert bubble() == 3 / 16
     assert bubble(pp_schedule="interleaved", pp_virtual=2) == 3 / 32
-    assert bubble(pp_schedule="zbh1") == 0.0
+    assert bubble(pp_schedule="zbh1") == 3 / 48
     assert bubble(pp_schedule="zbv", pp_virtual=2) == 0.0
     assert cost.pipeline_bubble_fraction(Plan(), m) == 0.0
     for k in ({}, {"pp_schedule": "interleaved", "pp_virtual": 2}, {"pp_schedule": "zbh1"}):

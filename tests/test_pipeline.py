@@ -125,6 +125,10 @@ def test_replayed_idle_equals_the_published_bubbles(p, m):
             pytest.approx(bubble / (bubble + m * (F + I + W)), abs=1e-12)
     assert _replay("zbh1", 1, p, m, 1.0, 1.0, 1.0).idle == \
         pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-12)
+    for schedule, v in (("1f1b", 1), ("interleaved", 2), ("zbh1", 1)):  # what evo plan prices
+        b = pipeline.bubble_fraction(Plan(pp=p, pp_schedule=schedule, pp_virtual=v).resolve(p), m)
+        assert _replay(schedule, v, p, m, 1.0, 1.0, 1.0).idle == pytest.approx(b / (1 + b),
+                                                                                abs=1e-12)
 
 
 def test_replay_refuses_lists_that_deadlock():
@@ -344,7 +348,7 @@ def test_plan_report_per_stage_equals_the_formulas(schedule, v):
                          if 0 <= nb < plan.stages and pipeline.stage_rank(plan, nb) != r)
         assert row["p2p"] == boundaries * 2 * m * act
     assert sum(r["params"] for r in rows) == sum(math.prod(s.shape) for s in specs.values()) * 4
-    assert rows[0]["bubble"] == {"1f1b": 1 / 8, "interleaved": 1 / 16, "zbh1": 0.0}[schedule]
+    assert rows[0]["bubble"] == {"1f1b": 1 / 8, "interleaved": 1 / 16, "zbh1": 1 / 24}[schedule]
     if schedule == "1f1b":
         assert [r["in_flight"] for r in rows] == [2, 1]
         layers = [sum(b.kind == "layer" for b in split[r]) for r in (0, 1)]

@@ -242,11 +242,14 @@ def _one_f_one_b(p: int, r: int, m: int) -> list[Action]:
 
 
 def bubble_fraction(plan, micro_num: int) -> float:
-    """The schedule's idle fraction with equal forward, input- and weight-backward times:
-    ``(p−1)/m`` (1F1B), ``(p−1)/(v·m)`` (interleaved), 0 for the zero-bubble schedules (as
-    fractions of the busy time)."""
-    if plan.pp == 1 or plan.pp_schedule in ("zbh1", "zbv"):
+    """The schedule's idle time as a fraction of the busy time, with equal forward, input- and
+    weight-backward times: ``(p−1)/m`` (1F1B), ``(p−1)/(v·m)`` (interleaved), ``(p−1)/(3m)`` for
+    ZB-H1 (arXiv 2401.10241: a third of 1F1B's, the weight passes filling the rest; ``replay`` of
+    torch's order gives exactly this), 0 for ZB-V (the paper's ideal)."""
+    if plan.pp == 1 or plan.pp_schedule == "zbv":
         return 0.0
+    if plan.pp_schedule == "zbh1":
+        return (plan.pp - 1) / (3 * micro_num)
     return (plan.pp - 1) / (plan.pp_virtual * micro_num)
 
 
