@@ -264,7 +264,7 @@ class SequenceAttention:
         for i in range(n):
             pending = launch_shift(self.comm, kv.detach(), "cp") if i < n - 1 else None
             span = Span(q_idx, q_start, cp_indices(seq, n, (c - i) % n).to(q.device), window)
-            if i == 0 or _sees_any(span):
+            if i == 0 or span.any():
                 o_i, l_i = attention_lse(q, kv[0], kv[1], span, backend=self.backend)
                 out, lse = (o_i.to(l_i.dtype), l_i) if out is None else \
                     merge_lse(out, lse, o_i, l_i)
@@ -273,11 +273,6 @@ class SequenceAttention:
             if pending is not None:
                 kv = _Shift.apply(kv, self.comm, "cp", pending)
         return out.to(q.dtype)
-
-
-def _sees_any(span: Span) -> bool:
-    """Whether any query of the span sees any of its keys (the dense mask is transient)."""
-    return bool(span.dense().any())
 
 
 # --------------------------------------------------------------------------------- gradients
