@@ -242,8 +242,8 @@ class Span(NamedTuple):
         return bool((hi > lo).any())
 
 
-# Elements of one block of scores (fp32: 32 MiB): what the blockwise attention holds at a time.
-BLOCK_ELEMENTS = 2**23
+# Elements of one block of scores (fp32: 16 MiB): what the blockwise attention holds at a time.
+BLOCK_ELEMENTS = 2**22
 
 
 def query_block(b: int, heads: int, m: int) -> int:
