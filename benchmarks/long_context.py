@@ -128,7 +128,7 @@ def main():
     if rank == 0:
         print(f"model {dataclasses.asdict(CFG)}; activation MiB per rank (largest rank), "
               "bytes sent per layer and micro-batch (fp32)")
-        print("| seq | plan | measured MiB | predicted MiB | error | vs one process | "
+        print("| seq | plan | activations MiB | predicted MiB | error | vs one process | "
               "peak RSS growth MiB | sent per layer (measured = model) |")
         print("|---|---|---|---|---|---|---|---|")
         base = {r["seq"]: r["measured"] for r in rows if r["plan"] == "one process"}
