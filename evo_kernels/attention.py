@@ -268,7 +268,7 @@ def reference_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *,
 
 def _blocks(mask, n: int, m: int, block: int) -> list[tuple[slice, slice]]:
     """``(query rows, key columns)`` of each block of ``block`` queries that sees a key: for a
-    ``Span`` the columns its rows see (from the first row's earliest to the last's latest key),
+    ``Span`` the columns its rows see (from the block's earliest visible key to its latest),
     for a boolean mask, or when one block holds every query, all ``m``."""
     starts = range(0, n, block)
     if not isinstance(mask, Span) or n <= block:
