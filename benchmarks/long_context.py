@@ -9,10 +9,14 @@ Launch under torchrun (4 processes; the one-process baseline runs on rank 0 in t
 Memory measured: the bytes autograd keeps for backward during one micro-batch's forward (every
 tensor saved by an op, counted once per storage, parameters excluded), on each rank; the table
 shows the largest rank. The prediction is ``evo.sharding.context.activation_bytes``, the model
-``evo plan`` prints. Bytes sent: the step's ``comm_bytes`` per layer, Ulysses all-to-all (sp) and
+``evo plan`` prints. Next to it the process's peak resident memory during that micro-batch's
+forward and backward over its resident memory just before (Linux: the high-water mark reset
+through ``/proc/self/clear_refs``, freed heap returned by ``malloc_trim`` first): activations,
+gradients and every transient (attention's blocks of scores, the logits), the largest rank. Bytes sent: the step's ``comm_bytes`` per layer, Ulysses all-to-all (sp) and
 ring send/receive (cp), next to ``context.bytes_per_layer``.
 """
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -44,6 +48,23 @@ def saved_bytes(fn, exclude: set[int]) -> int:
     return sum(seen.values())
 
 
+def resident(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def rss_growth(fn) -> int:
+    """This process's peak resident bytes while ``fn`` runs, over its resident bytes before."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")   # resets VmHWM to the current VmRSS
+    before = resident("VmRSS")
+    fn()
+    return resident("VmHWM") - before
+
+
 def measure(plan: Plan, seq: int, ranks: list[int]) -> dict | None:
     """Activation bytes and bytes sent per layer on this rank, for one packed row of ``seq``
     tokens (3 documents) under ``plan`` over ``ranks``."""
@@ -68,11 +89,14 @@ def measure(plan: Plan, seq: int, ranks: list[int]) -> dict | None:
     def forward_backward():
         losses = step.token_losses(leaves, micro[0], micro[1], micro[2], micro[3], regions)
         forward_backward.loss = losses.sum()
-    act = saved_bytes(forward_backward, exclude)
-    forward_backward.loss.backward()
+    def run():
+        run.act = saved_bytes(forward_backward, exclude)
+        forward_backward.loss.backward()
+    rss = rss_growth(run)
+    act = run.act
     sent = {k: v // CFG.num_layers for k, v in comm.log.bytes.items()
             if k.split("/")[0] in ("all_to_all", "send_recv")}
-    return {"measured": act, "sent": sent}
+    return {"measured": act, "rss": rss, "sent": sent}
 
 
 def main():
@@ -88,21 +112,25 @@ def main():
     for seq in args.seqs:
         for name, (plan, ranks) in plans.items():
             r = measure(plan, seq, ranks)
-            worst = torch.tensor(r["measured"] if r else 0)
+            worst = torch.tensor([r["measured"], r["rss"]] if r else [0, 0])
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
             dist.barrier()
             if rank == 0:
                 resolved = plan.resolve(len(ranks))
                 predicted = context.activation_bytes(CFG, resolved, seq)["total"]
-                rows.append({"seq": seq, "plan": name, "measured": int(worst),
-                             "predicted": predicted, "sent": r["sent"],
+                rows.append({"seq": seq, "plan": name, "measured": int(worst[0]),
+                             "rss": int(worst[1]), "predicted": predicted, "sent": r["sent"],
                              "sent_predicted": context.bytes_per_layer(CFG, resolved, seq, 4)})
+                print(f"# {datetime.datetime.now():%H:%M:%S} {rows[-1]}", flush=True)
+                if args.out:   # as it goes: the longest rows take minutes each
+                    with open(args.out, "w") as f:
+                        json.dump(rows, f, indent=1)
     if rank == 0:
         print(f"model {dataclasses.asdict(CFG)}; activation MiB per rank (largest rank), "
               "bytes sent per layer and micro-batch (fp32)")
-        print("| seq | plan | measured MiB | predicted MiB | error | vs one process | "
-              "sent per layer (measured = model) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| seq | plan | activations MiB | predicted MiB | error | vs one process | "
+              "peak RSS growth MiB | sent per layer (measured = model) |")
+        print("|---|---|---|---|---|---|---|---|")
         base = {r["seq"]: r["measured"] for r in rows if r["plan"] == "one process"}
         for r in rows:
             err = r["predicted"] / r["measured"] - 1
@@ -110,10 +138,8 @@ def main():
             same = "=" if r["sent"] == r["sent_predicted"] else "≠"
             print(f"| {r['seq']} | {r['plan']} | {r['measured'] / 2**20:.1f} | "
                   f"{r['predicted'] / 2**20:.1f} | {err:+.1%} | "
-                  f"{r['measured'] / base[r['seq']]:.2f} | {sent or '-'} {same if sent else ''} |")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(rows, f, indent=1)
+                  f"{r['measured'] / base[r['seq']]:.2f} | {r['rss'] / 2**20:.0f} | "
+                  f"{sent or '-'} {same if sent else ''} |", flush=True)
     dist.destroy_process_group()
 
 

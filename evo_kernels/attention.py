@@ -81,24 +81,56 @@ def cached_mask(valid: torch.Tensor, start: int, n: int, window: int | None = No
     return visible(q_idx[:, None], k_idx[None, :], window)[None, None] & valid[:, None, None, :end]
 
 
+# Tokens up to which `reference` masks packed documents or a window with a dense [S, S] mask
+# (torch's fused SDPA: the faster at the suite's small sizes); longer rows go blockwise.
+DENSE_MASK_TOKENS = 4096
+
+
+def dense_mask(tokens: int) -> bool:
+    """Whether ``reference`` builds a dense mask over ``tokens`` (quadratic memory) rather than
+    attending blockwise (``reference_lse`` over a ``Span``: memory linear in the tokens)."""
+    return tokens <= DENSE_MASK_TOKENS
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               cu_seqlens: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
-    """SDPA with a causal (or block-diagonal causal, or windowed) mask. Runs everywhere, with
-    gradients."""
+    """SDPA with a causal (or block-diagonal causal, or windowed) mask; beyond
+    ``DENSE_MASK_TOKENS`` documents and windows go through the blockwise ``reference_lse``.
+    Runs everywhere, with gradients."""
     check_window(window)
     b, s, h, d = q.shape
+    if cu_seqlens is None and window is None:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=h != k.shape[2])
+        return out.transpose(1, 2)
+    total = b * s if cu_seqlens is not None else s
+    if not dense_mask(total):
+        return _blockwise(q, k, v, cu_seqlens, window)
     if cu_seqlens is None:
         idx = torch.arange(s, device=q.device)
-        mask = None if window is None else visible(idx[:, None], idx[None, :], window)
+        mask = visible(idx[:, None], idx[None, :], window)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=h != k.shape[2])
+                                             attn_mask=mask, enable_gqa=h != k.shape[2])
         return out.transpose(1, 2)
-    total = b * s
     mask = document_causal_mask(cu_seqlens, total, window)
     qf, kf, vf = (t.reshape(1, total, t.shape[2], d).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, enable_gqa=h != k.shape[2])
     return out.transpose(1, 2).reshape(b, s, h, d)
+
+
+def _blockwise(q, k, v, cu_seqlens, window):
+    """``reference``'s attention by ``reference_lse`` over the ``Span`` of the documents (packed
+    rows flattened into one) or of each row (no ``cu_seqlens``): no ``[S, S]`` tensor."""
+    b, s, h, d = q.shape
+    if cu_seqlens is None:
+        idx = torch.arange(s, device=q.device)
+        return reference_lse(q, k, v, Span(idx, torch.zeros_like(idx)[None], idx, window))[0]
+    total = b * s
+    idx = torch.arange(total, device=q.device)
+    starts = cu_seqlens.long()[segment_ids(cu_seqlens, total)]
+    qf, kf, vf = (t.reshape(1, total, t.shape[2], d) for t in (q, k, v))
+    out, _ = reference_lse(qf, kf, vf, Span(idx, starts[None], idx, window))
+    return out.reshape(b, s, h, d)
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -177,9 +209,10 @@ def attention_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 class Span(NamedTuple):
     """A document-causal mask described by token indices instead of stored: query ``i`` (global
-    index ``q_index [n]``, its document starting at ``q_start [b, n]``) sees key ``j``
-    (``k_index [m]``) when ``q_start <= j <= i`` (and ``i - j < window``). ``dense()`` → bool
-    ``[b, n, m]``. Memory linear in the tokens, where the dense mask is quadratic."""
+    index ``q_index [n]``, its document starting at ``q_start [b, n]``, ``b`` may be 1 for every
+    row) sees key ``j`` (``k_index [m]``, ascending) when ``q_start <= j <= i`` (and
+    ``i - j < window``). ``dense()`` → bool ``[b, n, m]``. Memory linear in the tokens, where the
+    dense mask is quadratic."""
     q_index: torch.Tensor
     q_start: torch.Tensor
     k_index: torch.Tensor
@@ -190,47 +223,119 @@ class Span(NamedTuple):
         mask = (k <= self.q_index[:, None]) & (k >= self.q_start[..., None])
         return mask if self.window is None else mask & (k > self.q_index[:, None] - self.window)
 
+    def key_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, hi)`` int64 ``[b, n]``: query row ``r`` sees exactly the keys
+        ``k_index[lo[:, r]:hi[:, r]]`` (empty when ``hi <= lo``) — the visible keys are
+        consecutive in the ascending ``k_index``. ValueError when ``k_index`` is not ascending."""
+        k = self.k_index
+        if k.numel() > 1 and not bool((k[1:] >= k[:-1]).all()):
+            raise ValueError("Span.k_index must be ascending")
+        first = self.q_start if self.window is None else \
+            torch.maximum(self.q_start, self.q_index - self.window + 1)
+        lo = torch.searchsorted(k, first.contiguous())
+        hi = torch.searchsorted(k, self.q_index.contiguous(), right=True).expand_as(lo)
+        return lo, hi
 
-def reference_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def any(self) -> bool:
+        """Whether any query sees any key (without the dense mask)."""
+        lo, hi = self.key_ranges()
+        return bool((hi > lo).any())
+
+
+# Elements of one block of scores (fp32: 16 MiB): what the blockwise attention holds at a time.
+BLOCK_ELEMENTS = 2**22
+
+
+def query_block(b: int, heads: int, m: int) -> int:
+    """Queries per block so that a block's scores ``[b, heads, block, m]`` hold at most
+    ``BLOCK_ELEMENTS`` (at least one query)."""
+    return max(1, BLOCK_ELEMENTS // max(1, b * heads * m))
+
+
+def reference_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *,
+                  block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [b, n, heads, d]`` against ``k``, ``v`` ``[b, m, kv_heads, d]`` where ``mask [b, n, m]``
     bool (or a ``Span``) allows → out ``[b, n, heads, d]`` in q's dtype (0 on rows with no
-    allowed key) and lse ``[b, n, heads]`` fp32 (fp64 for fp64 inputs; ``-inf`` on those rows). Scores in fp32 (fp64
-    for fp64 inputs). Backward recomputes the probabilities from q, k and lse instead of keeping
-    them (the memory kept is linear in the tokens, as with flash attention), and is exact for
-    gradients arriving at the output and at the lse."""
-    return _AttentionLSE.apply(q, k, v, mask)
+    allowed key) and lse ``[b, n, heads]`` fp32 (fp64 for fp64 inputs; ``-inf`` on those rows).
+    Scores in fp32 (fp64 for fp64 inputs), ``block`` queries at a time (default
+    ``query_block``), each block against only the keys a ``Span`` lets it see, so that no
+    ``[n, m]`` tensor exists. Backward recomputes each block's probabilities from q, k and lse
+    instead of keeping them (the memory kept is linear in the tokens, as with flash attention),
+    and is exact for gradients arriving at the output and at the lse."""
+    block = block or query_block(q.shape[0], q.shape[2], k.shape[1])
+    return _AttentionLSE.apply(q, k, v, mask, block)
+
+
+def _blocks(mask, n: int, m: int, block: int) -> list[tuple[slice, slice]]:
+    """``(query rows, key columns)`` of each block of ``block`` queries that sees a key: for a
+    ``Span`` the columns its rows see (from the block's earliest visible key to its latest),
+    for a boolean mask, or when one block holds every query, all ``m``."""
+    starts = range(0, n, block)
+    if not isinstance(mask, Span) or n <= block:
+        return [(slice(r, min(r + block, n)), slice(0, m)) for r in starts]
+    lo, hi = mask.key_ranges()
+    pad = -n % block
+    lo = F.pad(lo, (0, pad), value=m).view(lo.shape[0], -1, block).amin((0, 2)).tolist()
+    hi = F.pad(hi, (0, pad), value=0).view(hi.shape[0], -1, block).amax((0, 2)).tolist()
+    return [(slice(r, min(r + block, n)), slice(a, z))
+            for r, a, z in zip(starts, lo, hi) if z > a]
+
+
+def _block_mask(mask, rows: slice, cols: slice) -> torch.Tensor:
+    """Bool ``[b or 1, rows, cols]`` of one block."""
+    if isinstance(mask, Span):
+        return Span(mask.q_index[rows], mask.q_start[:, rows], mask.k_index[cols],
+                    mask.window).dense()
+    return mask[:, rows, cols]
+
+
+def _grouped(t: torch.Tensor, kv: int) -> torch.Tensor:
+    """``[b, n, heads, x]`` → ``[b, n, kv, heads / kv, x]``: query head ``h`` reads kv head
+    ``h // (heads / kv)``."""
+    return t.view(*t.shape[:2], kv, t.shape[2] // kv, *t.shape[3:])
 
 
 def _probabilities(q, k, mask, lse=None):
-    """Scores ``[b, heads, n, m]`` (fp32 or wider) with k's heads repeated to q's, and the
-    probabilities ``exp(scores - lse)`` (lse computed here when not given)."""
+    """One block: scores ``[b, kv, rep, n, m]`` (fp32 or wider; query heads grouped by the kv
+    head they read) turned into probabilities ``exp(scores - lse)``, and lse ``[b, n, heads]``
+    (computed here when not given). Hidden scores are set to 0 before ``exp`` and their
+    probabilities to 0 after it: a CPU's ``exp`` is many times slower on ``-inf`` (and on
+    anything that underflows) than on ordinary numbers."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    rep = q.shape[2] // k.shape[2]
-    kf = k.to(acc).repeat_interleave(rep, dim=2) if rep > 1 else k.to(acc)
-    scores = torch.einsum("bnhd,bmhd->bhnm", q.to(acc), kf) * q.shape[-1] ** -0.5
-    dense = mask.dense() if isinstance(mask, Span) else mask
-    scores = scores.masked_fill(~dense[:, None], float("-inf"))
+    b, n, h, d = q.shape
+    kv = k.shape[2]
+    scores = torch.einsum("bnkrd,bmkd->bkrnm", _grouped(q.to(acc), kv), k.to(acc)) * d ** -0.5
+    hidden = ~mask[:, None, None]
     if lse is None:
-        lse = torch.logsumexp(scores, -1).transpose(1, 2)            # [b, n, heads]
-    finite = lse.masked_fill(torch.isinf(lse), 0.0)
-    return torch.exp(scores - finite.transpose(1, 2)[..., None]), lse
-
-
-def _repeat(t, rep):
-    return t.repeat_interleave(rep, dim=2) if rep > 1 else t
+        shift = scores.masked_fill_(hidden, float("-inf")).amax(-1, keepdim=True)
+        shift.masked_fill_(torch.isinf(shift), 0.0)
+    else:
+        shift = _grouped(lse.masked_fill(torch.isinf(lse), 0.0), kv).permute(0, 2, 3, 1)[..., None]
+    p = scores.sub_(shift).masked_fill_(hidden, 0.0).exp_().masked_fill_(hidden, 0.0)
+    if lse is None:   # rows that see no key: p = 0 and lse = log 0 = -inf
+        total = p.sum(-1, keepdim=True)
+        p.div_(total.masked_fill(total == 0, 1.0))
+        lse = (shift + total.log()).squeeze(-1).permute(0, 3, 1, 2).reshape(b, n, h)
+    return p, lse
 
 
 class _AttentionLSE(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, mask):
-        p, lse = _probabilities(q, k, mask)
-        out = torch.einsum("bhnm,bmhd->bnhd", p, _repeat(v.to(p.dtype), q.shape[2] // k.shape[2]))
+    def forward(q, k, v, mask, block):
+        b, n, h, d = q.shape
+        kv = k.shape[2]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        out = q.new_zeros(b, n, h, d, dtype=acc)
+        lse = q.new_full((b, n, h), float("-inf"), dtype=acc)
+        for rows, cols in _blocks(mask, n, k.shape[1], block):
+            p, lse[:, rows] = _probabilities(q[:, rows], k[:, cols], _block_mask(mask, rows, cols))
+            o = torch.einsum("bkrnm,bmkd->bnkrd", p, v[:, cols].to(acc))
+            out[:, rows] = o.reshape(b, -1, h, d)
         return out.to(q.dtype), lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, mask = inputs
+        q, k, v, mask, ctx.block = inputs
         ctx.mask = mask if isinstance(mask, Span) else None
         ctx.save_for_backward(q, k, v, *output, *(() if ctx.mask else (mask,)))
 
@@ -238,22 +343,33 @@ class _AttentionLSE(torch.autograd.Function):
     def backward(ctx, g_out, g_lse):
         q, k, v, out, lse, *stored = ctx.saved_tensors
         mask = ctx.mask or stored[0]
-        rep = q.shape[2] // k.shape[2]
-        p, _ = _probabilities(q, k, mask, lse)
-        acc = p.dtype
-        g_out = g_out.to(acc)
-        vf, kf = _repeat(v.to(acc), rep), _repeat(k.to(acc), rep)
-        dv = torch.einsum("bhnm,bnhd->bmhd", p, g_out)
-        dp = torch.einsum("bnhd,bmhd->bhnm", g_out, vf)
+        acc = lse.dtype
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
         # d lse / d scores = p: the lse's gradient joins the softmax's row term
-        row = (g_out * out.to(acc)).sum(-1) - (0 if g_lse is None else g_lse.to(acc))
-        ds = p * (dp - row.transpose(1, 2)[..., None]) * q.shape[-1] ** -0.5
-        dq = torch.einsum("bhnm,bmhd->bnhd", ds, kf)
-        dk = torch.einsum("bhnm,bnhd->bmhd", ds, q.to(acc))
-        b, m, kv, d = k.shape
-        if rep > 1:   # a kv head's gradient sums over the query heads that read it
-            dk, dv = (t.view(b, m, kv, rep, d).sum(3) for t in (dk, dv))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        row = (g_out.to(acc) * out.to(acc)).sum(-1) - (0 if g_lse is None else g_lse.to(acc))
+        for rows, cols in _blocks(mask, q.shape[1], k.shape[1], ctx.block):
+            dq[:, rows], dk_i, dv_i = _block_grads(q[:, rows], k[:, cols], v[:, cols],
+                                                   _block_mask(mask, rows, cols), lse[:, rows],
+                                                   g_out[:, rows].to(acc), row[:, rows])
+            dk[:, cols] += dk_i
+            dv[:, cols] += dv_i
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def _block_grads(q, k, v, mask, lse, g_out, row):
+    """One block's ``dq [b, n, heads, d]`` and its parts of ``dk``, ``dv`` ``[b, m, kv, d]`` (a kv
+    head's gradient sums over the query heads that read it), from the probabilities recomputed
+    with the forward's lse and ``row [b, n, heads]`` = rowsum(g_out · out) − g_lse."""
+    b, n, h, d = q.shape
+    kv = k.shape[2]
+    p, _ = _probabilities(q, k, mask, lse)
+    acc = p.dtype
+    g = _grouped(g_out, kv)
+    dv = torch.einsum("bkrnm,bnkrd->bmkd", p, g)
+    dp = torch.einsum("bnkrd,bmkd->bkrnm", g, v.to(acc))
+    ds = p.mul_(dp.sub_(_grouped(row, kv).permute(0, 2, 3, 1)[..., None])).mul_(d ** -0.5)
+    dq = torch.einsum("bkrnm,bmkd->bnkrd", ds, k.to(acc)).reshape(b, n, h, d)
+    return dq, torch.einsum("bkrnm,bnkrd->bmkd", ds, _grouped(q.to(acc), kv)), dv
 
 
 def flex_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = "tests/test_sharding.py"
 BUCKETS = "tests/test_sharding.py::test_buckets_launch_during_backward"
+LONG_ROWS = "tests/test_attention.py::test_long_rows_attend_blockwise_without_a_dense_mask"
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,20 @@ MUTATIONS = [
              "self.seconds.append(time.perf_counter() - t0)",
              ("tests/test_pipeline.py::"
               "test_executor_in_threads_equals_one_process_and_times_each_action",)),
+    # --- blockwise attention with LSE (long rows on a CPU)
+    Mutation("span-key-range-drops-the-diagonal", "evo_kernels/attention.py",
+             "searchsorted(k, self.q_index.contiguous(), right=True)",
+             "searchsorted(k, self.q_index.contiguous(), right=False)",
+             (LONG_ROWS,)),
+    Mutation("blockwise-keys-from-the-latest-row-start", "evo_kernels/attention.py",
+             ".view(lo.shape[0], -1, block).amin((0, 2))",
+             ".view(lo.shape[0], -1, block).amax((0, 2))",
+             (LONG_ROWS,)),
+    Mutation("blockwise-dk-overwritten-by-each-block", "evo_kernels/attention.py",
+             "            dk[:, cols] += dk_i\n", "            dk[:, cols] = dk_i\n",
+             (LONG_ROWS,)),
+    Mutation("long-rows-keep-the-dense-mask", "evo_kernels/attention.py",
+             "    if not dense_mask(total):\n", "    if False:\n", (LONG_ROWS,)),
 ]
 
 

@@ -1,6 +1,8 @@
 """Attention backends against the reference (SDPA with a dense document-causal mask). On a CPU
 flex attention runs forward only (its backward needs CUDA); on a GPU forward and gradients are
 compared at bf16 tolerance (2e-2 relative)."""
+import sys
+
 import pytest
 import torch
 
@@ -132,3 +134,51 @@ def test_bad_window():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="window"):
             reference(q, k, v, cu, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Long rows: beyond DENSE_MASK_TOKENS the reference attends blockwise (reference_lse over a Span).
+
+KERNEL = sys.modules["evo_kernels.attention"]   # the module (evo_kernels.attention is the op)
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_long_rows_attend_blockwise_without_a_dense_mask(monkeypatch):
+    """The 128 packed tokens (documents crossing the rows) and the windowed rows made "long" by
+    lowering the threshold: the blockwise path, in blocks of 7 queries, never builds a dense mask
+    (``document_causal_mask`` and ``visible`` raise), keeps for backward only q, k, v, the output
+    and the fp32 lse, and gives the dense path's output and gradients to 1e-6 (fp32 rounding of
+    two summation orders over <= 128 keys)."""
+    q, k, v, cu = inputs("cpu", torch.float32, requires_grad=True)
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    cases = [(cu, None), (cu, WINDOW), (None, WINDOW)]
+    dense = []
+    for c, window in cases:
+        out = reference(q, k, v, c, window)
+        dense.append((out, torch.autograd.grad(out, (q, k, v), dy)))
+    monkeypatch.setattr(KERNEL, "DENSE_MASK_TOKENS", 16)
+    monkeypatch.setattr(KERNEL, "BLOCK_ELEMENTS", 7 * 4 * 128)   # 7 of the 128 packed queries
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense mask was built")
+    monkeypatch.setattr(KERNEL, "document_causal_mask", refuse)
+    monkeypatch.setattr(KERNEL, "visible", refuse)
+    for (c, window), (ref, g_ref) in zip(cases, dense):
+        out, kept = saved_bytes(lambda: reference(q, k, v, c, window))
+        b, s, h, _ = q.shape
+        assert kept == sum(t.nbytes for t in (q, k, v, out)) + b * s * h * 4
+        assert rel(out, ref) <= 1e-6
+        g = torch.autograd.grad(out, (q, k, v), dy)
+        assert all(rel(a, r) <= 1e-6 for a, r in zip(g, g_ref))
+    assert not KERNEL.dense_mask(17) and KERNEL.dense_mask(16)

@@ -36,8 +36,8 @@ import torch.distributed as dist
 
 from evo import models
 from evo.sharding import comm as C
-from evo_kernels.attention import Span, attention_lse, choose_lse_backend, merge_lse, \
-    positions_from_cu_seqlens
+from evo_kernels.attention import Span, attention_lse, choose_lse_backend, dense_mask, \
+    merge_lse, positions_from_cu_seqlens
 
 SEQUENCE_AXES = ("cp", "sp")
 _c10d = torch.ops._c10d_functional
@@ -264,7 +264,7 @@ class SequenceAttention:
         for i in range(n):
             pending = launch_shift(self.comm, kv.detach(), "cp") if i < n - 1 else None
             span = Span(q_idx, q_start, cp_indices(seq, n, (c - i) % n).to(q.device), window)
-            if i == 0 or _sees_any(span):
+            if i == 0 or span.any():
                 o_i, l_i = attention_lse(q, kv[0], kv[1], span, backend=self.backend)
                 out, lse = (o_i.to(l_i.dtype), l_i) if out is None else \
                     merge_lse(out, lse, o_i, l_i)
@@ -273,11 +273,6 @@ class SequenceAttention:
             if pending is not None:
                 kv = _Shift.apply(kv, self.comm, "cp", pending)
         return out.to(q.dtype)
-
-
-def _sees_any(span: Span) -> bool:
-    """Whether any query of the span sees any of its keys (the dense mask is transient)."""
-    return bool(span.dense().any())
 
 
 # --------------------------------------------------------------------------------- gradients
@@ -333,8 +328,9 @@ def activation_bytes(cfg, plan, seq: int, act: int = 4) -> dict[str, int]:
 
     - ``per_token``: per local token (``seq / (cp·sp)``), each layer's 8 hidden- and 4
       ffn-wide tensors, the head's hidden- and vocabulary-wide ones, rotary tables, norms;
-    - ``attention``: one process, the reference backend's q, k, v, output (5 head-widths) and its
-      dense ``[seq, seq]`` additive mask per layer; under sp / cp the ring's tensors per layer:
+    - ``attention``: one process, the reference backend's q, k, v, output (5 head-widths) and
+      lse per layer, and its dense ``[seq, seq]`` additive mask where ``dense_mask(seq)`` (short
+      rows; longer ones attend blockwise); under sp / cp the ring's tensors per layer:
       q, the ``cp`` visiting k/v blocks, the ``cp`` block outputs and ``cp − 1`` merged ones
       (all linear in the local tokens: probabilities are recomputed in backward)."""
     layers = sum(b.kind == "layer" for b in models.blocks(cfg))
@@ -345,7 +341,8 @@ def activation_bytes(cfg, plan, seq: int, act: int = 4) -> dict[str, int]:
     per_token = layers * (8 * h + 4 * ffn + 2) * act + (h + cfg.vocab_size // plan.tp) * act \
         + 2 * d * act + 4 + 16
     if plan.cp * plan.sp == 1:
-        attention = layers * (seq * (5 * heads * d + heads) * act + seq * seq * 4)
+        mask = seq * seq * 4 if dense_mask(seq) else 0
+        attention = layers * (seq * (5 * heads * d + heads) * act + mask)
     else:
         cp, sent = plan.cp, kv_heads_sent(kv, plan.sp) if plan.sp > 1 else kv
         widths = heads * d * (2 * cp) + 2 * cp * sent * d + (3 * cp - 2) * heads
