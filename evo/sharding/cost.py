@@ -253,11 +253,6 @@ def base_plan(plan: Plan) -> Plan:
                                sp=1, cp=1, weight_parallel=False, ep=1)
 
 
-def implemented(plan: Plan) -> bool:
-    """Whether ``evo sweep`` runs this plan (dp × tp × ZeRO: the plans it measures today)."""
-    return plan == base_plan(plan)
-
-
 # Pipeline plans of models with more layers than this keep the formulas: the planner counts a
 # pp rank's bytes over the whole model per call (~0.05 s for 7B), per rank, micro-batch size and
 # recomputation — minutes for a search at 1024 devices, whose answer must take seconds.
