@@ -145,11 +145,15 @@ def _collective(kind: str, nbytes: int, group, size: int):
 
 
 def _fit(points: list[tuple[int, float]]) -> dict:
-    """Least squares of seconds = latency + bytes / bandwidth."""
-    n = len(points)
-    mx = sum(b for b, _ in points) / n
-    my = sum(t for _, t in points) / n
-    slope = sum((b - mx) * (t - my) for b, t in points) / sum((b - mx) ** 2 for b, _ in points)
+    """Least squares of seconds = latency + bytes / bandwidth in relative error (each point
+    weighted by 1 / t²): in plain least squares the largest size's seconds drown the smallest
+    ones', and with them the latency."""
+    w = [1 / max(t, 1e-12) ** 2 for _, t in points]
+    sw = sum(w)
+    mx = sum(wi * b for wi, (b, _) in zip(w, points)) / sw
+    my = sum(wi * t for wi, (_, t) in zip(w, points)) / sw
+    slope = sum(wi * (b - mx) * (t - my) for wi, (b, t) in zip(w, points)) / \
+        sum(wi * (b - mx) ** 2 for wi, (b, _) in zip(w, points))
     slope = max(slope, 1e-15)
     return {"bandwidth_gbs": 1 / slope / 1e9, "latency_us": max(0.0, my - slope * mx) * 1e6}
 

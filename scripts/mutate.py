@@ -166,6 +166,22 @@ MUTATIONS = [
              "                layers, redone, seen = layers + 1, redone + (seen < redo), seen + 1",
              "                layers, redone, seen = layers + 1, redone, seen + 1",
              ("tests/test_cost.py",)),
+    # --- evo sweep's measurement and plan list (evo/sweep.py), the memory model it checks
+    Mutation("cost-update-coexists-with-activations", "evo/sharding/cost.py",
+             'max(out["activations"] + out["buffers"], update)',
+             'out["activations"] + out["buffers"] + update', ("tests/test_cost.py",)),
+    Mutation("cost-layer-forgets-rotary-q-k", "evo/sharding/cost.py",
+             "(3 * h + 3 * kv + 4 * ffn) / plan.tp", "(h + 2 * kv + 4 * ffn) / plan.tp",
+             ("tests/test_cost.py",)),
+    Mutation("sweep-live-peak-ignores-frees", "evo/sweep.py",
+             "        live += nbytes\n", "        live += max(nbytes, 0)\n",
+             ("tests/test_sweep.py",)),
+    Mutation("sweep-runs-only-dp-tp-zero", "evo/sweep.py",
+             'if cost.modelled(cfg, p.plan) == "planner"]',
+             'if cost.modelled(cfg, p.plan) == "planner" and p.plan.pp == 1]',
+             ("tests/test_sweep.py",)),    Mutation("calibrate-fit-in-absolute-error", "evo/calibrate.py",
+             "w = [1 / max(t, 1e-12) ** 2 for _, t in points]", "w = [1.0 for _ in points]",
+             ("tests/test_sweep.py",)),
 ]
 
 

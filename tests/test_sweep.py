@@ -83,3 +83,16 @@ def test_live_peak_counts_what_is_alive_on_entering():
     assert sweep.live_peak(prof) == 6 * MIB
     with pytest.raises(ValueError, match="0 regions named 'elsewhere'"):
         sweep.live_peak(prof, "elsewhere")
+
+
+def test_calibrate_fits_latency_and_bandwidth_in_relative_error():
+    """t = 50 µs + bytes / 1 GB/s at 4 KiB ... 4 MiB is recovered exactly; with the largest
+    size 20 % slow (a noisy sample) the latency stays within 10 % — plain least squares, which
+    the largest seconds dominate, would put it below zero."""
+    from evo import calibrate
+    sizes = (1 << 12, 1 << 17, 1 << 20, 1 << 22)
+    exact = [(b, 50e-6 + b / 1e9) for b in sizes]
+    assert calibrate._fit(exact)["latency_us"] == pytest.approx(50.0)
+    assert calibrate._fit(exact)["bandwidth_gbs"] == pytest.approx(1.0)
+    noisy = exact[:-1] + [(sizes[-1], 1.2 * exact[-1][1])]
+    assert calibrate._fit(noisy)["latency_us"] == pytest.approx(50.0, rel=0.1)
