@@ -15,9 +15,9 @@ micro-batches one data-parallel rank runs per step) and a ``Profile`` (what the 
   cost per block and pass, AdamW per parameter; each collective from its bytes, its group's
   placement (inside a node or across nodes, from ``mesh_shape(plan)``) and the profile, exposed
   where the planner does not overlap it; the pipeline bubble of the schedule; recomputation.
-- **memory**: weights, gradients (the full accumulation buffer while backward runs), AdamW state
-  and its update's temporaries, activations by recomputation and sequence split, the schedule's
-  in-flight micro-batches, gather and bucket buffers.
+- **memory**: weights, gradients (the full accumulation buffer while backward runs), AdamW state,
+  and the larger of backward's activations (by recomputation and sequence split, the schedule's
+  in-flight micro-batches) with its gather and bucket buffers and the update's temporaries.
 """
 from __future__ import annotations
 
