@@ -179,9 +179,14 @@ MUTATIONS = [
     Mutation("sweep-runs-only-dp-tp-zero", "evo/sweep.py",
              'if cost.modelled(cfg, p.plan) == "planner"]',
              'if cost.modelled(cfg, p.plan) == "planner" and p.plan.pp == 1]',
-             ("tests/test_sweep.py",)),    Mutation("calibrate-fit-in-absolute-error", "evo/calibrate.py",
+             ("tests/test_sweep.py",)),
+    Mutation("calibrate-fit-in-absolute-error", "evo/calibrate.py",
              "w = [1 / max(t, 1e-12) ** 2 for _, t in points]", "w = [1.0 for _ in points]",
              ("tests/test_sweep.py",)),
+    Mutation("cost-zero3-holds-gradient-buckets", "evo/sharding/cost.py",
+             "and plan.dp > 1 and plan.zero < 3 and \\\n        not (plan.sequence_parallel",
+             "and plan.dp > 1 and \\\n        not (plan.sequence_parallel",
+             ("tests/test_cost.py",)),
 ]
 
 

@@ -177,6 +177,18 @@ def test_activations_shrink_with_recomputation_sequence_split_and_stages():
     assert act(Plan(pp=4, cp=2)) == pytest.approx((4 * 1024 * 8 * full / 4 + head) / 2)
 
 
+def test_gradient_buckets_only_where_the_planner_buckets():
+    """Data-parallel reduction in buckets (a bucket concatenated, and its result) below ZeRO-3;
+    ZeRO-3 holds the gathered block (compute copy and fp32) instead, and no bucket."""
+    cfg = MODELS["llama"]
+    wl = cost.Workload(1, 1, 32, "float32")
+    local = planner.per_rank_bytes(cfg, Plan(dp=2).resolve(2))["params"]
+    z1 = cost.memory_bytes(cfg, Plan(dp=2, zero=1).resolve(2), wl, A800)
+    assert z1["buffers"] == 2 * local                    # 25 MB buckets hold every gradient
+    z3 = cost.memory_bytes(cfg, Plan(dp=2, zero=3).resolve(2), wl, A800)
+    assert z3["buffers"] == 3 * cost._largest_block_bytes(cfg, Plan(dp=2, zero=3).resolve(2))
+
+
 def test_layer_activations_are_what_the_layer_saves():
     """Per token: 9 hidden-wide (per half: input, normalised, weighted input), qkv (h + 2·kv), q
     and k after rotary (h + kv), the attention output (h), 4 ffn-wide; under tp the projections'

@@ -804,9 +804,12 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
     update = opt / 2 + (opt / 2 if plan.zero in (1, 2) else 0)   # sqrt(v) and the shard copy
     largest = _largest_block_bytes(cfg, plan) / shrink
     gather = (2 * largest * wl.act_bytes / 4 + largest) if plan.zero == 3 else 0
-    # a bucket's gradients concatenated, and the reduction's result (at most all of them)
-    buckets = 2 * min(plan.bucket_mb * 2**20, local) if plan.bucket_mb > 0 and plan.dp > 1 \
-        else 0
+    # a bucket's gradients concatenated, and the reduction's result (at most all of them): only
+    # where the planner buckets (not under ZeRO-3, which reduces per block, nor with sequence
+    # parallelism over tp, whose norm gradients complete over tp first)
+    bucketed = plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and \
+        not (plan.sequence_parallel and plan.tp > 1)
+    buckets = 2 * min(plan.bucket_mb * 2**20, local) if bucketed else 0
     out = {"params": params, "grads": grads, "optimizer": opt, "compute_copy": cast,
            "update": update, "activations": activation_bytes(cfg, plan, wl),
            "buffers": gather + buckets}
