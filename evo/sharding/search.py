@@ -11,6 +11,7 @@ micro-batch), and only the plans that fit are timed. No process group is ever bu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -84,6 +85,7 @@ def _sharding(dp: int, tp: int, profile: cost.Profile):
                 yield zero, g
 
 
+@functools.lru_cache(maxsize=256)
 def stage_split(cfg, stages: int) -> tuple[int, ...] | None:
     """``plan.pp_layers`` for a schedule of ``stages`` > 1 stages per pipeline (interleaved,
     zbv): None when the blocks divide into equal stages (the pipeline's own split), else the
