@@ -1,8 +1,12 @@
 """Plan science benchmarks: how right the predictions are here, and what they say at scale.
 
-    python benchmarks/plan_accuracy.py cpu --out sweeps/cpu [--top 10 --steps 6 --nproc 4]
-        evo calibrate, then evo sweep of plans spread over the ranking of experiments/plan_cpu.py:
-        predicted against measured step time and peak memory per rank, Spearman of the ranking.
+    python benchmarks/plan_accuracy.py cpu --out sweeps/cpu [--top 14 --steps 4 --nproc 2]
+        evo calibrate with --nproc processes, then at once evo sweep of plans spread over the
+        kinds of the ranking of experiments/plan_cpu.py (at 2 processes: 14 kinds, ZeRO 0-3,
+        tp ± sequence parallel, pp under four schedules, sp, cp, weight parallel): predicted
+        against measured step time and peak memory per rank, Spearman of the ranking, and the
+        table of docs/plans.md; the chart is also copied to docs/img/plan_sweep_cpu.png with
+        --docs.
     python benchmarks/plan_accuracy.py search [--out DIR]
         evo plan --search for LLaMA 7B and 70B at worlds 8, 64 and 1024 on the bundled A800 and
         H100 profiles: time to answer, best plan, tokens/s per GPU, scaling efficiency against
@@ -12,6 +16,7 @@
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -22,16 +27,39 @@ from evo import calibrate, config, sweep  # noqa: E402
 from evo.sharding import cost, search  # noqa: E402
 
 PROFILES = ("a800-80gb-roce", "h100-80gb-ib")
+REMAT_TEXT = {0.0: "0", 0.5: "½", 1.0: "1"}
 
 
 def cpu(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     profile = os.path.join(args.out, "profile.json")
-    if not os.path.exists(profile):
-        calibrate.calibrate(profile, args.nproc)
+    start = time.perf_counter()
+    calibrate.calibrate(profile, args.nproc)   # just before the sweep: the same load
+    print(f"calibrated {args.nproc} processes in {time.perf_counter() - start:.0f} s", flush=True)
     exp = config.load(os.path.join(ROOT, "experiments", "plan_cpu.py"))
-    sweep.sweep(exp, top=args.top, steps=args.steps, nproc=args.nproc, out=args.out,
-                profile=profile, spread=True)
+    report = sweep.sweep(exp, top=args.top, steps=args.steps, nproc=args.nproc, out=args.out,
+                         profile=profile, spread=True)
+    print(f"calibration and sweep took {time.perf_counter() - start:.0f} s\n")
+    print(markdown(report))
+    if args.docs:
+        shutil.copyfile(os.path.join(args.out, "sweep.png"),
+                        os.path.join(ROOT, "docs", "img", "plan_sweep_cpu.png"))
+
+
+def markdown(report: dict) -> str:
+    """The sweep as the table of docs/plans.md ("How right it is here")."""
+    pct = lambda x: f"{x:+.0%}".replace("-", "−").replace("%", " %")  # noqa: E731
+    rows = ["| plan | mb | remat | predicted s | measured s | error | predicted MiB | measured MiB "
+            "| error | RSS growth MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["plans"]:
+        m = r["measured"]
+        rows.append(f"| {r['plan']} | {r['micro_batch']} | "
+                    f"{REMAT_TEXT.get(r['remat'], r['remat'])} | "
+                    f"{r['predicted']['step_seconds']:.2f} | {m['step_seconds']:.2f} | "
+                    f"{pct(r['step_error'])} | {r['predicted']['peak_gib'] * 1024:.1f} | "
+                    f"{max(m['peak_bytes']) / 2**20:.1f} | {pct(r['memory_error'])} | "
+                    f"{max(m['rss_growth_bytes']) / 2**20:.1f} |")
+    return "\n".join(rows)
 
 
 def _search(exp, world: int, profile) -> tuple[float, object]:
@@ -117,9 +145,10 @@ def main() -> None:
     sub = p.add_subparsers(dest="what", required=True)
     c = sub.add_parser("cpu")
     c.add_argument("--out", required=True)
-    c.add_argument("--top", type=int, default=10)
-    c.add_argument("--steps", type=int, default=6)
-    c.add_argument("--nproc", type=int, default=4)
+    c.add_argument("--top", type=int, default=14)
+    c.add_argument("--steps", type=int, default=4)
+    c.add_argument("--nproc", type=int, default=2, help="2 on a 2-core machine: a core per rank")
+    c.add_argument("--docs", action="store_true", help="copy the chart to docs/img")
     s = sub.add_parser("search")
     s.add_argument("--out", default=None)
     args = p.parse_args()

@@ -8,8 +8,9 @@ measuring at once — so each number is what one rank of a sweep at that world s
   flops / (peak · efficiency)`` gives ``block_overhead_us`` and ``compute_efficiency``; causal
   SDPA forward + backward gives ``attention_efficiency``;
 - evo's AdamW update per parameter; memory bandwidth (a large copy); memory per rank;
-- every collective kind over every group size the processes form (2, 4, ... up to ``--nproc``,
-  the groups of a size all running at once), at several sizes: a least-squares fit of
+- every collective kind (all-reduce, all-gather, reduce-scatter, Ulysses' all-to-all, ring
+  attention's shift as ``send_recv``) over every group size the processes form (2, 4, ... up to
+  ``--nproc``, the groups of a size all running at once), at several sizes: a least-squares fit of
   ``t = latency + bytes / bandwidth`` per kind and size.
 
 Rank 0 writes the profile; ``sources`` says that each value was measured here, when, and how.
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 SIZES = (1 << 12, 1 << 17, 1 << 20, 1 << 22)    # bytes handed to a collective
-KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 
 def _counted(fn, calls: int, repeat: int = 3) -> float:
@@ -126,23 +127,33 @@ def memory_gbs(n: int = 1 << 24) -> float:
 
 
 def _collective(kind: str, nbytes: int, group, size: int):
-    """One collective through ``evo.sharding.comm.Comm``: the calls a sharded step makes."""
+    """One collective through the calls a sharded step makes (``evo.sharding.comm.Comm``;
+    Ulysses' all-to-all; ring attention's shift to the next rank, as ``send_recv``)."""
     from evo.sharding import comm as C
+    from evo.sharding import context
     comm = C.Comm({"g": group}, {"g": size}, C.CommLog())
     x = torch.ones(max(size, nbytes // 4 // size * size))
     if kind == "all_reduce":
         return lambda: comm.all_reduce(x, "g")
     if kind == "all_gather":
         return lambda: comm.all_gather(x, "g")
+    if kind == "all_to_all":
+        return lambda: context._all_to_all(x, comm, "g")
+    if kind == "send_recv":
+        return lambda: context.wait_shift(context.launch_shift(comm, x, "g"))
     return lambda: comm.reduce_scatter(x, "g")
 
 
 def _fit(points: list[tuple[int, float]]) -> dict:
-    """Least squares of seconds = latency + bytes / bandwidth."""
-    n = len(points)
-    mx = sum(b for b, _ in points) / n
-    my = sum(t for _, t in points) / n
-    slope = sum((b - mx) * (t - my) for b, t in points) / sum((b - mx) ** 2 for b, _ in points)
+    """Least squares of seconds = latency + bytes / bandwidth in relative error (each point
+    weighted by 1 / t²): in plain least squares the largest size's seconds drown the smallest
+    ones', and with them the latency."""
+    w = [1 / max(t, 1e-12) ** 2 for _, t in points]
+    sw = sum(w)
+    mx = sum(wi * b for wi, (b, _) in zip(w, points)) / sw
+    my = sum(wi * t for wi, (_, t) in zip(w, points)) / sw
+    slope = sum(wi * (b - mx) * (t - my) for wi, (b, t) in zip(w, points)) / \
+        sum(wi * (b - mx) ** 2 for wi, (b, _) in zip(w, points))
     slope = max(slope, 1e-15)
     return {"bandwidth_gbs": 1 / slope / 1e9, "latency_us": max(0.0, my - slope * mx) * 1e6}
 

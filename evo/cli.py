@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--profile", default=None,
                    help="profile JSON (default: evo calibrate into OUT/profile.json first)")
     w.add_argument("--spread", action="store_true",
-                   help="run plans spread over the whole ranking instead of its top")
+                   help="run plans spread over the ranking's plan kinds (ZeRO stage, tp, pp "
+                        "schedule, sp, cp, ...) instead of its top")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     w.set_defaults(fn=_sweep)
 

@@ -1,20 +1,26 @@
 """``evo sweep EXP --top K --steps N --nproc P --out DIR``: run the best predicted plans, measure.
 
 The plans come from ``evo.sharding.search`` at world ``P`` on a profile of this machine (``--profile``
-or a fresh ``evo calibrate``); only plans the planner runs are launched (pipeline, Ulysses, ring
-and expert plans are predicted but skipped, and counted in the output). Each plan runs ``N`` steps
-under torchrun on random tokens of the experiment's shape; each rank records every step's wall
-time (after a barrier) and its peak memory:
+or a fresh ``evo calibrate``); every plan the planner runs is launched (``cost.modelled(cfg, plan)
+== "planner"``: dp, tp, ZeRO, pipeline stages under each schedule, Ulysses, ring, weight parallel,
+experts); plans combining axes it does not run together are predicted, skipped and counted in the
+output. Each plan runs under torchrun (gloo, one thread per process, on the CPU) on random tokens
+of the experiment's shape: first one untimed, profiled step, then ``N`` timed steps. Each rank
+records:
 
-- on a CPU: the growth of the peak resident set (``getrusage`` max RSS) over a baseline taken the
-  same way after the process group and the batch exist and before the model does, with glibc told
-  to map every allocation above 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the
-  resident set;
-- on a GPU: ``torch.cuda.max_memory_allocated``.
+- its peak memory: the most bytes of tensors alive at once in the CPU allocator during the
+  profiled step (``live_peak``: every allocation and free the profiler records from before the
+  model and its state are built, summed in order — the counterpart of
+  ``torch.cuda.max_memory_allocated``); beside it, reported only, the growth of the peak resident
+  set (``getrusage`` max RSS) over a baseline taken before the model exists (glibc told to map
+  every allocation above 64 KiB, ``MALLOC_MMAP_THRESHOLD_``, so freed tensors leave it), which
+  also counts per-process buffers that are no tensor of the step;
+- every timed step's wall time (after a barrier).
 
-The step time is the median over steps after the first (warm-up) of the slowest rank's time.
-``DIR/sweep.json`` holds predicted and measured side by side (and the measured communication bytes
-against ``planner.expected_comm_bytes``); ``DIR/sweep.png`` charts them (needs matplotlib).
+The step time is the median over timed steps after the first of the slowest rank's time.
+``DIR/sweep.json`` holds predicted and measured side by side (and every rank's measured
+communication bytes against ``planner.expected_comm_bytes`` of its pipeline stage);
+``DIR/sweep.png`` charts them (needs matplotlib).
 """
 from __future__ import annotations
 
@@ -42,24 +48,48 @@ def base_of(exp, world: int):
                 compute_dtype=exp.compute_dtype)
 
 
-def choose(ranked: list, top: int, spread: bool) -> list:
-    """The first ``top`` predictions, or ``top`` spread evenly over the ranking."""
+def choose(ranked: list, top: int, spread: bool, kind=lambda p: p) -> list:
+    """The first ``top`` predictions, or ``top`` spread over the ranking: over its kinds (``kind``
+    of a prediction, e.g. its plan's fields, in the order of their best prediction) while there
+    are at least ``top`` of them — each kind's prediction at the same relative position in that
+    kind's own ranking, so the best kinds give their best and the worst their worst —, else
+    evenly over the predictions."""
     if not spread or top >= len(ranked):
         return ranked[:top]
-    last = len(ranked) - 1
-    return [ranked[round(i * last / (top - 1))] for i in range(top)] if top > 1 else ranked[:1]
+    if top == 1:
+        return ranked[:1]
+    kinds: dict = {}
+    for p in ranked:
+        kinds.setdefault(kind(p), []).append(p)
+    groups = list(kinds.values())
+    if len(groups) < top:
+        groups = [[p] for p in ranked]
+    out = []
+    for i in range(top):
+        group = groups[round(i * (len(groups) - 1) / (top - 1))]
+        out.append(group[round(i * (len(group) - 1) / (top - 1))])
+    return out
 
 
-def runnable(result, nproc: int, top: int) -> tuple[list, int]:
-    """The predictions the planner can run, and how many were skipped; ``--top`` beyond them is an
-    error naming both counts."""
+def plan_kind(pred) -> str:
+    """A prediction's kind for ``choose``: its plan's fields (micro-batch and recomputation
+    aside)."""
+    from evo.sharding import search
+    return search.plan_fields(pred.plan)
+
+
+def runnable(cfg, result, nproc: int, top: int) -> tuple[list, int]:
+    """The predictions the planner runs (``cost.modelled(cfg, plan) == "planner"``: dp, tp, ZeRO,
+    pipeline stages under every schedule, Ulysses, ring, weight parallel and experts where the
+    planner accepts them), and how many were skipped; ``--top`` beyond them is an error naming
+    both counts."""
     from evo.sharding import cost
-    ok = [p for p in result.ranked if cost.implemented(p.plan)]
+    ok = [p for p in result.ranked if cost.modelled(cfg, p.plan) == "planner"]
     skipped = len(result.ranked) - len(ok)
     if top > len(ok):
         raise ValueError(f"--top {top}: only {len(ok)} plans that evo runs fit {nproc} processes "
-                         f"({len(result.ranked)} fit in all; {skipped} need pipeline, Ulysses, "
-                         "ring or expert parallelism, which the planner does not run yet)")
+                         f"({len(result.ranked)} fit in all; {skipped} combine axes the planner "
+                         "does not run together yet)")
     return ok, skipped
 
 
@@ -74,9 +104,9 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
         calibrate.calibrate(profile, nproc)
     prof = cost.load_profile(profile)
     result = search.search(exp.model, nproc, base_of(exp, nproc), prof, every_remat=True)
-    ok, skipped = runnable(result, nproc, top)
+    ok, skipped = runnable(exp.model, result, nproc, top)
     rows = []
-    for i, pred in enumerate(choose(ok, top, spread)):
+    for i, pred in enumerate(choose(ok, top, spread, plan_kind)):
         print(f"evo: [{i + 1}/{top}] {search.plan_fields(pred.plan)} mb={pred.workload.micro_batch}"
               f" remat={pred.workload.remat}", flush=True)
         measured = run_plan(exp, pred, steps, nproc, out, i)
@@ -84,8 +114,8 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
     report = {"experiment": exp.run_dir, "profile": prof.name, "nproc": nproc, "steps": steps,
               "fit": len(result.ranked), "runnable": len(ok),
               "skipped_not_implemented": skipped,
-              "note": (f"{skipped} plans that fit need pp/sp/cp/ep or weight_parallel, which the "
-                       "planner does not run yet: predicted, not run") if skipped else "",
+              "note": (f"{skipped} plans that fit combine axes the planner does not run "
+                       "together yet: predicted, not run") if skipped else "",
               "plans": rows, "summary": summary(rows)}
     with open(os.path.join(out, "sweep.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
@@ -119,14 +149,18 @@ def compare(cfg, pred, measured: dict) -> dict:
     from evo.sharding import cost, search
     step = measured["step_seconds"]
     peak = max(measured["peak_bytes"])
-    expected = cost.comm_bytes(cfg, pred.plan, pred.workload)
-    return {"plan": search.plan_fields(pred.plan), "micro_batch": pred.workload.micro_batch,
-            "micro_num": pred.workload.micro_num, "remat": pred.workload.remat,
+    wl = pred.workload
+    expected = {pp: cost.planner_comm_bytes(cfg, pred.plan, wl.micro_num, wl.tokens_per_micro,
+                                            wl.compute_dtype, wl.remat, pp)
+                for pp, _ in measured["comm_bytes_by_rank"]}
+    return {"plan": search.plan_fields(pred.plan), "micro_batch": wl.micro_batch,
+            "micro_num": wl.micro_num, "remat": wl.remat,
             "predicted": pred.as_dict(), "measured": measured,
             "step_error": pred.step_seconds / step - 1,
             "memory_error": pred.memory["total"] / peak - 1,
-            "comm_bytes_equal": {k: v for k, v in measured["comm_bytes"].items()} ==
-            {k: int(v) for k, v in expected.items()}}
+            "rss_error": pred.memory["total"] / max(max(measured["rss_growth_bytes"]), 1) - 1,
+            "comm_bytes_equal": all(bytes_ == {k: int(v) for k, v in expected[pp].items()}
+                                    for pp, bytes_ in measured["comm_bytes_by_rank"])}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -157,13 +191,14 @@ def summary(rows: list[dict]) -> dict:
 
 
 def summary_text(report: dict) -> str:
-    lines = [f"{'plan':<40}{'mb':>3}{'remat':>6}{'pred s':>9}{'meas s':>9}{'err':>7}"
-             f"{'pred MiB':>10}{'meas MiB':>10}{'err':>7}"]
+    lines = [f"{'plan':<44}{'mb':>3}{'remat':>6}{'pred s':>9}{'meas s':>9}{'err':>7}"
+             f"{'pred MiB':>10}{'meas MiB':>10}{'err':>7}{'RSS MiB':>9}"]
     for r in report["plans"]:
-        lines.append(f"{r['plan']:<40}{r['micro_batch']:>3}{r['remat']:>6.1f}"
+        lines.append(f"{r['plan']:<44}{r['micro_batch']:>3}{r['remat']:>6.1f}"
                      f"{r['predicted']['step_seconds']:>9.3f}{r['measured']['step_seconds']:>9.3f}"
                      f"{r['step_error']:>+7.0%}{r['predicted']['peak_gib'] * 1024:>10.1f}"
-                     f"{max(r['measured']['peak_bytes']) / 2**20:>10.1f}{r['memory_error']:>+7.0%}")
+                     f"{max(r['measured']['peak_bytes']) / 2**20:>10.1f}{r['memory_error']:>+7.0%}"
+                     f"{max(r['measured']['rss_growth_bytes']) / 2**20:>9.1f}")
     s = report["summary"]
     if s:
         lines.append(f"max |time error| {s['max_abs_step_error']:.1%}, max |memory error| "
@@ -207,9 +242,46 @@ def chart(rows: list[dict], path: str, profile: str) -> bool:
 
 # ------------------------------------------------------------------------------ the worker
 
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+MEASURED = "evo.sweep.measured"   # the profiled step's region
+
+
+def allocator_profile():
+    """A profiler recording every allocation and free of the CPU allocator (with its size); what
+    is allocated before it starts is not counted. Mark the region to measure with
+    ``torch.profiler.record_function(MEASURED)``; ``live_peak`` reads it."""
+    from torch.profiler import ProfilerActivity, profile
+    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+
+def live_peak(prof, region: str = MEASURED) -> int:
+    """The most bytes the CPU allocator held at once during ``region`` of ``prof``, counting the
+    tensors allocated since the profile started (the CPU counterpart of
+    ``torch.cuda.max_memory_allocated``): a running sum of the allocation (+) and free (−)
+    events in their order, its largest value inside the region or on entering it."""
+    events = list(prof.profiler.kineto_results.events())
+    marks = [e for e in events if e.name() == region]
+    if len(marks) != 1:
+        raise ValueError(f"live_peak: {len(marks)} regions named {region!r} in the profile, "
+                         "expected one")
+    start, end = marks[0].start_ns(), marks[0].start_ns() + marks[0].duration_ns()
+    from torch.autograd import DeviceType
+    memory = sorted(((e.start_ns(), e.nbytes()) for e in events
+                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
+                    key=lambda tn: tn[0])
+    live = peak = 0
+    for t, nbytes in memory:
+        if t > end:
+            break
+        if t >= start:
+            peak = max(peak, live)     # on entering, then after each event inside
+        live += nbytes
+        if t >= start:
+            peak = max(peak, live)
+    return max(peak, live)
+
+
+def _rss_bytes() -> int:
+    """The process's peak resident set so far (``getrusage`` max RSS)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -221,46 +293,71 @@ def _load_code_paths() -> None:
     checkpoint(lambda t: (t * 2).sin(), x, use_reentrant=False).sum().backward()
 
 
-def worker(spec_path: str, out_path: str) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
+def _build(spec: dict, plan, mesh):
+    """The sharded step, its state and this data-parallel rank's batch of random tokens."""
     from evo import models, optim, train
-    from evo.sharding import Plan, planner, shard
-    from evo.sharding.mesh import build_mesh
-    spec = json.load(open(spec_path, encoding="utf-8"))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=900))
+    from evo.sharding import planner, shard
     cfg = models.get(spec["family"]).config_from_dict(spec["model"])
-    plan, wl = Plan(**spec["plan"]), spec["workload"]
-    mesh = build_mesh(plan)
-    device = torch.device("cpu")
+    wl = spec["workload"]
     g = torch.Generator().manual_seed(mesh.coords["dp"])
     tokens = torch.randint(0, cfg.vocab_size, (wl["micro_num"], wl["micro_batch"], wl["seq_len"]),
                            generator=g)
     batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, dims=-1)}
-    _load_code_paths()
-    baseline = _peak_bytes(device)
     opt = optim.adamw(lr=1e-4, weight_decay=0.1)
     step = shard(train.Step(cfg, opt, compute_dtype=getattr(torch, wl["compute_dtype"]),
                             remat=wl["remat"], donate=True), plan, mesh)
     state = planner.init_state(cfg, opt, planner.init_params(cfg, 0, mesh), mesh)
+    return step, state, batch
+
+
+def _measure(spec: dict, plan, mesh) -> dict:
+    """One profiled step (untimed: the live-bytes peak, and on a GPU ``max_memory_allocated``),
+    then ``spec["steps"]`` timed ones; the growth of the peak resident set over a baseline taken
+    before the model exists is reported beside it."""
+    import torch.distributed as dist
+    from torch.profiler import record_function
+    _load_code_paths()
+    rss0 = _rss_bytes()
+    with allocator_profile() as prof:
+        step, state, batch = _build(spec, plan, mesh)
+        with record_function(MEASURED):
+            state, _ = step(state, batch)
+    peak = live_peak(prof)
+    del prof
     times = []
     for _ in range(spec["steps"]):
         dist.barrier()
         start = time.perf_counter()
         state, metrics = step(state, batch)
         times.append(time.perf_counter() - start)
-    peak = _peak_bytes(device) - baseline
+    return {"times": times, "peak": peak, "rss": _rss_bytes() - rss0, "pp": mesh.coords["pp"],
+            "comm_bytes": dict(metrics["comm_bytes"])}
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from evo.sharding import Plan
+    from evo.sharding.mesh import build_mesh
+    spec = json.load(open(spec_path, encoding="utf-8"))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=900))
+    plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["plan"].items()})
+    mesh = build_mesh(plan)
+    mine = _measure(spec, plan, mesh)
     every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, {"times": times, "peak": peak})
+    dist.all_gather_object(every, mine)
     if dist.get_rank() == 0:
-        slowest = [max(e["times"][i] for e in every) for i in range(len(times))]
+        slowest = [max(e["times"][i] for e in every) for i in range(spec["steps"])]
         with open(out_path, "w", encoding="utf-8") as f:
             json.dump({"step_seconds": statistics.median(slowest[1:] or slowest),
                        "step_times": slowest, "peak_bytes": [e["peak"] for e in every],
-                       "comm_bytes": dict(metrics["comm_bytes"])}, f, indent=1)
+                       "rss_growth_bytes": [e["rss"] for e in every],
+                       "comm_bytes": every[0]["comm_bytes"],
+                       "comm_bytes_by_rank": [[e["pp"], e["comm_bytes"]] for e in every]},
+                      f, indent=1)
     dist.destroy_process_group()
 
 

@@ -209,6 +209,27 @@ MUTATIONS = [
              (LONG_ROWS,)),
     Mutation("long-rows-keep-the-dense-mask", "evo_kernels/attention.py",
              "    if not dense_mask(total):\n", "    if False:\n", (LONG_ROWS,)),
+    # --- evo sweep's measurement and plan list (evo/sweep.py), the memory model it checks
+    Mutation("cost-update-coexists-with-activations", "evo/sharding/cost.py",
+             'max(out["activations"] + out["buffers"], update)',
+             'out["activations"] + out["buffers"] + update', ("tests/test_cost.py",)),
+    Mutation("cost-layer-forgets-rotary-q-k", "evo/sharding/cost.py",
+             "(3 * h + 3 * kv + 4 * ffn) / plan.tp", "(h + 2 * kv + 4 * ffn) / plan.tp",
+             ("tests/test_cost.py",)),
+    Mutation("sweep-live-peak-ignores-frees", "evo/sweep.py",
+             "        live += nbytes\n", "        live += max(nbytes, 0)\n",
+             ("tests/test_sweep.py",)),
+    Mutation("sweep-runs-only-dp-tp-zero", "evo/sweep.py",
+             'if cost.modelled(cfg, p.plan) == "planner"]',
+             'if cost.modelled(cfg, p.plan) == "planner" and p.plan.pp == 1]',
+             ("tests/test_sweep.py",)),
+    Mutation("calibrate-fit-in-absolute-error", "evo/calibrate.py",
+             "w = [1 / max(t, 1e-12) ** 2 for _, t in points]", "w = [1.0 for _ in points]",
+             ("tests/test_sweep.py",)),
+    Mutation("cost-zero3-holds-gradient-buckets", "evo/sharding/cost.py",
+             "and plan.dp > 1 and plan.zero < 3 and \\\n        not (plan.sequence_parallel",
+             "and plan.dp > 1 and \\\n        not (plan.sequence_parallel",
+             ("tests/test_cost.py",)),
 ]
 
 

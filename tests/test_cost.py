@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -172,7 +173,63 @@ def test_activations_shrink_with_recomputation_sequence_split_and_stages():
     # the formula of a plan the planner refuses (pp with cp): 1F1B's first stage holds pp
     # micro-batches of its pp-th of the layers, on its cp-th of the sequence
     assert cost.modelled(cfg, Plan(pp=4, cp=2).resolve(64)) == "formula"
-    assert act(Plan(pp=4, cp=2)) == pytest.approx((4 * 1024 * 8 * full / 4 + logits) / 2)
+    head = logits + 1024 * 3 * 256 * 2    # the final norm's input, normalised, weighted
+    assert act(Plan(pp=4, cp=2)) == pytest.approx((4 * 1024 * 8 * full / 4 + head) / 2)
+
+
+def test_gradient_buckets_only_where_the_planner_buckets():
+    """Data-parallel reduction in buckets (a bucket concatenated, and its result) below ZeRO-3;
+    ZeRO-3 holds the gathered block (compute copy and fp32) instead, and no bucket."""
+    cfg = MODELS["llama"]
+    wl = cost.Workload(1, 1, 32, "float32")
+    local = planner.per_rank_bytes(cfg, Plan(dp=2).resolve(2))["params"]
+    z1 = cost.memory_bytes(cfg, Plan(dp=2, zero=1).resolve(2), wl, A800)
+    assert z1["buffers"] == 2 * local                    # 25 MB buckets hold every gradient
+    z3 = cost.memory_bytes(cfg, Plan(dp=2, zero=3).resolve(2), wl, A800)
+    assert z3["buffers"] == 3 * cost._largest_block_bytes(cfg, Plan(dp=2, zero=3).resolve(2))
+
+
+def test_layer_activations_are_what_the_layer_saves():
+    """Per token: 9 hidden-wide (per half: input, normalised, weighted input), qkv (h + 2·kv), q
+    and k after rotary (h + kv), the attention output (h), 4 ffn-wide; under tp the projections'
+    outputs split, and with sequence parallelism the inputs and their normalised copies too."""
+    cfg = llama.Config(vocab_size=512, hidden_size=256, num_layers=2, num_heads=8,
+                       num_kv_heads=4, intermediate_size=512)
+    h, kv, f = 256, 128, 512
+    wl = cost.Workload(1, 1, 64, "bfloat16")
+    assert cost.layer_activation_bytes(cfg, Plan().resolve(1), wl) == \
+        ((9 * h + 3 * kv + 4 * f) * 2, h * 2)
+    tp = Plan(tp=2, sequence_parallel=True).resolve(2)
+    assert cost.layer_activation_bytes(cfg, tp, wl) == \
+        ((4 * h / 2 + 2 * h + (3 * h + 3 * kv + 4 * f) / 2) * 2, h / 2 * 2)
+
+
+@pytest.mark.parametrize("micro_batch,remat", [(1, 0.0), (4, 0.0), (4, 1.0), (2, 0.5)])
+def test_memory_model_is_the_measured_live_peak_in_one_process(micro_batch, remat):
+    """One process, experiments/plan_cpu.py's model at two layers: the cost model's peak (no
+    allocator overhead) against the most tensor bytes the CPU allocator held at once during a
+    step (evo.sweep.live_peak). What the model leaves out — norms' rsqrt, attention's
+    log-sum-exp, rotary tables, the batch — is under 1 % here: 2 % tolerance."""
+    from evo import config, optim, sweep, train
+    from torch.profiler import record_function
+    exp = config.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments",
+                                   "plan_cpu.py"))
+    cfg, m = dataclasses.replace(exp.model, num_layers=2), 8 // micro_batch
+    exact = dataclasses.replace(A800, device={**A800.device, "memory_overhead": 0.0})
+    want = cost.memory_bytes(cfg, Plan().resolve(1), cost.Workload(m, micro_batch, 64, "float32",
+                                                                   remat), exact)["total"]
+
+    def measured():    # every tensor is freed before the next profile starts
+        with sweep.allocator_profile() as prof:
+            tokens = torch.randint(0, cfg.vocab_size, (m, micro_batch, 64))
+            batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, dims=-1)}
+            opt = optim.adamw(lr=1e-4, weight_decay=0.1)
+            step = train.Step(cfg, opt, compute_dtype=torch.float32, remat=remat, donate=True)
+            state = train.init_state(models.init(cfg, 0), opt)
+            with record_function(sweep.MEASURED):
+                state, _ = step(state, batch)
+        return sweep.live_peak(prof)
+    assert measured() == pytest.approx(want, rel=0.02)
 
 
 def test_pipeline_bubble_of_each_schedule():
@@ -211,8 +268,9 @@ def test_pipeline_and_sequence_plans_are_the_planners(plan, remat):
 
 def test_pipeline_activations_follow_the_schedules_in_flight_micro_batches():
     """Full recomputation keeps each layer's input: the busiest pp rank's bytes are
-    pipeline.stage_report's (in-flight micro-batches × its layers' inputs; the head's logits
-    counted the cost model's way: fp32 logits and their gradient)."""
+    pipeline.stage_report's (in-flight micro-batches × its layers' inputs), and the larger of the
+    head's tensors (counted the cost model's way: three hidden-wide, the fp32 logits, their
+    softmax and gradient) and the layer being recomputed."""
     cfg = MODELS["llama"]
     for plan in (Plan(pp=2), Plan(pp=2, pp_schedule="zbv", pp_virtual=2)):
         plan = plan.resolve(2)
@@ -224,9 +282,9 @@ def test_pipeline_activations_follow_the_schedules_in_flight_micro_batches():
         for r in rows:
             layers = sum(b.startswith("layers.") for b in r["blocks"])
             held = r["in_flight"] * 32 * cfg.hidden_size * 4 * layers / len(r["stages"])
-            held += 32 * full if layers else 0          # the layer being recomputed
-            held += 3 * 32 * cfg.vocab_size * 4 if "head" in r["blocks"] else 0
-            want.append(held)
+            head = 32 * (3 * cfg.hidden_size + 3 * cfg.vocab_size) * 4 \
+                if "head" in r["blocks"] else 0
+            want.append(held + max(head, 32 * full if layers else 0))
         assert cost.activation_bytes(cfg, plan, wl) == pytest.approx(max(want))
 
 
@@ -263,6 +321,5 @@ def test_analytic_axes_add_their_collectives():
     # ring: k and v of the local chunk around cp − 1 steps, forward + backward twice
     assert b["send_recv/cp"] == 3 * layers / 2 * 4 * 2 * (32 / 4) * 16 * 2 * 1
     assert b["send_recv/pp"] == 2 * 4 * (32 / 4) * 32 * 2
-    assert not cost.implemented(Plan(pp=2)) and cost.implemented(Plan(tp=2, zero=3))
     assert math.isfinite(cost.predict(cfg, Plan(sp=2, cp=2, pp=2).resolve(8), wl,
                                       A800).step_seconds)

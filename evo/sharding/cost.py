@@ -15,9 +15,9 @@ micro-batches one data-parallel rank runs per step) and a ``Profile`` (what the 
   cost per block and pass, AdamW per parameter; each collective from its bytes, its group's
   placement (inside a node or across nodes, from ``mesh_shape(plan)``) and the profile, exposed
   where the planner does not overlap it; the pipeline bubble of the schedule; recomputation.
-- **memory**: weights, gradients (the full accumulation buffer while backward runs), AdamW state
-  and its update's temporaries, activations by recomputation and sequence split, the schedule's
-  in-flight micro-batches, gather and bucket buffers.
+- **memory**: weights, gradients (the full accumulation buffer while backward runs), AdamW state,
+  and the larger of backward's activations (by recomputation and sequence split, the schedule's
+  in-flight micro-batches) with its gather and bucket buffers and the update's temporaries.
 """
 from __future__ import annotations
 
@@ -251,11 +251,6 @@ def base_plan(plan: Plan) -> Plan:
     import dataclasses
     return dataclasses.replace(plan, pp=1, pp_schedule="1f1b", pp_virtual=1, pp_layers=None,
                                sp=1, cp=1, weight_parallel=False, ep=1)
-
-
-def implemented(plan: Plan) -> bool:
-    """Whether ``evo sweep`` runs this plan (dp × tp × ZeRO: the plans it measures today)."""
-    return plan == base_plan(plan)
 
 
 # Pipeline plans of models with more layers than this keep the formulas: the planner counts a
@@ -696,26 +691,42 @@ def comm_seconds(cfg, plan: Plan, wl: Workload, profile: Profile, c: dict
 # ------------------------------------------------------------------------------------ memory
 
 def layer_activation_bytes(cfg, plan: Plan, wl: Workload) -> tuple[float, float]:
-    """(bytes a layer keeps for backward per token, bytes a recomputed layer keeps) on one rank.
-    Kept: the layer input, both norm outputs and the mid residual (hidden-sized; split over tp
-    with sequence parallelism), q, k, v and the attention output, and the MLP's two projections,
-    activation and product (split over tp) — the terms of Korthikanti et al. (arXiv 2205.05198)
-    without the attention matrix, which SDPA / flash attention do not keep."""
+    """(bytes a layer keeps for backward per token, bytes a recomputed layer keeps) on one rank:
+    what evo's decoder layer saves. Per half (attention, MLP): its input and the norm's normalised
+    input (hidden-sized; split over tp with sequence parallelism), and the normed, weighted input
+    of the projections (whole: gathered under sequence parallelism). Attention: the qkv
+    projection's output (v is a view of it), q and k after rotary, the attention output; MLP:
+    its two projections, the activation and the product (all split over tp). SDPA and flash
+    attention keep no attention matrix. A recomputed layer keeps its input."""
     h, kv = cfg.hidden_size, _kv_dim(cfg)
     ffn = getattr(cfg, "intermediate_size", 4 * h)
     seq_tp = plan.tp if plan.sequence_parallel else 1
-    full = (4 * h / seq_tp + (2 * h + 2 * kv + 4 * ffn) / plan.tp) * wl.act_bytes
+    full = (4 * h / seq_tp + 2 * h + (3 * h + 3 * kv + 4 * ffn) / plan.tp) * wl.act_bytes
     return full, h / seq_tp * wl.act_bytes
+
+
+def head_activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
+    """Bytes per token the head keeps: the final norm's input, normalised and weighted input (as
+    a layer half's), the fp32 logits, their softmax and their gradient (split over tp)."""
+    seq_tp = plan.tp if plan.sequence_parallel else 1
+    return (2 * cfg.hidden_size / seq_tp + cfg.hidden_size) * wl.act_bytes + \
+        3 * cfg.vocab_size / plan.tp * 4
+
+
+def _held(layers: int, redo: int, full: float, kept: float, head: float) -> float:
+    """Bytes per token at backward's peak: when it starts, every layer's saved tensors (a
+    recomputed layer's input only) and the head's; later, while a recomputed layer runs again,
+    the kept inputs and that one layer's full set (the head's are freed by then)."""
+    return redo * kept + max((layers - redo) * full + head, full if redo else 0.0)
 
 
 def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
     """Activations of the micro-batches in flight on the busiest rank. For a plan the planner
     accepts: with pipeline stages, each pp rank's in-flight micro-batches under its schedule
     (``pipeline.in_flight``, what ``pipeline.stage_report`` counts) of its layers; with a sequence
-    group, ``context.activation_bytes``. Otherwise (and for plain dp × tp): recomputed layers
-    keeping only their input (and one layer recomputed at a time), the sequence split over
-    sp · cp, the fp32 logits and their gradient; 1F1B's first stage holds ``pp`` micro-batches
-    (interleaved: × (1 + (p−1)/(p·v)), Megatron's factor)."""
+    group, ``context.activation_bytes``. Otherwise (and for plain dp × tp): ``_held`` of the
+    layers and the head, on the sequence split over sp · cp; 1F1B's first stage holds ``pp``
+    micro-batches (interleaved: × (1 + (p−1)/(p·v)), Megatron's factor)."""
     planned = modelled(cfg, plan) == "planner"
     if planned and plan.pp > 1:
         return max(_stage_activations(cfg, plan, wl, r) for r in pp_ranks(cfg, plan, wl.remat))
@@ -725,15 +736,14 @@ def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
     tokens = wl.tokens_per_micro / (plan.sp * plan.cp)
     full, kept = layer_activation_bytes(cfg, plan, wl)
     redo = recomputed_layers(plan, layers, wl.remat)
+    head = head_activation_bytes(cfg, plan, wl)
+    if plan.pp == 1:
+        return tokens * _held(layers, redo, full, kept, head)
+    in_flight = min(plan.pp, wl.micro_num)
+    if plan.pp_schedule == "interleaved":
+        in_flight *= 1 + (plan.pp - 1) / (plan.pp * plan.pp_virtual)
     per_micro = tokens * ((layers - redo) * full + redo * kept) / plan.pp
-    per_micro += tokens * full if redo else 0
-    logits = 3 * tokens * cfg.vocab_size / plan.tp * 4
-    in_flight = 1.0
-    if plan.pp > 1:
-        in_flight = min(plan.pp, wl.micro_num)
-        if plan.pp_schedule == "interleaved":
-            in_flight *= 1 + (plan.pp - 1) / (plan.pp * plan.pp_virtual)
-    return per_micro * in_flight + logits
+    return per_micro * in_flight + tokens * (full if redo else 0) + tokens * head
 
 
 @functools.lru_cache(maxsize=4096)
@@ -753,7 +763,8 @@ def _in_flight(key: tuple, micro_num: int) -> tuple:
 def _stage_activations(cfg, plan: Plan, wl: Workload, r: int) -> float:
     """Pipeline rank ``r``: its in-flight micro-batches (summed over its stages) each holding one
     stage's share of the rank's layers (``layer_activation_bytes``, recomputed layers their
-    input), the head's fp32 logits and their gradient when it runs the head."""
+    input), the head's tensors on the rank running it; while a recomputed layer runs again, its
+    full set besides (``_held``'s two moments)."""
     redo = recomputed_layers(plan, _layers(cfg), wl.remat)
     names, layers, redone, _ = _rank_signatures(cfg, _pp_key(plan), redo)[r]
     stages = len(pipeline.rank_stages(plan, r))
@@ -761,9 +772,9 @@ def _stage_activations(cfg, plan: Plan, wl: Workload, r: int) -> float:
     tokens = wl.tokens_per_micro
     per_micro = tokens * ((layers - redone) * full + redone * kept) / stages
     held = _in_flight(_pp_key(plan), wl.micro_num)[r] * per_micro
-    held += tokens * full if redone else 0
     head = any(n.startswith("head:") for n in names)
-    return held + (3 * tokens * cfg.vocab_size / plan.tp * 4 if head else 0)
+    return held + tokens * max(head_activation_bytes(cfg, plan, wl) if head else 0.0,
+                               full if redone else 0.0)
 
 
 def _context_activations(cfg, plan: Plan, wl: Workload) -> float:
@@ -780,8 +791,9 @@ def _context_activations(cfg, plan: Plan, wl: Workload) -> float:
 
 def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, float]:
     """Peak bytes per rank: weights, gradients (the whole accumulation buffer while backward
-    runs, below ZeRO-3), AdamW state, the compute-dtype copy of the weights, the update's
-    temporaries, activations, ZeRO-3 gather buffers, gradient buckets; times the profile's
+    runs, below ZeRO-3), AdamW state, the compute-dtype copy of the weights, and the larger of
+    backward's activations with the ZeRO-3 gather buffers and gradient buckets, and the update's
+    temporaries (the update runs after backward has freed the activations); times the profile's
     allocator overhead."""
     b = rank_state(cfg, plan)
     shrink = plan.pp * (plan.sp * plan.cp if plan.weight_parallel else 1)
@@ -792,13 +804,18 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
     update = opt / 2 + (opt / 2 if plan.zero in (1, 2) else 0)   # sqrt(v) and the shard copy
     largest = _largest_block_bytes(cfg, plan) / shrink
     gather = (2 * largest * wl.act_bytes / 4 + largest) if plan.zero == 3 else 0
-    # a bucket's gradients concatenated, and the reduction's result (at most all of them)
-    buckets = 2 * min(plan.bucket_mb * 2**20, local) if plan.bucket_mb > 0 and plan.dp > 1 \
-        else 0
+    # a bucket's gradients concatenated, and the reduction's result (at most all of them): only
+    # where the planner buckets (not under ZeRO-3, which reduces per block, nor with sequence
+    # parallelism over tp, whose norm gradients complete over tp first)
+    bucketed = plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and \
+        not (plan.sequence_parallel and plan.tp > 1)
+    buckets = 2 * min(plan.bucket_mb * 2**20, local) if bucketed else 0
     out = {"params": params, "grads": grads, "optimizer": opt, "compute_copy": cast,
            "update": update, "activations": activation_bytes(cfg, plan, wl),
            "buffers": gather + buckets}
-    out["total"] = sum(out.values()) * (1 + profile.device["memory_overhead"])
+    fixed = params + out["grads"] + opt + cast
+    out["total"] = (fixed + max(out["activations"] + out["buffers"], update)) * \
+        (1 + profile.device["memory_overhead"])
     return out
 
 

@@ -11,11 +11,12 @@ micro-batch), and only the plans that fit are timed. No process group is ever bu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
 from evo import models
-from evo.sharding import cost
+from evo.sharding import cost, pipeline
 from evo.sharding.plan import Plan
 
 REMAT = (0.0, 0.5, 1.0)
@@ -84,10 +85,22 @@ def _sharding(dp: int, tp: int, profile: cost.Profile):
                 yield zero, g
 
 
+@functools.lru_cache(maxsize=256)
+def stage_split(cfg, stages: int) -> tuple[int, ...] | None:
+    """``plan.pp_layers`` for a schedule of ``stages`` > 1 stages per pipeline (interleaved,
+    zbv): None when the blocks divide into equal stages (the pipeline's own split), else the
+    contiguous split balancing the stages' parameters (the one 1F1B over as many stages uses)."""
+    blocks = len(models.blocks(cfg))
+    if blocks % stages == 0:
+        return None
+    return tuple(len(b) for b in pipeline.stage_blocks(cfg, Plan(pp=stages)))
+
+
 def candidate_plans(cfg, world: int, base: Base, profile: cost.Profile):
     """Every resolved plan passing divisibility, with the rows per data-parallel rank."""
     experts = getattr(cfg, "num_experts", 0)
     for pp, sched, v, tp, sp, cp in _model_splits(cfg, world, base, profile):
+        layers = stage_split(cfg, pp * v) if v > 1 else None
         dp = world // (pp * tp * sp * cp)
         if base.rows % dp:
             continue
@@ -97,7 +110,8 @@ def candidate_plans(cfg, world: int, base: Base, profile: cost.Profile):
                     for ep in ([e for e in _powers(dp) if experts % e == 0] if experts else [1]):
                         yield Plan(dp=dp, tp=tp, zero=zero, zero_group=group,
                                    sequence_parallel=seq_par, pp=pp, pp_schedule=sched,
-                                   pp_virtual=v, sp=sp, cp=cp, weight_parallel=wp, ep=ep)
+                                   pp_virtual=v, pp_layers=layers, sp=sp, cp=cp,
+                                   weight_parallel=wp, ep=ep)
 
 
 def _micro_batches(plan: Plan, base: Base):

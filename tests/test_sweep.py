@@ -1,0 +1,98 @@
+"""evo sweep's pieces that need no process group: the plans it runs (every plan the planner
+accepts), the spread over plan kinds, and the peak of live tensor bytes it measures (against
+allocations of known sizes)."""
+import os
+
+import pytest
+import torch
+from torch.profiler import record_function
+
+from evo import config, sweep
+from evo.sharding import Plan, cost, search
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+H100 = cost.load_profile("h100-80gb-ib")
+MIB = 2**20
+
+
+def _result(world):
+    exp = config.load(os.path.join(ROOT, "experiments", "plan_cpu.py"))
+    return exp, search.search(exp.model, world, sweep.base_of(exp, world), H100, every_remat=True)
+
+
+def test_sweep_runs_every_plan_kind_the_planner_accepts():
+    """At two processes every plan of experiments/plan_cpu.py that fits is one the planner runs —
+    ZeRO 0-3, tp ± sequence parallel, pp under all four schedules, sp, cp, weight parallel — and
+    a spread of 14 covers all 14 kinds. At four, a plan combining axes the planner does not run
+    together (pp with cp) is skipped and counted."""
+    exp, r = _result(2)
+    ok, skipped = sweep.runnable(exp.model, r, 2, 10)
+    assert skipped == 0 and len(ok) == len(r.ranked)
+    kinds = {sweep.plan_kind(p) for p in ok}
+    assert {f"dp=2,zero={z}" for z in (1, 2, 3)} | {"dp=2", "dp=1,tp=2",
+                                                    "dp=1,tp=2,sequence_parallel"} <= kinds
+    for schedule in ("", ",pp_schedule=interleaved,pp_virtual=2", ",pp_schedule=zbh1",
+                     ",pp_schedule=zbv,pp_virtual=2"):
+        assert f"dp=1,pp=2{schedule}" in kinds
+    assert {"dp=1,sp=2", "dp=1,cp=2", "dp=1,sp=2,weight_parallel"} <= kinds
+    chosen = sweep.choose(ok, len(kinds), True, sweep.plan_kind)
+    assert {sweep.plan_kind(p) for p in chosen} == kinds
+    assert chosen[0] is ok[0]
+    # four processes: pp with cp is predicted (formulas) but not run
+    wl = cost.Workload(4, 1, 128, "float32")
+    both = [cost.predict(exp.model, Plan(pp=2, cp=2).resolve(4), wl, H100),
+            cost.predict(exp.model, Plan(pp=2, dp=2).resolve(4), wl, H100)]
+    four = search.SearchResult(both, 2, 0, 0.0)
+    assert sweep.runnable(exp.model, four, 4, 1) == ([both[1]], 1)
+    with pytest.raises(ValueError, match="--top 2: only 1 plans that evo runs fit 4 processes "
+                                         r"\(2 fit in all; 1 combine axes"):
+        sweep.runnable(exp.model, four, 4, 2)
+
+
+def test_interleaved_plans_get_a_balanced_split_when_blocks_do_not_divide():
+    exp, _ = _result(2)
+    assert search.stage_split(exp.model, 4) == (1, 2, 2, 1)   # embed | 2 layers | 2 | head
+    assert search.stage_split(exp.model, 3) is None
+
+
+def test_live_peak_is_the_most_tensor_bytes_alive_at_once():
+    """4 MiB alive before the measured region, then 2 MiB, the 4 freed, 8 allocated: 10 MiB at
+    once. A 16 MiB tensor freed before the region and one allocated before the profile do not
+    count."""
+    before = torch.empty(8 * MIB // 4)
+    with sweep.allocator_profile() as prof:
+        scratch = torch.empty(16 * MIB // 4)
+        del scratch
+        a = torch.empty(4 * MIB // 4)
+        with record_function(sweep.MEASURED):
+            b = torch.empty(2 * MIB // 4)
+            del a
+            c = torch.empty(8 * MIB // 4)
+            del b, c
+            del before
+    assert sweep.live_peak(prof) == 10 * MIB
+
+
+def test_live_peak_counts_what_is_alive_on_entering():
+    with sweep.allocator_profile() as prof:
+        a = torch.empty(6 * MIB // 4)
+        with record_function(sweep.MEASURED):
+            del a
+            b = torch.empty(MIB // 4)
+            del b
+    assert sweep.live_peak(prof) == 6 * MIB
+    with pytest.raises(ValueError, match="0 regions named 'elsewhere'"):
+        sweep.live_peak(prof, "elsewhere")
+
+
+def test_calibrate_fits_latency_and_bandwidth_in_relative_error():
+    """t = 50 µs + bytes / 1 GB/s at 4 KiB ... 4 MiB is recovered exactly; with the largest
+    size 20 % slow (a noisy sample) the latency stays within 10 % — plain least squares, which
+    the largest seconds dominate, would put it below zero."""
+    from evo import calibrate
+    sizes = (1 << 12, 1 << 17, 1 << 20, 1 << 22)
+    exact = [(b, 50e-6 + b / 1e9) for b in sizes]
+    assert calibrate._fit(exact)["latency_us"] == pytest.approx(50.0)
+    assert calibrate._fit(exact)["bandwidth_gbs"] == pytest.approx(1.0)
+    noisy = exact[:-1] + [(sizes[-1], 1.2 * exact[-1][1])]
+    assert calibrate._fit(noisy)["latency_us"] == pytest.approx(50.0, rel=0.1)
