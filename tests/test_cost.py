@@ -204,7 +204,7 @@ def test_layer_activations_are_what_the_layer_saves():
         ((4 * h / 2 + 2 * h + (3 * h + 3 * kv + 4 * f) / 2) * 2, h / 2 * 2)
 
 
-@pytest.mark.parametrize("micro_batch,remat", [(1, 0.0), (4, 0.0), (4, 1.0), (2, 0.5)])
+@pytest.mark.parametrize("micro_batch,remat", [(1, 0.0), (4, 0.0), (4, 1.0), (2, 0.5), (8, 0.0)])
 def test_memory_model_is_the_measured_live_peak_in_one_process(micro_batch, remat):
     """One process, experiments/plan_cpu.py's model at two layers: the cost model's peak (no
     allocator overhead) against the most tensor bytes the CPU allocator held at once during a

@@ -813,9 +813,20 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
     out = {"params": params, "grads": grads, "optimizer": opt, "compute_copy": cast,
            "update": update, "activations": activation_bytes(cfg, plan, wl),
            "buffers": gather + buckets}
-    fixed = params + out["grads"] + opt + cast
-    out["total"] = (fixed + max(out["activations"] + out["buffers"], update)) * \
-        (1 + profile.device["memory_overhead"])
+    # backward starts with the accumulated gradients of the earlier micro-batches (none with one
+    # micro-batch: its gradients appear as its activations are freed; ZeRO-3 keeps its shards)
+    accumulated = grads if wl.micro_num > 1 or plan.zero == 3 else 0
+    during, after = out["activations"] + out["buffers"], 0.0
+    if bucketed and local <= plan.bucket_mb * 2**20:
+        # one bucket holds every gradient: complete, and reduced, once backward is done, with
+        # the gradients alive once more when they were accumulated (the running sum and the
+        # last micro-batch's total) and under ZeRO-2 (the rows padded for the reduce-scatter),
+        # beside the bucket, its reduction and ZeRO-2's shard (measured by the sweep's live peak)
+        copies = 1 + (wl.micro_num > 1) + (plan.zero == 2)
+        during -= buckets
+        after = copies * grads + buckets + (b["grads"] if plan.zero == 2 else 0)
+    moments = (accumulated + during, after, grads + update)   # backward, its bucket, the update
+    out["total"] = (params + opt + cast + max(moments)) * (1 + profile.device["memory_overhead"])
     return out
 
 
