@@ -205,7 +205,7 @@ MUTATIONS = [
              ".view(lo.shape[0], -1, block).amax((0, 2))",
              (LONG_ROWS,)),
     Mutation("blockwise-dk-overwritten-by-each-block", "evo_kernels/attention.py",
-             "            dk[:, cols] += dk_i\n", "            dk[:, cols] = dk_i\n",
+             "        dk[:, cols] += dk_i\n", "        dk[:, cols] = dk_i\n",
              (LONG_ROWS,)),
     Mutation("long-rows-keep-the-dense-mask", "evo_kernels/attention.py",
              "    if not dense_mask(total):\n", "    if False:\n", (LONG_ROWS,)),
