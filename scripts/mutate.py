@@ -209,6 +209,15 @@ MUTATIONS = [
              (LONG_ROWS,)),
     Mutation("long-rows-keep-the-dense-mask", "evo_kernels/attention.py",
              "    if not dense_mask(total):\n", "    if False:\n", (LONG_ROWS,)),
+    # --- ring attention's backward (context._Ring): the dk, dv accumulators left on the last
+    # rank their block visited; each block's gradients from its own lse, not the merged one
+    Mutation("ring-dkv-not-sent-home", "evo/sharding/context.py",
+             "            dkv = wait_shift(sending)\n",
+             "            dkv = dkv + 0 * wait_shift(sending)\n"),
+    Mutation("ring-backward-uses-the-blocks-own-lse", "evo/sharding/context.py",
+             "lse_grads(q, kv[0], kv[1], span, lse, g_out, row)",
+             "lse_grads(q, kv[0], kv[1], span, attention_lse(q, kv[0], kv[1], span)[1], "
+             "g_out, row)"),
 ]
 
 
