@@ -5,6 +5,7 @@ per layer each sends.
 Launch under torchrun (4 processes; the one-process baseline runs on rank 0 in the same run):
 
     torchrun --nproc-per-node 4 benchmarks/long_context.py --seqs 8192 16384 32768 65536
+    torchrun --nproc-per-node 4 benchmarks/long_context.py --plans one cp4   # some of the plans
 
 Memory measured: the bytes autograd keeps for backward during one micro-batch's forward (every
 tensor saved by an op, counted once per storage, parameters excluded), on each rank; the table
@@ -103,11 +104,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
+    ap.add_argument("--plans", nargs="+", default=["one", "sp4", "cp4"],
+                    choices=["one", "sp4", "cp4"], help="the plans to measure (one: one process)")
     args = ap.parse_args()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3600))
     rank, world = dist.get_rank(), dist.get_world_size()
     plans = {"one process": (Plan(dp=1), [0]), "sp4": (Plan(dp=1, sp=world), list(range(world))),
              "cp4": (Plan(dp=1, cp=world), list(range(world)))}
+    plans = {k: v for k, v in plans.items() if k.split()[0] in args.plans}
     rows = []
     for seq in args.seqs:
         for name, (plan, ranks) in plans.items():
@@ -138,7 +142,8 @@ def main():
             same = "=" if r["sent"] == r["sent_predicted"] else "≠"
             print(f"| {r['seq']} | {r['plan']} | {r['measured'] / 2**20:.1f} | "
                   f"{r['predicted'] / 2**20:.1f} | {err:+.1%} | "
-                  f"{r['measured'] / base[r['seq']]:.2f} | {r['rss'] / 2**20:.0f} | "
+                  f"{r['measured'] / base[r['seq']] if r['seq'] in base else float('nan'):.2f}"
+                  f" | {r['rss'] / 2**20:.0f} | "
                   f"{sent or '-'} {same if sent else ''} |", flush=True)
     dist.destroy_process_group()
 

@@ -344,16 +344,31 @@ class _AttentionLSE(torch.autograd.Function):
         q, k, v, out, lse, *stored = ctx.saved_tensors
         mask = ctx.mask or stored[0]
         acc = lse.dtype
-        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
         # d lse / d scores = p: the lse's gradient joins the softmax's row term
         row = (g_out.to(acc) * out.to(acc)).sum(-1) - (0 if g_lse is None else g_lse.to(acc))
-        for rows, cols in _blocks(mask, q.shape[1], k.shape[1], ctx.block):
-            dq[:, rows], dk_i, dv_i = _block_grads(q[:, rows], k[:, cols], v[:, cols],
-                                                   _block_mask(mask, rows, cols), lse[:, rows],
-                                                   g_out[:, rows].to(acc), row[:, rows])
-            dk[:, cols] += dk_i
-            dv[:, cols] += dv_i
+        dq, dk, dv = lse_grads(q, k, v, mask, lse, g_out.to(acc), row, block=ctx.block)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def lse_grads(q, k, v, mask, lse, g_out, row, *, block: int | None = None):
+    """The gradients of attention-with-LSE of ``q [b, n, heads, d]`` over the keys ``k``, ``v``
+    ``[b, m, kv_heads, d]`` that ``mask`` (bool ``[b, n, m]`` or a ``Span``) allows, blockwise
+    like ``reference_lse`` (default ``query_block``): ``dq [b, n, heads, d]``, ``dk``, ``dv``
+    ``[b, m, kv_heads, d]`` in ``lse``'s dtype, from the probabilities ``exp(s − lse)``
+    recomputed with ``lse [b, n, heads]`` and ``row [b, n, heads]`` = rowsum(g_out · out) − g_lse
+    (``g_out`` in ``lse``'s dtype). When ``lse`` and ``out`` are those of attention over a larger
+    key set that includes these keys (ring attention's merged ones), these are the parts of that
+    attention's gradients that flow through these keys: dq sums over the key blocks."""
+    acc = lse.dtype
+    block = block or query_block(q.shape[0], q.shape[2], k.shape[1])
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+    for rows, cols in _blocks(mask, q.shape[1], k.shape[1], block):
+        dq[:, rows], dk_i, dv_i = _block_grads(q[:, rows], k[:, cols], v[:, cols],
+                                               _block_mask(mask, rows, cols), lse[:, rows],
+                                               g_out[:, rows], row[:, rows])
+        dk[:, cols] += dk_i
+        dv[:, cols] += dv_i
+    return dq, dk, dv
 
 
 def _block_grads(q, k, v, mask, lse, g_out, row):

@@ -205,14 +205,14 @@ MUTATIONS = [
              ".view(lo.shape[0], -1, block).amax((0, 2))",
              (LONG_ROWS,)),
     Mutation("blockwise-dk-overwritten-by-each-block", "evo_kernels/attention.py",
-             "            dk[:, cols] += dk_i\n", "            dk[:, cols] = dk_i\n",
+             "        dk[:, cols] += dk_i\n", "        dk[:, cols] = dk_i\n",
              (LONG_ROWS,)),
     Mutation("long-rows-keep-the-dense-mask", "evo_kernels/attention.py",
              "    if not dense_mask(total):\n", "    if False:\n", (LONG_ROWS,)),
     # --- evo sweep's measurement and plan list (evo/sweep.py), the memory model it checks
     Mutation("cost-update-coexists-with-activations", "evo/sharding/cost.py",
-             'max(out["activations"] + out["buffers"], update)',
-             'out["activations"] + out["buffers"] + update', ("tests/test_cost.py",)),
+             "params + opt + cast + max(moments)", "params + opt + cast + sum(moments)",
+             ("tests/test_cost.py",)),
     Mutation("cost-layer-forgets-rotary-q-k", "evo/sharding/cost.py",
              "(3 * h + 3 * kv + 4 * ffn) / plan.tp", "(h + 2 * kv + 4 * ffn) / plan.tp",
              ("tests/test_cost.py",)),
@@ -230,6 +230,15 @@ MUTATIONS = [
              "and plan.dp > 1 and plan.zero < 3 and \\\n        not (plan.sequence_parallel",
              "and plan.dp > 1 and \\\n        not (plan.sequence_parallel",
              ("tests/test_cost.py",)),
+    # --- ring attention's backward (context._Ring): the dk, dv accumulators left on the last
+    # rank their block visited; each block's gradients from its own lse, not the merged one
+    Mutation("ring-dkv-not-sent-home", "evo/sharding/context.py",
+             "            dkv = wait_shift(sending)\n",
+             "            dkv = dkv + 0 * wait_shift(sending)\n"),
+    Mutation("ring-backward-uses-the-blocks-own-lse", "evo/sharding/context.py",
+             "lse_grads(q, kv[0], kv[1], span, lse, g_out, row)",
+             "lse_grads(q, kv[0], kv[1], span, attention_lse(q, kv[0], kv[1], span)[1], "
+             "g_out, row)"),
 ]
 
 

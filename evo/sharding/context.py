@@ -16,10 +16,10 @@ Attention (``SequenceAttention``, the ``Regions.attention`` of a sharded step):
 - Ring (``cp``): k and v of the ``S/cp`` tokens travel around the ring; at each of the ``cp``
   steps the local queries attend the visiting block under the global document-causal mask
   (a block wholly masked is skipped), the next block's send/receive running meanwhile, and the
-  partial outputs merge by log-sum-exp. Backward is autograd through the ring steps: each step's
-  attention, merge and shift are differentiable (the shift's backward sends the gradient the other
-  way round), so gradients are exact by construction; the price is that backward keeps every
-  visiting k/v block (``2·S·kv_heads·d`` per layer) and its shifts do not overlap compute.
+  partial outputs merge by log-sum-exp. The ring is one autograd node (``_Ring``) that keeps
+  only the local q, k, v, the merged output and its lse; its backward goes round the ring again,
+  each rank computing the visiting block's dk, dv (and its own dq) from the merged output and
+  lse, the dk/dv accumulators travelling with their blocks and going home at the end.
 
 Gradients of every parameter are summed over the sequence group after the data-parallel
 synchronisation (each rank saw part of each sequence); the loss normaliser counts the labelled
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from evo import models
 from evo.sharding import comm as C
 from evo_kernels.attention import Span, attention_lse, choose_lse_backend, dense_mask, \
-    merge_lse, positions_from_cu_seqlens
+    lse_grads, merge_lse, positions_from_cu_seqlens
 
 SEQUENCE_AXES = ("cp", "sp")
 _c10d = torch.ops._c10d_functional
@@ -202,23 +202,6 @@ def wait_shift(pending: tuple) -> torch.Tensor:
     return _c10d.wait_tensor(pending[0])
 
 
-class _Shift(torch.autograd.Function):
-    """The block received from the rank behind (``pending``, started earlier by
-    ``launch_shift``); backward sends the gradient back to it."""
-    @staticmethod
-    def forward(x, comm, axis, pending):
-        return wait_shift(pending)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, ctx.comm, ctx.axis, _ = inputs
-
-    @staticmethod
-    def backward(ctx, g):
-        with torch.no_grad():
-            return wait_shift(launch_shift(ctx.comm, g.detach(), ctx.axis, -1)), None, None, None
-
-
 # ------------------------------------------------------------------------------- the attention
 
 class SequenceAttention:
@@ -255,24 +238,77 @@ class SequenceAttention:
         return sequence_to_heads(out, self.comm) if sp > 1 else out
 
     def ring(self, q, k, v, window):
-        """Ring attention over ``cp``: ``[b, Lc, heads, d]`` → the same."""
+        """Ring attention over ``cp``: ``[b, Lc, heads, d]`` → the same (``_Ring``)."""
+        return _Ring.apply(q, k, v, self, window)[0]
+
+    def ring_blocks(self, seq: int, window) -> list[Span | None]:
+        """The mask of each ring step ``i``: this rank's queries against the block of cp rank
+        ``c − i`` (its own first), ``None`` for a block no query sees (skipped)."""
         n, c = self.plan.cp, self.coords["cp"]
         q_idx, q_start = self.query_span()
-        seq = q.shape[1] * n
-        kv = torch.stack([k, v])
-        out = lse = None
-        for i in range(n):
-            pending = launch_shift(self.comm, kv.detach(), "cp") if i < n - 1 else None
-            span = Span(q_idx, q_start, cp_indices(seq, n, (c - i) % n).to(q.device), window)
-            if i == 0 or span.any():
-                o_i, l_i = attention_lse(q, kv[0], kv[1], span, backend=self.backend)
+        spans = [Span(q_idx, q_start, cp_indices(seq, n, (c - i) % n).to(q_idx.device), window)
+                 for i in range(n)]
+        return [s if i == 0 or s.any() else None for i, s in enumerate(spans)]
+
+
+class _Ring(torch.autograd.Function):
+    """Ring attention as one autograd node: ``(q, k, v, attention, window)`` → ``(out, lse)``,
+    keeping for backward only the local q, k, v, the merged output and its lse.
+
+    Forward: k and v travel around the cp ring (each block's shift started before the current
+    block is computed); the local queries attend each visiting block (``attention_lse``; a block
+    no query sees is skipped) and the partial outputs merge by log-sum-exp. Backward: a second
+    pass around the ring; each rank computes, for the visiting block, its part of dq
+    (accumulated here) and that block's dk, dv from the merged output and lse (``lse_grads``:
+    the probabilities recomputed as ``exp(s − lse)``). The dk, dv accumulator travels with its
+    block (sent after the block's compute, awaited after the next one) and a last shift takes
+    it home; it is sent in the accumulation dtype (fp32 for bf16)."""
+    @staticmethod
+    @torch.no_grad()
+    def forward(q, k, v, attn, window):
+        blocks = attn.ring_blocks(q.shape[1] * attn.plan.cp, window)
+        kv, out, lse = torch.stack([k, v]), None, None
+        for i, span in enumerate(blocks):
+            pending = launch_shift(attn.comm, kv, "cp") if i < len(blocks) - 1 else None
+            if span is not None:
+                o_i, l_i = attention_lse(q, kv[0], kv[1], span, backend=attn.backend)
                 out, lse = (o_i.to(l_i.dtype), l_i) if out is None else \
                     merge_lse(out, lse, o_i, l_i)
-            else:   # a block no query sees: tied in with weight 0, so that backward still runs
-                out = out + kv.flatten()[:1].sum() * 0   # its shift (the peer's shift awaits it)
             if pending is not None:
-                kv = _Shift.apply(kv, self.comm, "cp", pending)
-        return out.to(q.dtype)
+                kv = wait_shift(pending)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, ctx.attn, ctx.window = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(q, k, v, *output)
+
+    @staticmethod
+    @torch.no_grad()
+    def backward(ctx, g_out, _):
+        q, k, v, out, lse = ctx.saved_tensors
+        comm, acc = ctx.attn.comm, lse.dtype
+        blocks = ctx.attn.ring_blocks(q.shape[1] * ctx.attn.plan.cp, ctx.window)
+        g_out = g_out.to(acc)
+        row = (g_out * out.to(acc)).sum(-1)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        kv, sending = torch.stack([k, v]), None
+        for i, span in enumerate(blocks):
+            pending = launch_shift(comm, kv, "cp") if i < len(blocks) - 1 else None
+            part = 0
+            if span is not None:   # (always at i = 0: every query sees itself)
+                dq_i, dk_i, dv_i = lse_grads(q, kv[0], kv[1], span, lse, g_out, row)
+                dq += dq_i
+                part = torch.stack([dk_i, dv_i])
+            dkv = part if i == 0 else wait_shift(sending) + part   # the block's dk, dv so far
+            if len(blocks) > 1:   # to the next rank, which holds the block
+                sending = launch_shift(comm, dkv, "cp")
+            if pending is not None:
+                kv = wait_shift(pending)
+        if len(blocks) > 1:   # the own block's dk, dv, home from the last rank it visited
+            dkv = wait_shift(sending)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
 
 
 # --------------------------------------------------------------------------------- gradients
@@ -293,8 +329,9 @@ def count_comm(add, plan, cfg, micro_num: int, tokens_per_micro: int, act: int,
     """Bytes of the sequence group's collectives in one step (``tokens_per_micro``: a whole
     micro-batch's tokens): per micro-batch the positions gathered over sp, per layer forward
     (again for each recomputed layer) and backward the Ulysses all-to-alls of q, k, v and the
-    output and the ring's ``cp − 1`` shifts of k and v; per step the gradient sum and the loss
-    (and per-source) sums."""
+    output, and the ring's ``cp − 1`` shifts of k and v; per layer backward also the ring's
+    ``cp`` shifts of the dk, dv accumulators (in fp32, or wider for wider activations); per step
+    the gradient sum and the loss (and per-source) sums."""
     if plan.cp * plan.sp == 1:
         return
     divisors = models.family_of(cfg).tp_divisors(cfg)
@@ -307,9 +344,10 @@ def count_comm(add, plan, cfg, micro_num: int, tokens_per_micro: int, act: int,
     add("all_gather", "sp", local * 8, micro_num)
     kv_sent = kv_heads_sent(kv, plan.sp) if plan.sp > 1 else kv
     add("all_to_all", "sp", local * d * act * (2 * heads + 2 * kv_sent), passes)
-    kv_ring = kv_sent // plan.sp
-    add("send_recv", "cp", 2 * tokens_per_micro // plan.cp * kv_ring * d * act,
-        passes * (plan.cp - 1))
+    block = 2 * tokens_per_micro // plan.cp * (kv_sent // plan.sp) * d   # k and v, elements
+    forward, backward = micro_num * (layers + recomputed_layers), micro_num * layers
+    add("send_recv", "cp", block * act, (forward + backward) * (plan.cp - 1))
+    add("send_recv", "cp", block * max(act, 4), backward * plan.cp)   # dk, dv (fp32 or wider)
     for axis in SEQUENCE_AXES:
         add("all_reduce", axis, synced_grad_bytes)
         add("all_reduce", axis, 4 + 2 * 4 * sources)
@@ -330,9 +368,11 @@ def activation_bytes(cfg, plan, seq: int, act: int = 4) -> dict[str, int]:
       ffn-wide tensors, the head's hidden- and vocabulary-wide ones, rotary tables, norms;
     - ``attention``: one process, the reference backend's q, k, v, output (5 head-widths) and
       lse per layer, and its dense ``[seq, seq]`` additive mask where ``dense_mask(seq)`` (short
-      rows; longer ones attend blockwise); under sp / cp the ring's tensors per layer:
-      q, the ``cp`` visiting k/v blocks, the ``cp`` block outputs and ``cp − 1`` merged ones
-      (all linear in the local tokens: probabilities are recomputed in backward)."""
+      rows; longer ones attend blockwise); under sp / cp what the ring (``_Ring``) keeps per
+      layer: the local q, k, v, the merged output and its lse (all linear in the local tokens:
+      the visiting blocks and the probabilities are recomputed in backward) — under Ulysses
+      each its own tensor, under cp alone v a view of the fused projection (kept whole) and the
+      output the one the output projection keeps."""
     layers = sum(b.kind == "layer" for b in models.blocks(cfg))
     local = seq // (plan.cp * plan.sp)
     d, h = _head_dim(cfg), cfg.hidden_size
@@ -344,8 +384,9 @@ def activation_bytes(cfg, plan, seq: int, act: int = 4) -> dict[str, int]:
         mask = seq * seq * 4 if dense_mask(seq) else 0
         attention = layers * (seq * (5 * heads * d + heads) * act + mask)
     else:
-        cp, sent = plan.cp, kv_heads_sent(kv, plan.sp) if plan.sp > 1 else kv
-        widths = heads * d * (2 * cp) + 2 * cp * sent * d + (3 * cp - 2) * heads
+        sent = kv_heads_sent(kv, plan.sp) if plan.sp > 1 else kv
+        widths = 2 * heads * d + 2 * sent * d + heads if plan.sp > 1 else \
+            (2 * heads + 3 * kv) * d + heads   # v a view of the fused q, k, v projection
         attention = layers * local * widths * act
     return {"per_token": local * per_token, "attention": attention,
             "total": local * per_token + attention}
