@@ -318,8 +318,9 @@ def test_analytic_axes_add_their_collectives():
     b = cost.comm_bytes(cfg, Plan(sp=2, cp=2, pp=2).resolve(8), wl)
     # Ulysses: 4·N·h/sp per layer, forward + twice in backward, N = the micro-batch's tokens
     assert b["all_to_all/sp"] == 3 * layers / 2 * 4 * 4 * 32 * 32 * 2 / 2
-    # ring: k and v of the local chunk around cp − 1 steps, forward + backward twice
-    assert b["send_recv/cp"] == 3 * layers / 2 * 4 * 2 * (32 / 4) * 16 * 2 * 1
+    # ring: the k, v block of the local chunk, cp − 1 shifts forward and backward (bf16), and cp
+    # shifts of its fp32 gradient
+    assert b["send_recv/cp"] == layers / 2 * 4 * 2 * (32 / 4) * 16 * (2 * 1 * 2 + 2 * 4)
     assert b["send_recv/pp"] == 2 * 4 * (32 / 4) * 32 * 2
     assert math.isfinite(cost.predict(cfg, Plan(sp=2, cp=2, pp=2).resolve(8), wl,
                                       A800).step_seconds)

@@ -537,14 +537,16 @@ def _kv_dim(cfg) -> int:
 
 
 def ring_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
-    """Ring attention: each rank passes its k and v chunk around the ring (2·N_local·d_kv per
-    step, cp − 1 steps) in forward, and k, v, dk, dv in backward (twice that)."""
+    """Ring attention (``context.count_comm``'s pattern): each rank passes its k and v block
+    (2·N_local·d_kv elements) around the ring, cp − 1 shifts in forward and again in backward,
+    whose dk, dv accumulators (fp32 at least) travel with their block and go home: cp shifts."""
     if plan.cp == 1:
         return {}
     layers = _layers(cfg) / plan.pp
     local = wl.tokens_per_micro / (plan.cp * plan.sp)
-    per_layer = 2 * local * _kv_dim(cfg) / plan.tp * wl.act_bytes * (plan.cp - 1)
-    return {"send_recv/cp": 3 * layers * wl.micro_num * per_layer}
+    block = 2 * local * _kv_dim(cfg) / plan.tp
+    per_layer = block * (2 * (plan.cp - 1) * wl.act_bytes + plan.cp * max(wl.act_bytes, 4))
+    return {"send_recv/cp": layers * wl.micro_num * per_layer}
 
 
 def expert_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
