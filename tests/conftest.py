@@ -11,6 +11,13 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist every core already runs a worker: one compute thread per worker and per
+# process it starts (torch's default, a thread per core, oversubscribes the cores: two 30-step
+# demo trainings side by side took 44 s with two threads each, 23 s with one).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The files that take longest (each over a minute on a 2-core machine), longest first: pytest-xdist
