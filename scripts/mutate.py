@@ -239,6 +239,10 @@ MUTATIONS = [
              "lse_grads(q, kv[0], kv[1], span, lse, g_out, row)",
              "lse_grads(q, kv[0], kv[1], span, attention_lse(q, kv[0], kv[1], span)[1], "
              "g_out, row)"),
+    Mutation("cost-one-bucket-without-the-gradient-copies", "evo/sharding/cost.py",
+             "copies = 1 + (wl.micro_num > 1) + (plan.zero == 2)", "copies = 1",
+             ("tests/test_cost.py::"
+              "test_memory_model_is_the_measured_live_peak_of_data_parallel_buckets",)),
 ]
 
 

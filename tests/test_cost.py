@@ -232,6 +232,27 @@ def test_memory_model_is_the_measured_live_peak_in_one_process(micro_batch, rema
     assert measured() == pytest.approx(want, rel=0.02)
 
 
+def test_memory_model_is_the_measured_live_peak_of_data_parallel_buckets(tmp_path):
+    """Two processes (``evo sweep``'s worker on experiments/plan_cpu.py's model at two layers),
+    one gradient bucket holding every gradient: plain data parallelism with one micro-batch
+    (the bucket reduced after backward, beside the gradients) and ZeRO-2 with two (the running
+    sum of the gradients, the rows padded for the reduce-scatter and the shard besides). The
+    model's peak (no allocator overhead) against the most tensor bytes the CPU allocator held at
+    once on the busiest rank (``sweep.live_peak``): 2 %, as in one process."""
+    from evo import config, sweep
+    exp = config.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments",
+                                   "plan_cpu.py"))
+    exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, num_layers=2))
+    exact = dataclasses.replace(A800, device={**A800.device, "memory_overhead": 0.0})
+    for zero, micro_num, micro_batch in ((0, 1, 4), (2, 2, 2)):
+        plan = Plan(dp=2, zero=zero).resolve(2)
+        wl = cost.Workload(micro_num, micro_batch, 64, "float32", 0.0)
+        pred = cost.predict(exp.model, plan, wl, exact)
+        measured = sweep.run_plan(exp, pred, 1, 2, str(tmp_path), zero)
+        assert max(measured["peak_bytes"]) == pytest.approx(pred.memory["total"], rel=0.02), \
+            (zero, micro_num, pred.memory, measured["peak_bytes"])
+
+
 def test_pipeline_bubble_of_each_schedule():
     """The pipeline module's bubble of each schedule, equal to the published formulas: (p−1)/m
     for 1F1B, (p−1)/(v·m) interleaved, (p−1)/(3m) ZB-H1, 0 ZB-V (equal F, B, W times)."""
