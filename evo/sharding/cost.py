@@ -752,14 +752,7 @@ def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
 def _in_flight(key: tuple, micro_num: int) -> tuple:
     """``pipeline.in_flight`` of every pp rank, from one ``pipeline.action_lists``."""
     lists = pipeline.action_lists(_pp_plan(key), micro_num)
-    out = []
-    for r in range(key[0]):
-        live = peak = 0
-        for a in lists[r]:
-            live += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
-            peak = max(peak, live)
-        out.append(peak)
-    return tuple(out)
+    return tuple(pipeline.high_water(lists[r]) for r in range(key[0]))
 
 
 def _stage_activations(cfg, plan: Plan, wl: Workload, r: int) -> float:

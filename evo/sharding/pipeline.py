@@ -256,8 +256,14 @@ def bubble_fraction(plan, micro_num: int) -> float:
 def in_flight(plan, micro_num: int, pp_index: int) -> int:
     """The most micro-batches whose forward activations rank ``pp_index`` holds at once, summed
     over its stages (an action list's high-water mark)."""
+    return high_water(action_lists(plan, micro_num)[pp_index])
+
+
+def high_water(actions) -> int:
+    """The most forwards of one rank's action list not yet released by a full (``B``) or weight
+    (``W``) backward at any point of the list."""
     live = peak = 0
-    for a in action_lists(plan, micro_num)[pp_index]:
+    for a in actions:
         live += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
         peak = max(peak, live)
     return peak
