@@ -8,6 +8,8 @@ measuring at once — so each number is what one rank of a sweep at that world s
   flops / (peak · efficiency)`` gives ``block_overhead_us`` and ``compute_efficiency``; causal
   SDPA forward + backward gives ``attention_efficiency``;
 - evo's AdamW update per parameter; memory bandwidth (a large copy); memory per rank;
+- the compute lost to waiting for the slowest rank when the ranks synchronise after every layer
+  (``sync_jitter``);
 - every collective kind (all-reduce, all-gather, reduce-scatter, Ulysses' all-to-all, ring
   attention's shift as ``send_recv``) over every group size the processes form (2, 4, ... up to
   ``--nproc``, the groups of a size all running at once), at several sizes: a least-squares fit of
@@ -70,6 +72,11 @@ def matmul_tflops(dtype: torch.dtype, n: int = 512) -> float:
 
 def _layer_seconds(cfg, tokens: int, dtype: torch.dtype) -> float:
     """One LLaMA layer's forward + backward over ``tokens`` tokens (one sequence)."""
+    return _timed(_layer_pass(cfg, tokens, dtype), 0.3)
+
+
+def _layer_pass(cfg, tokens: int, dtype: torch.dtype):
+    """A function running one LLaMA layer's forward + backward over ``tokens`` tokens."""
     from evo import models
     from evo.models.layers import Regions
     fam = models.family_of(cfg)
@@ -83,7 +90,34 @@ def _layer_seconds(cfg, tokens: int, dtype: torch.dtype) -> float:
     def run():
         y = fam.block(cfg, params, 0, x, ctx, Regions())
         y.float().sum().backward()
-    return _timed(run, 0.3)
+    return run
+
+
+def sync_jitter(world: int, calls: int = 12) -> float:
+    """The share of compute lost when the ranks synchronise after every layer pass, beyond the
+    collective's own time: ``(t(layer + all-reduce) − t(layer) − t(all-reduce)) / t(layer)``,
+    each a median of loops run by every rank at once (one 4 KiB all-reduce of the whole world).
+    A rank that computes a little slower this time makes the others wait at the next collective;
+    without a collective in between, the step ends with the slowest rank's total, which
+    averages out. 0 for one process."""
+    if world == 1:
+        return 0.0
+    from evo import models
+    cfg = models.get(models.REFERENCE_FAMILY).config(
+        vocab_size=256, hidden_size=256, num_layers=1, num_heads=8, intermediate_size=688,
+        max_seq_len=1024)
+    layer = _layer_pass(cfg, 128, torch.float32)
+    sync = _collective("all_reduce", 1 << 12, dist.group.WORLD, world)
+    samples = []
+    for _ in range(3):
+        dist.barrier()
+        free = _counted(layer, calls, 1)
+        dist.barrier()
+        alone = _counted(sync, calls, 1)
+        dist.barrier()
+        both = _counted(lambda: (layer(), sync()), calls, 1)
+        samples.append(max(0.0, (both - free - alone) / free))
+    return statistics.median(samples)
 
 
 def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
@@ -105,10 +139,30 @@ def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
     t_attn = _timed(sdpa)
     attn_rate = 3 * 4 * 1024 * 1024 * 256 / 2 / t_attn   # fwd 4·s²·h, bwd twice: causal half
+    rows, seq = 4, 256
+    ctx_rate = 3 * 4 * rows * seq * seq * 256 / 2 / _timed(_context_attention(rows, seq, dtype))
     peak = tflops * 1e12
     return {"compute_efficiency": min(1.0, rate / peak),
             "block_overhead_us": overhead / 3 * 1e6,   # forward + backward ≈ three passes
-            "attention_efficiency": min(1.0, attn_rate / peak)}
+            "attention_efficiency": min(1.0, attn_rate / peak),
+            "context_attention_efficiency": min(1.0, ctx_rate / peak)}
+
+
+def _context_attention(rows: int, seq: int, dtype: torch.dtype):
+    """What a rank of Ulysses or ring attention runs per layer (``context._Ring`` over one block):
+    causal attention with its log-sum-exp forward (``attention_lse``), then the gradients from the
+    recomputed probabilities (``lse_grads``), 8 heads of 32 over 4 kv heads."""
+    from evo_kernels.attention import Span, attention_lse, lse_grads
+    q = torch.randn(rows, seq, 8, 32, dtype=dtype)
+    k, v = torch.randn(rows, seq, 4, 32, dtype=dtype), torch.randn(rows, seq, 4, 32, dtype=dtype)
+    idx = torch.arange(seq)
+    span = Span(idx, torch.zeros(1, seq, dtype=torch.long), idx)
+
+    def run():
+        out, lse = attention_lse(q, k, v, span)
+        g = torch.ones(out.shape, dtype=lse.dtype)
+        lse_grads(q, k, v, span, lse, g, (g * out.to(lse.dtype)).sum(-1))
+    return run
 
 
 def optimizer_ns(n: int = 1 << 21) -> float:
@@ -189,7 +243,7 @@ def measure(world: int, rank: int) -> dict:
     opt, bw = optimizer_ns(), memory_gbs()
     coll = collectives(world, rank)
     return {"tflops": tflops, "fit": fit, "optimizer_ns": opt, "memory_gbs": bw,
-            "collectives": coll}
+            "collectives": coll, "sync_jitter": sync_jitter(world)}
 
 
 def profile(m: dict, world: int) -> dict:
@@ -206,12 +260,16 @@ def profile(m: dict, world: int) -> dict:
                     "optimizer_ns_per_param": m["optimizer_ns"], "memory_gib": total / world,
                     "memory_bandwidth_gbs": m["memory_gbs"], "memory_overhead": 0.0},
          "cluster": {"devices_per_node": world, "intra_node": dict(ar), "inter_node": dict(ar),
-                     "overlap": 0.0, "collectives": m["collectives"]},
+                     "overlap": 0.0, "sync_jitter": m["sync_jitter"],
+                     "collectives": m["collectives"]},
          "sources": {"device.matmul_tflops": f"{where}: 512x512 matmuls",
                      "device.compute_efficiency": f"{where}: a LLaMA layer (h=256) fwd+bwd at "
                                                   "128 and 512 tokens, fitted",
                      "device.block_overhead_us": f"{where}: the same fit's intercept",
                      "device.attention_efficiency": f"{where}: causal SDPA fwd+bwd, s=1024",
+                     "device.context_attention_efficiency": f"{where}: evo's attention with "
+                                                            "log-sum-exp fwd + its gradients "
+                                                            "(Ulysses' and ring's), 4 × 256 tokens",
                      "device.optimizer_ns_per_param": f"{where}: evo AdamW on 2M parameters",
                      "device.memory_bandwidth_gbs": f"{where}: a 64 MiB copy",
                      "device.memory_gib": "physical memory / processes",
@@ -221,12 +279,16 @@ def profile(m: dict, world: int) -> dict:
                      "cluster.intra_node": f"the all_reduce fit of the largest group ({largest})",
                      "cluster.inter_node": "one host: the same as intra_node",
                      "cluster.overlap": "gloo's progress thread shares the cores with compute: "
-                                        "taken as no overlap"}}
+                                        "taken as no overlap",
+                     "cluster.sync_jitter": f"{where}: a layer pass (128 tokens) with and "
+                                            "without a 4 KiB all-reduce after it"}}
     return d
 
 
 def worker(out: str) -> None:
+    from evo.sweep import steady_allocator
     torch.set_num_threads(1)
+    steady_allocator()        # as the sweep's timed steps run
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     world, rank = dist.get_world_size(), dist.get_rank()
     m = measure(world, rank)

@@ -388,6 +388,7 @@ def _one_step(r: _Run, state: train.TrainState, step: int) -> tuple[train.TrainS
     t1 = time.perf_counter()
     state, m = r.step_fn(state, batch)
     comm_bytes, times = m.pop("comm_bytes"), m.pop("time")
+    m.pop("comm_calls", None)   # how many collectives (evo sweep compares them with the model)
     expert_traffic = m.pop("expert_traffic", None)   # under plan.ep: the rows dispatched
     m.pop("pp_seconds", None)   # a pipeline rank's per-action compute seconds (benchmarks)
     per_source = {}

@@ -15,7 +15,10 @@ records:
   set (``getrusage`` max RSS) over a baseline taken before the model exists (glibc told to map
   every allocation above 64 KiB, ``MALLOC_MMAP_THRESHOLD_``, so freed tensors leave it), which
   also counts per-process buffers that are no tensor of the step;
-- every timed step's wall time (after a barrier).
+- every timed step's wall time (after a barrier), with glibc's allocator set back to keep freed
+  memory for reuse (``steady_allocator``): what a training run has after its first step. Mapping
+  every allocation afresh costs a page fault per 4 KiB touched — about 10⁵ per step of the CPU
+  sweep's plans, a fifth to a third of their step time on a VM.
 
 The step time is the median over timed steps after the first of the slowest rank's time.
 ``DIR/sweep.json`` holds predicted and measured side by side (and every rank's measured
@@ -280,6 +283,22 @@ def live_peak(prof, region: str = MEASURED) -> int:
     return max(peak, live)
 
 
+def steady_allocator() -> bool:
+    """Undo ``MALLOC_MMAP_THRESHOLD_`` for what follows: glibc's malloc serves allocations up to
+    32 MiB (its dynamic threshold's ceiling) from its heap and keeps up to 64 MiB free there for
+    reuse, as its dynamic threshold does once a training step has freed its large tensors. False
+    where the C library is not glibc (nothing to undo: the variable is glibc's)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 64 << 20))
+
+
 def _rss_bytes() -> int:
     """The process's peak resident set so far (``getrusage`` max RSS)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -312,8 +331,9 @@ def _build(spec: dict, plan, mesh):
 
 def _measure(spec: dict, plan, mesh) -> dict:
     """One profiled step (untimed: the live-bytes peak, and on a GPU ``max_memory_allocated``),
-    then ``spec["steps"]`` timed ones; the growth of the peak resident set over a baseline taken
-    before the model exists is reported beside it."""
+    then ``spec["steps"]`` timed ones under the steady allocator; the growth of the peak resident
+    set over a baseline taken before the model exists, to the end of the profiled step, is
+    reported beside it."""
     import torch.distributed as dist
     from torch.profiler import record_function
     _load_code_paths()
@@ -324,14 +344,16 @@ def _measure(spec: dict, plan, mesh) -> dict:
             state, _ = step(state, batch)
     peak = live_peak(prof)
     del prof
+    rss = _rss_bytes() - rss0
+    steady_allocator()
     times = []
     for _ in range(spec["steps"]):
         dist.barrier()
         start = time.perf_counter()
         state, metrics = step(state, batch)
         times.append(time.perf_counter() - start)
-    return {"times": times, "peak": peak, "rss": _rss_bytes() - rss0, "pp": mesh.coords["pp"],
-            "comm_bytes": dict(metrics["comm_bytes"])}
+    return {"times": times, "peak": peak, "rss": rss, "pp": mesh.coords["pp"],
+            "comm_bytes": dict(metrics["comm_bytes"]), "comm_calls": dict(metrics["comm_calls"])}
 
 
 def worker(spec_path: str, out_path: str) -> None:
@@ -356,7 +378,8 @@ def worker(spec_path: str, out_path: str) -> None:
                        "step_times": slowest, "peak_bytes": [e["peak"] for e in every],
                        "rss_growth_bytes": [e["rss"] for e in every],
                        "comm_bytes": every[0]["comm_bytes"],
-                       "comm_bytes_by_rank": [[e["pp"], e["comm_bytes"]] for e in every]},
+                       "comm_bytes_by_rank": [[e["pp"], e["comm_bytes"]] for e in every],
+                       "comm_calls_by_rank": [[e["pp"], e["comm_calls"]] for e in every]},
                       f, indent=1)
     dist.destroy_process_group()
 

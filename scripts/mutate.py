@@ -243,6 +243,13 @@ MUTATIONS = [
              "copies = 1 + (wl.micro_num > 1) + (plan.zero == 2)", "copies = 1",
              ("tests/test_cost.py::"
               "test_memory_model_is_the_measured_live_peak_of_data_parallel_buckets",)),
+    Mutation("calls-ulysses-qkv-in-one-all-to-all", "evo/sharding/context.py",
+             "for h in (heads, kv_sent, kv_sent, heads):",
+             "for h in (heads + kv_sent, kv_sent + heads):",
+             ("tests/test_sharding.py::test_measured_collective_calls_equal_the_model",)),
+    Mutation("calls-step-scalars-in-one-all-reduce", "evo/sharding/planner.py",
+             "for nbytes in (8, 4, 8):", "for nbytes in (20,):",
+             ("tests/test_sharding.py::test_measured_collective_calls_equal_the_model",)),
 ]
 
 

@@ -311,13 +311,14 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
     pieces = {"params": tree.num_bytes(state.params),
               "optimizer": tree.num_bytes((state.opt_state.mu, state.opt_state.nu))}
     batches = global_batches(cfg.vocab_size)
-    losses, norms, comm, traffic, source_rel = [], [], [], [], 0.0
+    losses, norms, comm, calls, traffic, source_rel = [], [], [], [], [], 0.0
     for b, r in zip(batches, ref_metrics):
         state, m = sharded(state, local_batch(b, dp_index, dp))
         losses.append(float(m["loss"]))
         norms.append(float(m["grad_norm"]))
         source_rel = max(source_rel, rel(m["source_loss_sum"] / m["source_tokens"], r["source"]))
         comm.append(m["comm_bytes"])
+        calls.append(m["comm_calls"])
         traffic.append(m.get("expert_traffic"))
     full = planner.gather_params(cfg, state.params, mesh)
     func_rel = func_grad_check(step, state.params, mesh, local_batch(batches[0], dp_index, dp))
@@ -352,7 +353,8 @@ def run_case(case: Case, ref, ckpt_root: str) -> dict | None:
             "param_norm_rel": max(norm_rel(full[k], ref_p[k]) for k in full),
             "update_rel": max(update_rel.values()),
             "worst": max(update_rel, key=update_rel.get),
-            "comm_bytes": comm, "comm_bytes_by_rank": [r for r in by_stage if r],
+            "comm_bytes": comm, "comm_calls": calls,
+            "comm_bytes_by_rank": [r for r in by_stage if r],
             "expert_traffic": traffic, "state_bytes": pieces, "func_grad_rel": func_rel,
             "source_loss_rel": source_rel, "checkpoint_equal": bool(ckpt_equal),
             "init_params_equal": bool(init_equal),

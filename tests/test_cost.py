@@ -52,13 +52,13 @@ def test_cost_model_consumes_expected_comm_bytes(monkeypatch):
     plan, wl = Plan(dp=2, tp=2, zero=1).resolve(4), cost.Workload(2, 1, 32, "float32")
     real = planner.expected_comm_bytes
     cost._planner_bytes.cache_clear()
-    cost.planner_comm_bytes.cache_clear()
+    cost._planner_counts.cache_clear()
     monkeypatch.setattr(planner, "expected_comm_bytes",
                         lambda *a, **k: {key: 2 * v for key, v in real(*a, **k).items()})
     doubled = cost.comm_bytes(cfg, plan, wl)
     monkeypatch.undo()
     cost._planner_bytes.cache_clear()
-    cost.planner_comm_bytes.cache_clear()
+    cost._planner_counts.cache_clear()
     assert doubled == {k: 2 * v for k, v in cost.comm_bytes(cfg, plan, wl).items()}
 
 
@@ -119,6 +119,26 @@ def test_a_bad_profile_value_names_the_field():
         cost.profile_from_dict(d)
     with pytest.raises(cost.ProfileError, match="not a bundled profile"):
         cost.load_profile("no-such-gpu")
+    d["device"]["matmul_tflops"]["bfloat16"] = 312
+    d["device"]["context_attention_efficiency"] = -0.1     # optional, but checked when present
+    with pytest.raises(cost.ProfileError,
+                       match=r"device.context_attention_efficiency must be a number in \[0, 1\]"):
+        cost.profile_from_dict(d)
+
+
+def test_sequence_split_plans_run_the_context_attentions_efficiency():
+    """Ulysses and ring run evo's log-sum-exp attention (its own calibrated efficiency); the
+    other plans SDPA / flash; a profile without the field uses the one efficiency for both."""
+    cfg = MODELS["llama"]
+    d = copy.deepcopy(json.load(open(f"{cost.PROFILE_DIR}/a800-80gb-roce.json")))
+    d["device"]["context_attention_efficiency"] = d["device"]["attention_efficiency"] / 4
+    slow = cost.profile_from_dict(d)
+    wl = cost.Workload(2, 2, 32, "bfloat16", 0.0)
+    for plan, differs in ((Plan(dp=1, sp=2), True), (Plan(dp=1, cp=2), True),
+                          (Plan(dp=1, tp=2), False)):
+        plan = plan.resolve(2)
+        a, b = (cost.compute_seconds(cfg, plan, wl, p)["attention"] for p in (A800, slow))
+        assert b == pytest.approx(4 * a if differs else a)
 
 
 def test_collectives_follow_the_ring_and_the_nodes():

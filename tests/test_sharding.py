@@ -38,7 +38,7 @@ import torch
 
 from conftest import repo_env
 from evo.models import llama
-from evo.sharding import Plan, planner
+from evo.sharding import Plan, cost, planner
 from evo.sharding.layout import model_layouts
 from evo.sharding.mesh import Mesh, build_mesh, coords, members
 
@@ -255,6 +255,29 @@ def test_measured_comm_bytes_equal_the_analytic_model(sweep):
                 tokens_per_micro=T, sources=SOURCES, compute_dtype=getattr(torch, case.dtype),
                 remat=case.remat, expert_traffic=traffic)
             assert measured == expected, (case.name, measured, expected)
+
+
+def test_measured_collective_calls_equal_the_model(sweep):
+    """How many collectives of each key a step launches (the time model's latency term): the
+    planner's count, with the gradient synchronisation in its buckets (``cost``)."""
+    from collections import Counter
+
+    from sweep_worker import CASES, GLOBAL_MICRO, MODELS, SOURCES, T
+    for case in CASES:
+        resolved = case.plan.resolve(case.world)
+        if resolved.ep > 1 or resolved.pp > 1:   # experts: the routing; stages: part of the params
+            continue
+        cfg = MODELS[case.model]
+        expected: Counter = Counter()
+        planner.expected_comm_bytes(
+            cfg, resolved, micro_num=GLOBAL_MICRO // resolved.dp, tokens_per_micro=T,
+            sources=SOURCES, compute_dtype=getattr(torch, case.dtype), remat=case.remat,
+            calls=expected)
+        for key, n in cost.gradient_sync_calls(cfg, resolved).items():
+            if key in expected:
+                expected[key] += n - 1
+        for measured in sweep["plans"][case.name]["comm_calls"]:
+            assert measured == dict(expected), (case.name, measured, dict(expected))
 
 
 def test_a_parameter_without_gradient_is_reduced_as_zeros(monkeypatch):

@@ -22,11 +22,14 @@ _c10d = torch.ops._c10d_functional
 
 @dataclass
 class CommLog:
-    """Bytes handed to collectives, keyed ``"{kind}/{axis}"``; one log per step call."""
+    """Bytes handed to collectives, and how many collectives, keyed ``"{kind}/{axis}"``; one log
+    per step call."""
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def add(self, kind: str, axis: str, t: torch.Tensor) -> None:
         self.bytes[f"{kind}/{axis}"] += t.numel() * t.element_size()
+        self.calls[f"{kind}/{axis}"] += 1
 
 
 @dataclass(frozen=True)

@@ -325,13 +325,14 @@ def reduce_over_sequence(tensors: dict[str, torch.Tensor], comm: C.Comm
 # ------------------------------------------------------------------------ communication model
 
 def count_comm(add, plan, cfg, micro_num: int, tokens_per_micro: int, act: int,
-               recomputed_layers: int, synced_grad_bytes: int, sources: int) -> None:
+               recomputed_layers: int, synced_grad_bytes: tuple[int, ...], sources: int) -> None:
     """Bytes of the sequence group's collectives in one step (``tokens_per_micro``: a whole
     micro-batch's tokens): per micro-batch the positions gathered over sp, per layer forward
     (again for each recomputed layer) and backward the Ulysses all-to-alls of q, k, v and the
     output, and the ring's ``cp − 1`` shifts of k and v; per layer backward also the ring's
     ``cp`` shifts of the dk, dv accumulators (in fp32, or wider for wider activations); per step
-    the gradient sum and the loss (and per-source) sums."""
+    the gradient sum (``synced_grad_bytes``: one all-reduce per tensor) and the loss (and
+    per-source) sums. ``add(kind, axis, bytes, times)``: ``times`` collectives of ``bytes``."""
     if plan.cp * plan.sp == 1:
         return
     divisors = models.family_of(cfg).tp_divisors(cfg)
@@ -343,14 +344,17 @@ def count_comm(add, plan, cfg, micro_num: int, tokens_per_micro: int, act: int,
     passes = micro_num * (2 * layers + recomputed_layers)
     add("all_gather", "sp", local * 8, micro_num)
     kv_sent = kv_heads_sent(kv, plan.sp) if plan.sp > 1 else kv
-    add("all_to_all", "sp", local * d * act * (2 * heads + 2 * kv_sent), passes)
+    for h in (heads, kv_sent, kv_sent, heads):   # q, k, v there; the output back
+        add("all_to_all", "sp", local * d * act * h, passes)
     block = 2 * tokens_per_micro // plan.cp * (kv_sent // plan.sp) * d   # k and v, elements
     forward, backward = micro_num * (layers + recomputed_layers), micro_num * layers
     add("send_recv", "cp", block * act, (forward + backward) * (plan.cp - 1))
     add("send_recv", "cp", block * max(act, 4), backward * plan.cp)   # dk, dv (fp32 or wider)
     for axis in SEQUENCE_AXES:
-        add("all_reduce", axis, synced_grad_bytes)
-        add("all_reduce", axis, 4 + 2 * 4 * sources)
+        for nbytes in synced_grad_bytes:
+            add("all_reduce", axis, nbytes)
+        add("all_reduce", axis, 4)                                   # the loss
+        add("all_reduce", axis, 4 * sources, 2 if sources else 0)    # per-source loss, tokens
 
 
 def _head_dim(cfg) -> int:
@@ -400,7 +404,7 @@ def bytes_per_layer(cfg, plan, seq: int, act: int = 2) -> dict[str, int]:
     def add(kind, axis, nbytes, times=1):
         if degree.get(axis, 1) > 1:
             sizes[f"{kind}/{axis}"] = sizes.get(f"{kind}/{axis}", 0) + nbytes * times
-    count_comm(add, plan, dataclasses.replace(cfg, num_layers=1), 1, seq, act, 0, 0, 0)
+    count_comm(add, plan, dataclasses.replace(cfg, num_layers=1), 1, seq, act, 0, (), 0)
     return {k: v for k, v in sizes.items() if k.split("/")[0] in ("all_to_all", "send_recv")
             and v}
 

@@ -68,6 +68,11 @@ SCHEMA = {
     "cluster.overlap": "fraction",           # share of overlappable communication hidden
     "sources": dict,                         # field -> where its value comes from
 }
+# Optional fields, checked when present: the attention of plans splitting the sequence (Ulysses,
+# ring: log-sum-exp attention and its gradients), ``device.attention_efficiency`` when absent.
+# ``cluster.sync_jitter``: the share of compute lost waiting for the slowest rank when the ranks
+# synchronise inside every micro-batch (0 when absent).
+OPTIONAL = {"device.context_attention_efficiency": "fraction", "cluster.sync_jitter": "number0"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,11 @@ def profile_from_dict(d: dict, where: str = "profile") -> Profile:
         except KeyError:
             raise ProfileError(f"{where}: missing field {path}") from None
         _check_field(where, path, value, kind)
+    for path, kind in OPTIONAL.items():
+        try:
+            _check_field(where, path, _get(d, path), kind)
+        except KeyError:
+            pass
     for dtype, v in d["device"]["matmul_tflops"].items():
         _check_field(where, f"device.matmul_tflops.{dtype}", v, "number")
     measured = {}
@@ -375,22 +385,43 @@ def _layered(cfg) -> bool:
             cfg, 1)))
 
 
+CALLS = "#"   # prefix of the call counts among ``_planner_bytes``' keys
+
+
 @functools.lru_cache(maxsize=65536)
 def _planner_bytes(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype: str,
                    remat: float, pp_index: int = 0) -> tuple:
+    """``expected_comm_bytes`` and, under ``CALLS + key``, its call counts."""
+    from collections import Counter
+    calls: Counter = Counter()
     b = planner.expected_comm_bytes(cfg, plan, micro_num=micro_num,
                                     tokens_per_micro=tokens_per_micro,
                                     compute_dtype=getattr(torch, dtype), remat=remat,
-                                    pp_index=pp_index)
-    return tuple(sorted(b.items()))
+                                    pp_index=pp_index, calls=calls)
+    return tuple(sorted(b.items())) + tuple(sorted((CALLS + k, v) for k, v in calls.items()))
+
+
+def planner_comm_bytes(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype: str,
+                       remat: float, pp_index: int = 0) -> dict[str, int]:
+    """``planner.expected_comm_bytes`` of a plan the planner runs, for pp rank ``pp_index``. A
+    large model's answer comes from ``_coefficients``, exactly (without pipeline stages or
+    experts)."""
+    return {k: v for k, v in _planner_counts(cfg, plan, micro_num, tokens_per_micro, dtype,
+                                             remat, pp_index).items() if k[0] != CALLS}
+
+
+def planner_comm_calls(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype: str,
+                       remat: float, pp_index: int = 0) -> dict[str, int]:
+    """How many collectives of each key ``planner_comm_bytes``' bytes go in (the planner's
+    ``calls``)."""
+    return {k[1:]: v for k, v in _planner_counts(cfg, plan, micro_num, tokens_per_micro, dtype,
+                                                 remat, pp_index).items() if k[0] == CALLS}
 
 
 @functools.lru_cache(maxsize=65536)
-def planner_comm_bytes(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype: str,
-                       remat: float, pp_index: int = 0) -> dict[str, int]:
-    """``planner.expected_comm_bytes`` of a plan the planner runs, for pp rank ``pp_index``
-    (cached: do not modify the answer). A large model's answer comes from ``_coefficients``,
-    exactly (without pipeline stages or experts)."""
+def _planner_counts(cfg, plan: Plan, micro_num: int, tokens_per_micro: int, dtype: str,
+                    remat: float, pp_index: int = 0) -> dict[str, int]:
+    """Bytes and (``CALLS`` + key) calls (cached: do not modify the answer)."""
     plan = _fixed_split(cfg, canonical(plan))
     if not _layered(cfg) or plan.pp > 1 or plan.ep > 1:
         return dict(_planner_bytes(cfg, plan, micro_num, tokens_per_micro, dtype, remat,
@@ -478,10 +509,8 @@ def comm_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
     of the sequence, scaled to one pipeline stage, plus the formulas of the pipeline, Ulysses,
     ring, expert and weight-parallel axes."""
     if modelled(cfg, plan) == "planner":
-        ranks = (planner_comm_bytes(cfg, plan, wl.micro_num, wl.tokens_per_micro,
-                                    wl.compute_dtype, wl.remat, r)
-                 for r in pp_ranks(cfg, plan, wl.remat))
-        return max(ranks, key=lambda b: sum(b.values()))
+        return planner_comm_bytes(cfg, plan, wl.micro_num, wl.tokens_per_micro,
+                                  wl.compute_dtype, wl.remat, _critical_rank(cfg, plan, wl))
     seq_split = plan.sp * plan.cp
     out = planner_comm_bytes(cfg, base_plan(plan), wl.micro_num,
                              wl.tokens_per_micro // seq_split, wl.compute_dtype, wl.remat)
@@ -492,6 +521,12 @@ def comm_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
         for k, v in extra.items():
             out[k] = out.get(k, 0) + v
     return out
+
+
+def _critical_rank(cfg, plan: Plan, wl: Workload) -> int:
+    """The pp rank handing the most bytes in all (0 without pipeline stages)."""
+    return max(pp_ranks(cfg, plan, wl.remat), key=lambda r: sum(planner_comm_bytes(
+        cfg, plan, wl.micro_num, wl.tokens_per_micro, wl.compute_dtype, wl.remat, r).values()))
 
 
 @functools.lru_cache(maxsize=256)
@@ -576,21 +611,52 @@ def weight_parallel_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------- step time
 
-def collective_calls(cfg, plan: Plan, wl: Workload) -> dict[str, int]:
-    """How many collectives of each ``"{kind}/{axis}"`` a step launches (for the latency term
-    only; the bytes come from ``comm_bytes``): region crossings per block and micro-batch, one
-    reduction per bucket (or per parameter), one gather per parameter and block under ZeRO-3."""
-    _, _, params, crossings = _facts(cfg)
+def gradient_sync_calls(cfg, plan: Plan) -> dict[str, int]:
+    """The keys of the data-parallel gradient synchronisation (which ``planner_comm_calls``
+    counts as one collective each) and how many collectives each takes: one per bucket of
+    ``plan.bucket_mb``, or per parameter unbucketed (and under ZeRO-3 or sequence parallelism
+    over tp)."""
+    keys = {0: ("all_reduce/dp",), 1: ("all_reduce/dp",),
+            2: ("reduce_scatter/zero", "all_reduce/replica"), 3: ("all_reduce/replica",)}
     bucketed = plan.bucket_mb > 0 and plan.zero < 3 and not plan.sequence_parallel
-    grad_bytes = rank_state(cfg, plan)["params"]
-    reductions = max(1, math.ceil(grad_bytes / (plan.bucket_mb * 2**20))) if bucketed else params
-    calls = {"tp": wl.micro_num * crossings, "dp": reductions + 3, "replica": params,
-             "zero": params + 2, "pp": 2 * wl.micro_num * plan.pp_virtual,
-             "sp": 4 * wl.micro_num * _layers(cfg), "cp": 3 * wl.micro_num * _layers(cfg)
-             * max(plan.cp - 1, 1), "ep": 6 * wl.micro_num * _layers(cfg)}
+    n = _buckets(cfg, plan.tp, plan.bucket_mb) if bucketed else _facts(cfg)[2]
+    return {k: n for k in keys[plan.zero]}
+
+
+@functools.lru_cache(maxsize=4096)
+def _buckets(cfg, tp: int, bucket_mb: float) -> int:
+    """How many buckets ``planner.BucketedReduction`` cuts the tp pieces of ``cfg``'s gradients
+    into."""
+    layouts = model_layouts(Plan(tp=tp).resolve(tp), cfg)
+    return len(planner.bucket_assignment(layouts, list(layouts), int(bucket_mb * 2**20)))
+
+
+def collective_calls(cfg, plan: Plan, wl: Workload) -> dict[str, int]:
+    """How many collectives of each ``"{kind}/{axis}"`` of ``comm_bytes`` a step launches (for
+    the latency term only). For a plan the planner runs: the planner's own count
+    (``planner_comm_calls``, the critical pp rank's), with the gradient synchronisation split
+    into its buckets (or one reduction per parameter, unbucketed). Otherwise per axis: region
+    crossings per block and micro-batch, the sequence group's exchanges per layer, one gather
+    per parameter and block under ZeRO-3 and weight parallelism."""
+    _, _, params, crossings = _facts(cfg)
+    if modelled(cfg, plan) == "planner":
+        calls = dict(planner_comm_calls(cfg, plan, wl.micro_num, wl.tokens_per_micro,
+                                        wl.compute_dtype, wl.remat,
+                                        _critical_rank(cfg, plan, wl)))
+        for key, n in gradient_sync_calls(cfg, plan).items():
+            if key in calls:
+                calls[key] += n - 1
+        return calls
+    reductions = gradient_sync_calls(cfg, plan)["all_reduce/dp" if plan.zero < 2 else
+                                                "all_reduce/replica"]
+    by_axis = {"tp": wl.micro_num * crossings, "dp": reductions + 3, "replica": params,
+               "zero": params + 2, "pp": 2 * wl.micro_num * plan.pp_virtual,
+               "sp": 4 * wl.micro_num * _layers(cfg), "cp": 3 * wl.micro_num * _layers(cfg)
+               * max(plan.cp - 1, 1), "ep": 6 * wl.micro_num * _layers(cfg),
+               "seq": wl.micro_num * params * 3}
     if plan.zero == 3:
-        calls["zero"] = wl.micro_num * params * 3 + 2
-    return calls
+        by_axis["zero"] = wl.micro_num * params * 3 + 2
+    return {k: by_axis.get(k.split("/")[1], 1) for k in comm_bytes(cfg, plan, wl)}
 
 
 def _placement(plan: Plan, axis: str, profile: Profile) -> tuple[int, int]:
@@ -639,12 +705,21 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
     dev = profile.device
     matmul = (total_per_token - attn_per_token) * tokens / split / (peak
                                                                    * dev["compute_efficiency"])
-    attention = attn_per_token * tokens / split / (peak * dev["attention_efficiency"])
+    attention = attn_per_token * tokens / split / (peak * attention_efficiency(plan, profile))
     blocks = _facts(cfg)[1] / plan.pp
     overhead = wl.micro_num * blocks * (3 + wl.remat) * dev["block_overhead_us"] * 1e-6
     total = (matmul + attention) * redo + overhead
     return {"total": total, "attention": attention * redo,
             "backward_micro": total * 2 / 3 / wl.micro_num, "forward": total / 3}
+
+
+def attention_efficiency(plan: Plan, profile: Profile) -> float:
+    """The profile's attention efficiency for the kernel ``plan`` runs: with the sequence split
+    (Ulysses, ring) evo's log-sum-exp attention (``context._Ring``), else SDPA / flash."""
+    dev = profile.device
+    if plan.sp * plan.cp > 1:
+        return dev.get("context_attention_efficiency", dev["attention_efficiency"])
+    return dev["attention_efficiency"]
 
 
 def optimizer_seconds(cfg, plan: Plan, profile: Profile) -> float:
@@ -670,18 +745,29 @@ def _exposed(key: str, t: float, plan: Plan, c: dict, profile: Profile, last: fl
     return t
 
 
+def synchronises(plan: Plan) -> bool:
+    """Whether the ranks wait for each other inside every micro-batch: tensor, sequence, pipeline,
+    expert or weight parallelism, or ZeRO-3's gathers (plain data parallelism and ZeRO-1/2 wait
+    once, for the gradients' reduction at the end of the step)."""
+    return plan.tp * plan.sp * plan.cp * plan.pp * plan.ep > 1 or plan.zero == 3 or \
+        plan.weight_parallel
+
+
 def comm_seconds(cfg, plan: Plan, wl: Workload, profile: Profile, c: dict
                  ) -> tuple[float, float]:
-    """(total, exposed) seconds of the step's collectives."""
+    """(total, exposed) seconds of the step's collectives; exposed includes the compute lost
+    waiting for the slowest rank where the ranks synchronise inside the step (``synchronises``:
+    the profile's ``cluster.sync_jitter`` of the compute)."""
     calls = collective_calls(cfg, plan, wl)
-    total = exposed = 0.0
+    total = 0.0
+    exposed = profile.cluster.get("sync_jitter", 0.0) * c["total"] if synchronises(plan) else 0.0
     for key, nbytes in comm_bytes(cfg, plan, wl).items():
         kind, axis = key.split("/")
         if kind == "recv":        # arrives while the matching send leaves (full duplex)
             continue
         kind = "send_recv" if kind == "send" else kind
         n, per_node = _placement(plan, axis, profile)
-        k = max(1, calls.get(axis, 1))
+        k = max(1, calls.get(key, 1))
         t = collective_seconds(profile, kind, nbytes, k, n, per_node)
         last = collective_seconds(profile, kind, min(nbytes, plan.bucket_mb * 2**20), 1, n,
                                   per_node)

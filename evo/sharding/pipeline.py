@@ -119,7 +119,8 @@ def count_pp(add, cfg, plan, pp_index: int, *, micro_num: int, sources: int,
     full = model_layouts(plan, cfg)
     for k in tied_params(cfg, plan):
         add("all_reduce", "pp", math.prod(_grad_shape(full[k], plan)) * 4)
-    add("all_reduce", "pp", 4 + 4 + 2 * 4 * sources + 4)  # norm², loss, per-source, idle
+    add("all_reduce", "pp", 4, 3)                                  # norm², loss, idle
+    add("all_reduce", "pp", 4 * sources, 2 if sources else 0)      # per-source loss, tokens
 
 
 def owners(cfg, plan) -> dict[str, list[int]]:

@@ -277,6 +277,23 @@ def gather_params(cfg, params: dict[str, torch.Tensor], mesh: Mesh
 
 # ------------------------------------------------------------------------- gradient buckets
 
+def bucket_assignment(layouts: dict[str, ParamLayout], names: list[str], bucket_bytes: int
+                      ) -> list[list[str]]:
+    """``names`` in reverse order (the order backward produces their gradients), cut into buckets
+    of fp32 gradients: a bucket closes before the parameter that would take it past
+    ``bucket_bytes`` (a larger parameter has a bucket of its own)."""
+    buckets: list[list[str]] = [[]]
+    size = 0
+    for k in reversed(names):
+        nbytes = math.prod(layouts[k].local_shape) * 4
+        if buckets[-1] and size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(k)
+        size += nbytes
+    return buckets
+
+
 class BucketedReduction:
     """Data-parallel gradient reduction in buckets, launched during backward.
 
@@ -293,15 +310,7 @@ class BucketedReduction:
                  replica_axes: tuple[str, ...] = ("replica",)):
         self.comm, self.plan, self.layouts = comm, plan, layouts
         self.dp_axis, self.replica_axes = dp_axis, replica_axes
-        self.buckets: list[list[str]] = [[]]
-        size = 0
-        for k in reversed(names):
-            nbytes = math.prod(layouts[k].local_shape) * 4
-            if self.buckets[-1] and size + nbytes > bucket_bytes:
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(k)
-            size += nbytes
+        self.buckets = bucket_assignment(layouts, names, bucket_bytes)
         self.bucket_of = {k: i for i, b in enumerate(self.buckets) for k in b}
         self.ready: dict[str, torch.Tensor] = {}
         self.pending: dict[int, torch.Tensor] = {}
@@ -404,8 +413,8 @@ class _Clock:
 class ShardedStep:
     """``step`` distributed by ``mesh.plan``; called like the step: ``(state, batch)``, with this
     rank's state pieces and this data-parallel rank's micro-batches. Metrics gain
-    ``comm_bytes``: bytes handed to each collective kind on each mesh axis during the step, and
-    ``time``: seconds of ``forward_backward`` (with the collectives it overlaps), ``comm`` (the
+    ``comm_bytes``: bytes handed to each collective kind on each mesh axis during the step,
+    ``comm_calls``: how many collectives of each, and ``time``: seconds of ``forward_backward`` (with the collectives it overlaps), ``comm`` (the
     gradient reductions and ZeRO gathers after it) and ``optimizer`` (norm and update)."""
     step: train.Step
     mesh: Mesh
@@ -464,6 +473,7 @@ class ShardedStep:
                    **{k: aux[k] for k in ("expert_load", "dropped_tokens", "aux_loss")
                       if k in aux},
                    "valid_tokens": n, "comm_bytes": dict(comm.log.bytes),
+                   "comm_calls": dict(comm.log.calls),
                    "time": {"forward_backward": t_backward, "comm": t_comm,
                             "optimizer": t_optimizer}}
         if plan.ep > 1:
@@ -474,7 +484,7 @@ class ShardedStep:
             metrics.update({k: comm.all_reduce(metrics[k], "pp") for k in
                             ("loss", "source_loss_sum", "source_tokens") if k in metrics},
                            pp_idle=comm.all_reduce(torch.tensor(stages.idle), "pp") / plan.pp,
-                           comm_bytes=dict(comm.log.bytes))
+                           comm_bytes=dict(comm.log.bytes), comm_calls=dict(comm.log.calls))
             # this rank's compute seconds per action (no collective): what pipeline.replay takes
             metrics["pp_seconds"] = torch.tensor(stages.seconds)
         return train.TrainState(state.step + 1, new, opt_state,
@@ -659,7 +669,7 @@ def per_rank_bytes(cfg, plan, dtype: torch.dtype = torch.float32, *, pp_index: i
 def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
                         compute_dtype: torch.dtype = torch.float32, sources: int = 0,
                         remat: float = 0.0, expert_traffic: dict | None = None,
-                        pp_index: int = 0) -> dict[str, int]:
+                        pp_index: int = 0, calls: dict | None = None) -> dict[str, int]:
     """Bytes one rank hands to each collective (``"{kind}/{axis}"``) in one step of a resolved
     ``plan``: the analytic model the step's measured ``comm_bytes`` must equal.
 
@@ -674,6 +684,11 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     step's ``metrics["expert_traffic"]`` (``evo.sharding.experts.ExpertTraffic``) as
     ``expert_traffic``; the model counts the exchanged counts and the rows' bytes from it
     (without it: a perfectly balanced routing, ``experts.balanced_traffic``).
+
+    ``calls`` (a ``Counter``, filled when given): how many collectives of each key those bytes
+    go in — exact where the step hands each tensor to its own collective (region crossings,
+    ZeRO-3 and weight-parallel gathers, the sequence group's exchanges, pipeline sends); the
+    gradient synchronisation counts one, whatever buckets split it into.
     """
     from collections import Counter
     sizes = {"tp": plan.tp, "dp": plan.dp, "zero": plan.zero_group,
@@ -685,6 +700,8 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     def add(kind, axis, nbytes, times=1):
         if sizes[axis] > 1 and times:
             out[f"{kind}/{axis}"] += nbytes * times
+            if calls is not None:
+                calls[f"{kind}/{axis}"] += times
 
     layouts = pipeline.local_layouts(model_layouts(plan, cfg), cfg, plan, pp_index)
     blocks = pipeline.rank_blocks(cfg, plan, pp_index)
@@ -694,9 +711,9 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     _count_regions(add, plan, blocks, micro_num, tokens_per_micro * cfg.hidden_size * act, remat,
                    every=models.blocks(cfg))
     specs = models.param_specs(cfg)
-    inside = sum(math.prod(specs[k].shape) for b in blocks for k in b.inside)
-    if inside and not (plan.sequence_parallel and plan.tp > 1):   # backward of regions.inside
-        add("all_reduce", "tp", inside * act, micro_num)
+    if not (plan.sequence_parallel and plan.tp > 1):               # backward of regions.inside
+        for k in (k for b in blocks for k in b.inside):
+            add("all_reduce", "tp", math.prod(specs[k].shape) * act, micro_num)
     if plan.zero == 3:
         _count_zero3(add, plan, blocks, layouts, micro_num, act)
     if plan.weight_parallel:   # the same gathers and reduce-scatters, over the sequence group
@@ -710,12 +727,14 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     else:
         _count_synchronisation(add, plan, layouts)
     # Scalars (fp32 master): labelled-token count (int64), loss, token count (int64), norm squares.
-    add("all_reduce", "dp", 8 + 4 + 8)
-    add("all_reduce", "dp", 2 * 4 * sources)                             # per-source loss, tokens
+    for nbytes in (8, 4, 8):
+        add("all_reduce", "dp", nbytes)
+    add("all_reduce", "dp", 4 * sources, 2 if sources else 0)           # per-source loss, tokens
     if models.moe.routed(cfg):                       # expert loads, dropped pairs, balancing loss
-        add("all_reduce", "dp", 4 * (len(cfg.moe_layers) * cfg.num_experts + 2))
+        add("all_reduce", "dp", 4 * len(cfg.moe_layers) * cfg.num_experts)
+        add("all_reduce", "dp", 4, 2)
     if plan.zero > 0 and plan.ep == 1:
-        add("all_reduce", "zero", 2 * 4)
+        add("all_reduce", "zero", 4, 2)
     add("all_reduce", "dp" if plan.ep > 1 else "tp", 4)
     if plan.ep > 1:
         add("all_reduce", "tp", 4)
@@ -735,8 +754,8 @@ def _count_sequence(add, plan, cfg, layouts, micro_num: int, tokens_per_micro: i
     layers = sum(b.kind == "layer" for b in models.blocks(cfg))
     recomputed = layers if plan.zero == 3 or plan.weight_parallel else \
         math.floor(remat * layers)
-    synced = sum(math.prod(l.shard_shape if plan.zero > 0 else l.local_shape) * 4
-                 for l in layouts.values()) if not plan.weight_parallel else 0
+    synced = tuple(math.prod(l.shard_shape if plan.zero > 0 else l.local_shape) * 4
+                   for l in layouts.values()) if not plan.weight_parallel else ()
     context.count_comm(add, plan, cfg, micro_num, tokens_per_micro, act, recomputed, synced,
                        sources)
 
@@ -785,10 +804,12 @@ def _count_experts(add, plan, layouts, traffic: dict, row_bytes: int) -> None:
         add("all_reduce", "replica", sum(shard.values()))
         add("all_reduce", "ep", sum(v for k, v in shard.items() if k not in expert))
     if plan.zero in (1, 2):
-        add("all_gather", "zero", sum(shard.values()))                   # updated shards back
+        for nbytes in shard.values():                                    # updated shards back
+            add("all_gather", "zero", nbytes)
     if plan.sequence_parallel and plan.tp > 1:                           # norm weights' grads
-        add("all_reduce", "tp", sum((shard if plan.zero == 3 else local)[k]
-                                    for k, l in layouts.items() if l.tp_dim is None))
+        for k, l in layouts.items():
+            if l.tp_dim is None:
+                add("all_reduce", "tp", (shard if plan.zero == 3 else local)[k])
 
 
 def _count_zero3(add, plan, blocks, layouts, micro_num: int, act: int, axis: str = "zero"
@@ -821,7 +842,9 @@ def _count_synchronisation(add, plan, layouts) -> None:
     else:
         add("all_reduce", "replica", sum(shard.values()))
     if plan.zero in (1, 2):
-        add("all_gather", "zero", sum(shard.values()))                   # updated shards back
+        for nbytes in shard.values():                                    # updated shards back
+            add("all_gather", "zero", nbytes)
     if plan.sequence_parallel and plan.tp > 1:                           # norm weights' grads
-        add("all_reduce", "tp", sum((shard if plan.zero == 3 else local)[k]
-                                    for k, l in layouts.items() if l.tp_dim is None))
+        for k, l in layouts.items():
+            if l.tp_dim is None:
+                add("all_reduce", "tp", (shard if plan.zero == 3 else local)[k])
