@@ -267,9 +267,9 @@ def profile(m: dict, world: int) -> dict:
                                                   "128 and 512 tokens, fitted",
                      "device.block_overhead_us": f"{where}: the same fit's intercept",
                      "device.attention_efficiency": f"{where}: causal SDPA fwd+bwd, s=1024",
-                     "device.context_attention_efficiency": f"{where}: evo's attention with "
-                                                            "log-sum-exp fwd + its gradients "
-                                                            "(Ulysses' and ring's), 4 × 256 tokens",
+                     "device.context_attention_efficiency":
+                         f"{where}: evo's attention with log-sum-exp fwd + its gradients "
+                         "(Ulysses' and ring's), 4 × 256 tokens",
                      "device.optimizer_ns_per_param": f"{where}: evo AdamW on 2M parameters",
                      "device.memory_bandwidth_gbs": f"{where}: a 64 MiB copy",
                      "device.memory_gib": "physical memory / processes",

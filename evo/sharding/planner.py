@@ -414,8 +414,9 @@ class ShardedStep:
     """``step`` distributed by ``mesh.plan``; called like the step: ``(state, batch)``, with this
     rank's state pieces and this data-parallel rank's micro-batches. Metrics gain
     ``comm_bytes``: bytes handed to each collective kind on each mesh axis during the step,
-    ``comm_calls``: how many collectives of each, and ``time``: seconds of ``forward_backward`` (with the collectives it overlaps), ``comm`` (the
-    gradient reductions and ZeRO gathers after it) and ``optimizer`` (norm and update)."""
+    ``comm_calls``: how many collectives of each, and ``time``: seconds of
+    ``forward_backward`` (with the collectives it overlaps), ``comm`` (the gradient reductions and
+    ZeRO gathers after it) and ``optimizer`` (norm and update)."""
     step: train.Step
     mesh: Mesh
 
