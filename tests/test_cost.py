@@ -169,6 +169,27 @@ def test_compute_time_is_flops_at_the_profiles_efficiency():
     assert c["total"] == pytest.approx(want)
 
 
+def test_ranks_synchronising_inside_the_step_wait_for_the_slowest():
+    """``cluster.sync_jitter`` of the compute is exposed for plans whose ranks meet inside every
+    micro-batch (tp, sp, cp, pp, ZeRO-3, weight parallel), not for dp, ZeRO-1 or ZeRO-2 (one
+    reduction at the end of the step)."""
+    cfg = MODELS["llama"]
+    d = copy.deepcopy(json.load(open(f"{cost.PROFILE_DIR}/a800-80gb-roce.json")))
+    d["cluster"]["sync_jitter"] = 0.25
+    jittery = cost.profile_from_dict(d)
+    wl = cost.Workload(2, 2, 32, "bfloat16", 0.0)
+    for plan, meets in ((Plan(dp=1, tp=2), True), (Plan(dp=1, sp=2), True),
+                        (Plan(dp=1, cp=2), True), (Plan(dp=1, pp=2), True),
+                        (Plan(dp=2, zero=3), True), (Plan(dp=1, cp=2, weight_parallel=True), True),
+                        (Plan(dp=2), False), (Plan(dp=2, zero=1), False),
+                        (Plan(dp=2, zero=2), False)):
+        plan = plan.resolve(2)
+        assert cost.synchronises(plan) == meets
+        base, more = (cost.predict(cfg, plan, wl, p) for p in (A800, jittery))
+        assert more.comm_seconds - base.comm_seconds == pytest.approx(
+            0.25 * base.compute_seconds if meets else 0.0)
+
+
 def test_memory_holds_the_planners_state_bytes():
     cfg = MODELS["llama"]
     for plan in (Plan(dp=4, zero=1), Plan(dp=2, tp=2, zero=3), Plan(dp=4, zero=2, zero_group=2)):
