@@ -791,14 +791,14 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
     temporaries (the update runs after backward has freed the activations); times the profile's
     allocator overhead."""
     b = rank_state(cfg, plan)
-    shrink = plan.pp * (plan.sp * plan.cp if plan.weight_parallel else 1)
     params, opt = b["params"], b["optimizer"]
     local = rank_state(cfg, _unsharded(plan))["params"]
     grads = b["grads"] if plan.zero == 3 else local
     cast = (params if plan.zero < 3 else 0) * wl.act_bytes / 4 if wl.act_bytes < 4 else 0
     update = opt / 2 + (opt / 2 if plan.zero in (1, 2) else 0)   # sqrt(v) and the shard copy
-    largest = _largest_block_bytes(cfg, plan) / shrink
-    gather = (2 * largest * wl.act_bytes / 4 + largest) if plan.zero == 3 else 0
+    largest = _largest_block_bytes(cfg, plan) / plan.pp
+    gathered = plan.zero == 3 or plan.weight_parallel
+    gather = (2 * largest * wl.act_bytes / 4 + largest) if gathered else 0
     # a bucket's gradients concatenated, and the reduction's result (at most all of them): only
     # where the planner buckets (not under ZeRO-3, which reduces per block, nor with sequence
     # parallelism over tp, whose norm gradients complete over tp first)
@@ -820,9 +820,29 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
         copies = 1 + (wl.micro_num > 1) + (plan.zero == 2)
         during -= buckets
         after = copies * grads + buckets + (b["grads"] if plan.zero == 2 else 0)
-    moments = (accumulated + during, after, grads + update)   # backward, its bucket, the update
+    moments = (accumulated + during, after, grads + update,   # backward, its bucket, the update
+               _accumulation_bytes(plan, wl, grads, largest))
     out["total"] = (params + opt + cast + max(moments)) * (1 + profile.device["memory_overhead"])
     return out
+
+
+def _accumulation_bytes(plan: Plan, wl: Workload, grads: float, largest: float) -> float:
+    """Gradient bytes when a micro-batch's backward ends and the gradients of the earlier ones
+    are not yet summed in (``train.Accumulator.add_grads`` adds the micro-batch's complete
+    gradients after ``torch.autograd.grad`` returns them all): the running sum and the
+    micro-batch's gradients, ``2 · grads``. Under ZeRO-3 and weight parallelism, the block
+    backward ends with (the first of the model, the largest here) has its whole gradient
+    besides, in the compute dtype, and the reduce-scatter's copy of it (gloo's coalesced
+    reduce-scatter clones its input). Only where a micro-batch other than the last runs
+    backward without a gradient sink: ``micro_num >= 2`` without gradient buckets, ``>= 3``
+    with them (the last one hands its gradients to the buckets); the pipeline schedules
+    accumulate in their own order (``_stage_activations``)."""
+    bucketed = plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and \
+        not (plan.sequence_parallel and plan.tp > 1)
+    if plan.pp > 1 or wl.micro_num < 2 + bucketed:
+        return 0.0
+    gathered = plan.zero == 3 or plan.weight_parallel
+    return 2 * grads + (2 * largest * wl.act_bytes / 4 if gathered else 0.0)
 
 
 @functools.lru_cache(maxsize=65536)
