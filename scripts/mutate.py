@@ -243,6 +243,10 @@ MUTATIONS = [
              "copies = 1 + (wl.micro_num > 1) + (plan.zero == 2)", "copies = 1",
              ("tests/test_cost.py::"
               "test_memory_model_is_the_measured_live_peak_of_data_parallel_buckets",)),
+    Mutation("cost-micro-batch-end-without-its-own-gradients", "evo/sharding/cost.py",
+             "return 2 * grads + (3 * first", "return grads + (3 * first",
+             ("tests/test_cost.py::"
+              "test_memory_of_gathered_blocks_peaks_when_a_micro_batch_backward_ends",)),
 ]
 
 
