@@ -788,20 +788,20 @@ def _context_activations(cfg, plan: Plan, wl: Workload) -> float:
 def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, float]:
     """Peak bytes per rank: weights, AdamW state, the compute-dtype copy of the weights, and the
     largest of four moments' gradients and transients: backward (the gradients accumulated so
-    far — the whole buffer below ZeRO-3 —, the activations, the gather buffers of ZeRO-3 and
-    weight parallelism, the gradient buckets); the one bucket's reduction after backward; the
-    update (the gradients and AdamW's temporaries, once backward has freed the activations);
-    the end of a micro-batch's backward (``_accumulation_bytes``: the running sum and that
-    micro-batch's gradients). Times the profile's allocator overhead."""
+    far — the whole buffer below ZeRO-3 —, the activations, ZeRO-3's gather buffers, the
+    gradient buckets); the one bucket's reduction after backward; the update (the gradients and
+    AdamW's temporaries, once backward has freed the activations); the end of a micro-batch's
+    backward (``_accumulation_bytes``: the running sum and that micro-batch's gradients). Times
+    the profile's allocator overhead."""
     b = rank_state(cfg, plan)
     params, opt = b["params"], b["optimizer"]
     local = rank_state(cfg, _unsharded(plan))["params"]
     grads = b["grads"] if plan.zero == 3 else local
     cast = (params if plan.zero < 3 else 0) * wl.act_bytes / 4 if wl.act_bytes < 4 else 0
     update = opt / 2 + (opt / 2 if plan.zero in (1, 2) else 0)   # sqrt(v) and the shard copy
+    # ZeRO-3: a block's gathered weights and the next one's (prefetched), and its gradient
     largest = _largest_block_bytes(cfg, plan) / plan.pp
-    gathered = plan.zero == 3 or plan.weight_parallel
-    gather = (2 * largest * wl.act_bytes / 4 + largest) if gathered else 0
+    gather = (2 * largest * wl.act_bytes / 4 + largest) if plan.zero == 3 else 0
     # a bucket's gradients concatenated, and the reduction's result (at most all of them)
     bucketed = _bucketed(plan)
     buckets = 2 * min(plan.bucket_mb * 2**20, local) if bucketed else 0
