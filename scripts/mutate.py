@@ -259,6 +259,14 @@ MUTATIONS = [
              "    if plan.sp > 1:\n        return dev.get(",
              ("tests/test_cost.py::"
               "test_sequence_split_plans_run_the_context_attentions_efficiency",)),
+    Mutation("cost-micro-batch-end-without-its-own-gradients", "evo/sharding/cost.py",
+             "return 2 * grads + (3 * first", "return grads + (3 * first",
+             ("tests/test_cost.py::"
+              "test_memory_of_gathered_blocks_peaks_when_a_micro_batch_backward_ends",)),
+    Mutation("cost-micro-batch-end-with-one-micro-batch", "evo/sharding/cost.py",
+             "wl.micro_num < 2 + _bucketed(plan)", "wl.micro_num < 1 + _bucketed(plan)",
+             ("tests/test_cost.py::"
+              "test_memory_of_gathered_blocks_peaks_when_a_micro_batch_backward_ends",)),
 ]
 
 

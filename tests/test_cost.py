@@ -386,3 +386,30 @@ def test_analytic_axes_add_their_collectives():
     assert b["send_recv/pp"] == 2 * 4 * (32 / 4) * 32 * 2
     assert math.isfinite(cost.predict(cfg, Plan(sp=2, cp=2, pp=2).resolve(8), wl,
                                       A800).step_seconds)
+
+
+@pytest.mark.parametrize("plan", [Plan(dp=2, zero=3), Plan(dp=1, sp=2, weight_parallel=True),
+                                  Plan(dp=1, cp=2, weight_parallel=True)],
+                         ids=["zero3", "sp-weight-parallel", "cp-weight-parallel"])
+def test_memory_of_gathered_blocks_peaks_when_a_micro_batch_backward_ends(plan):
+    """ZeRO-3 and weight parallelism over two ranks, four micro-batches of 16 tokens
+    (activations small): the peak is the end of a micro-batch's backward, as the allocator's
+    live tensors there show (experiments/plan_cpu.py, 2 processes, ``evo.sweep`` profile): the
+    rank's fp32 weight shard, AdamW's two moments, the gradients' running sum and the micro-batch's
+    own gradient shards (``Accumulator.add_grads`` sums them after ``autograd.grad`` returns), and
+    of the embedding — the block backward ends with — its gathered weights, its whole gradient
+    and the reduce-scatter's copy of it. Counted by hand from the model's dimensions: exact.
+    With one micro-batch there is no running sum: the peak is below that count."""
+    exp_cfg = llama.Config(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8,
+                           num_kv_heads=4, intermediate_size=688, max_seq_len=256)
+    V, h, kv, f, L = 4096, 256, 128, 688, 4
+    weights = 2 * V * h + L * (2 * h * h + 2 * h * kv + 3 * h * f + 2 * h) + h
+    shard = weights * 4 / 2                      # fp32 bytes of this rank's half
+    embedding = V * h * 4                        # the gathered embedding block, fp32
+    exact = dataclasses.replace(A800, device={**A800.device, "memory_overhead": 0.0})
+    plan = plan.resolve(2)
+    four = cost.memory_bytes(exp_cfg, plan, cost.Workload(4, 1, 16, "float32"), exact)
+    by_hand = shard + 2 * shard + 2 * shard + 3 * embedding
+    assert four["total"] == pytest.approx(by_hand, rel=1e-9)
+    one = cost.memory_bytes(exp_cfg, plan, cost.Workload(1, 1, 16, "float32"), exact)
+    assert one["total"] < by_hand - embedding

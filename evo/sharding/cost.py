@@ -16,8 +16,9 @@ micro-batches one data-parallel rank runs per step) and a ``Profile`` (what the 
   placement (inside a node or across nodes, from ``mesh_shape(plan)``) and the profile, exposed
   where the planner does not overlap it; the pipeline bubble of the schedule; recomputation.
 - **memory**: weights, gradients (the full accumulation buffer while backward runs), AdamW state,
-  and the larger of backward's activations (by recomputation and sequence split, the schedule's
-  in-flight micro-batches) with its gather and bucket buffers and the update's temporaries.
+  and the largest of backward's activations (by recomputation and sequence split, the schedule's
+  in-flight micro-batches) with its gather and bucket buffers, the update's temporaries, and a
+  micro-batch's gradients beside their running sum when its backward ends.
 """
 from __future__ import annotations
 
@@ -871,25 +872,24 @@ def _context_activations(cfg, plan: Plan, wl: Workload) -> float:
 
 
 def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, float]:
-    """Peak bytes per rank: weights, gradients (the whole accumulation buffer while backward
-    runs, below ZeRO-3), AdamW state, the compute-dtype copy of the weights, and the larger of
-    backward's activations with the ZeRO-3 gather buffers and gradient buckets, and the update's
-    temporaries (the update runs after backward has freed the activations); times the profile's
-    allocator overhead."""
+    """Peak bytes per rank: weights, AdamW state, the compute-dtype copy of the weights, and the
+    largest of four moments' gradients and transients: backward (the gradients accumulated so
+    far — the whole buffer below ZeRO-3 —, the activations, ZeRO-3's gather buffers, the
+    gradient buckets); the one bucket's reduction after backward; the update (the gradients and
+    AdamW's temporaries, once backward has freed the activations); the end of a micro-batch's
+    backward (``_accumulation_bytes``: the running sum and that micro-batch's gradients). Times
+    the profile's allocator overhead."""
     b = rank_state(cfg, plan)
-    shrink = plan.pp * (plan.sp * plan.cp if plan.weight_parallel else 1)
     params, opt = b["params"], b["optimizer"]
     local = rank_state(cfg, _unsharded(plan))["params"]
     grads = b["grads"] if plan.zero == 3 else local
     cast = (params if plan.zero < 3 else 0) * wl.act_bytes / 4 if wl.act_bytes < 4 else 0
     update = opt / 2 + (opt / 2 if plan.zero in (1, 2) else 0)   # sqrt(v) and the shard copy
-    largest = _largest_block_bytes(cfg, plan) / shrink
+    # ZeRO-3: a block's gathered weights and the next one's (prefetched), and its gradient
+    largest = _largest_block_bytes(cfg, plan) / plan.pp
     gather = (2 * largest * wl.act_bytes / 4 + largest) if plan.zero == 3 else 0
-    # a bucket's gradients concatenated, and the reduction's result (at most all of them): only
-    # where the planner buckets (not under ZeRO-3, which reduces per block, nor with sequence
-    # parallelism over tp, whose norm gradients complete over tp first)
-    bucketed = plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and \
-        not (plan.sequence_parallel and plan.tp > 1)
+    # a bucket's gradients concatenated, and the reduction's result (at most all of them)
+    bucketed = _bucketed(plan)
     buckets = 2 * min(plan.bucket_mb * 2**20, local) if bucketed else 0
     out = {"params": params, "grads": grads, "optimizer": opt, "compute_copy": cast,
            "update": update, "activations": activation_bytes(cfg, plan, wl),
@@ -906,9 +906,36 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
         copies = 1 + (wl.micro_num > 1) + (plan.zero == 2)
         during -= buckets
         after = copies * grads + buckets + (b["grads"] if plan.zero == 2 else 0)
-    moments = (accumulated + during, after, grads + update)   # backward, its bucket, the update
+    first = _first_block_bytes(cfg, plan) / plan.pp
+    moments = (accumulated + during, after, grads + update,   # backward, its bucket, the update
+               _accumulation_bytes(plan, wl, grads, first))   # and a micro-batch's end
     out["total"] = (params + opt + cast + max(moments)) * (1 + profile.device["memory_overhead"])
     return out
+
+
+def _bucketed(plan: Plan) -> bool:
+    """Whether the planner reduces the gradients in buckets during backward: not under ZeRO-3,
+    which reduces per block, nor with sequence parallelism over tp, whose norm gradients
+    complete over tp first."""
+    return plan.bucket_mb > 0 and plan.dp > 1 and plan.zero < 3 and \
+        not (plan.sequence_parallel and plan.tp > 1)
+
+
+def _accumulation_bytes(plan: Plan, wl: Workload, grads: float, first: float) -> float:
+    """Gradient bytes when a micro-batch's backward ends and its gradients are not yet summed
+    into the earlier ones' (``train.Accumulator.add_grads`` adds them once
+    ``torch.autograd.grad`` has returned them all): the running sum and the micro-batch's
+    gradients, ``2 · grads``. Under ZeRO-3 and weight parallelism the block backward ends with
+    (the first: ``first`` fp32 bytes of tensor-parallel pieces) holds three whole copies
+    besides, in the compute dtype: its gathered weights, its gradient and the reduce-scatter's
+    copy of that (gloo's coalesced reduce-scatter clones its input). Only where a micro-batch
+    other than the last runs backward without a gradient sink: ``micro_num >= 2`` without
+    gradient buckets, ``>= 3`` with them (the last one hands its gradients to the buckets);
+    pipeline schedules accumulate in their own order (``_stage_activations``)."""
+    if plan.pp > 1 or wl.micro_num < 2 + _bucketed(plan):
+        return 0.0
+    gathered = plan.zero == 3 or plan.weight_parallel
+    return 2 * grads + (3 * first * wl.act_bytes / 4 if gathered else 0.0)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -923,11 +950,22 @@ def _largest_block_bytes(cfg, plan: Plan) -> float:
     return _largest_block(cfg if not _layered(cfg) else _with_layers(cfg, 1), plan.tp)
 
 
-@functools.lru_cache(maxsize=1024)
+def _first_block_bytes(cfg, plan: Plan) -> float:
+    """fp32 bytes of the first block's tensor-parallel pieces (the embedding: the block a
+    micro-batch's backward ends with)."""
+    return _block_bytes(cfg if not _layered(cfg) else _with_layers(cfg, 1), plan.tp)[0]
+
+
 def _largest_block(cfg, tp: int) -> float:
+    return max(_block_bytes(cfg, tp))
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_bytes(cfg, tp: int) -> tuple[float, ...]:
+    """fp32 bytes of each block's tensor-parallel pieces, in the model's order."""
     layouts = model_layouts(Plan(tp=tp).resolve(tp), cfg)
-    return max(sum(math.prod(layouts[k].local_shape) * 4 for k in b.params)
-               for b in models.blocks(cfg))
+    return tuple(sum(math.prod(layouts[k].local_shape) * 4 for k in b.params)
+                 for b in models.blocks(cfg))
 
 
 # -------------------------------------------------------------------------------- prediction
