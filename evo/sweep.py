@@ -259,25 +259,52 @@ def allocator_profile():
 def live_peak(prof, region: str = MEASURED) -> int:
     """The most bytes the CPU allocator held at once during ``region`` of ``prof``, counting the
     tensors allocated since the profile started (the CPU counterpart of
-    ``torch.cuda.max_memory_allocated``): a running sum of the allocation (+) and free (−)
-    events in their order, its largest value inside the region or on entering it."""
-    events = list(prof.profiler.kineto_results.events())
-    marks = [e for e in events if e.name() == region]
+    ``torch.cuda.max_memory_allocated``): ``peak_of`` the allocation and free events."""
+    results = prof.profiler.kineto_results
+    marks = [e for e in results.events() if e.name() == region]
     if len(marks) != 1:
         raise ValueError(f"live_peak: {len(marks)} regions named {region!r} in the profile, "
                          "expected one")
-    start, end = marks[0].start_ns(), marks[0].start_ns() + marks[0].duration_ns()
-    from torch.autograd import DeviceType
-    memory = sorted(((e.start_ns(), e.nbytes()) for e in events
-                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
-                    key=lambda tn: tn[0])
+    start = marks[0].start_ns()
+    return peak_of(_allocations(results.experimental_event_tree()), start,
+                   start + marks[0].duration_ns())
+
+
+def _allocations(nodes) -> list[tuple[int, int, int]]:
+    """(time ns, bytes: + allocated, − freed, address) of every CPU allocator event in the
+    profiler's event tree."""
+    out, stack = [], list(nodes)
+    while stack:
+        n = stack.pop()
+        f = n.extra_fields
+        if type(f).__name__ == "_ExtraFields_Allocation":
+            if f.device.type == "cpu":
+                out.append((n.start_time_ns, f.alloc_size, f.ptr))
+        else:
+            stack.extend(n.children)
+    return out
+
+
+def peak_of(events: list[tuple[int, int, int]], start: int, end: int) -> int:
+    """The largest running sum of ``events`` (time, ± bytes, address), in time order (a free
+    before an allocation at the same time), inside ``[start, end]`` or on entering it.
+
+    A block allocated at an address that is still counted as alive was freed before: the
+    profiler misses frees made by threads it does not follow (gloo's, dropping a collective's
+    buffers), and without this such a block would count until the end. (One freed on such a
+    thread whose address is never handed out again still counts: an upper bound.)"""
     live = peak = 0
-    for t, nbytes in memory:
+    alive: dict[int, int] = {}
+    for t, nbytes, ptr in sorted(events, key=lambda e: (e[0], e[1] > 0)):
         if t > end:
             break
         if t >= start:
             peak = max(peak, live)     # on entering, then after each event inside
-        live += nbytes
+        if nbytes > 0:
+            live += nbytes - alive.pop(ptr, 0)
+            alive[ptr] = nbytes
+        else:
+            live += nbytes if alive.pop(ptr, None) is not None else 0
         if t >= start:
             peak = max(peak, live)
     return max(peak, live)

@@ -259,6 +259,9 @@ MUTATIONS = [
              "    if plan.sp > 1:\n        return dev.get(",
              ("tests/test_cost.py::"
               "test_sequence_split_plans_run_the_context_attentions_efficiency",)),
+    Mutation("live-peak-keeps-blocks-whose-free-it-missed", "evo/sweep.py",
+             "live += nbytes - alive.pop(ptr, 0)", "live += nbytes",
+             ("tests/test_sweep.py::test_a_block_allocated_again_at_its_address_was_freed",)),
     Mutation("cost-micro-batch-end-without-its-own-gradients", "evo/sharding/cost.py",
              "return 2 * grads + (3 * first", "return grads + (3 * first",
              ("tests/test_cost.py::"
