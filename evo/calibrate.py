@@ -4,13 +4,11 @@ Runs ``--nproc`` processes under torchrun (gloo on a CPU, NCCL on GPUs), one thr
 measuring at once — so each number is what one rank of a sweep at that world size gets:
 
 - dense matmul TFLOP/s per dtype (square matmuls);
-- a transformer layer's forward + backward at two token counts: the fit ``t = overhead +
+- a transformer layer's forward + backward at four token counts: the fit ``t = overhead +
   flops / (peak · efficiency)`` gives ``block_overhead_us`` and ``compute_efficiency``; causal
   SDPA forward + backward gives ``attention_efficiency``;
 - evo's AdamW update per parameter; memory bandwidth (a large copy); memory per rank;
-- the share of a collective hidden behind a layer pass when launched before it (``overlap``),
-  and the compute lost to waiting for the slowest rank when the ranks synchronise after every
-  layer (``sync_jitter``);
+- the share of a collective hidden behind a layer pass when launched before it (``overlap``);
 - every collective kind (all-reduce, all-gather, reduce-scatter, Ulysses' all-to-all, ring
   attention's shift as ``send_recv``) over every group size the processes form (2, 4, ... up to
   ``--nproc``, the groups of a size all running at once), at several sizes: a least-squares fit of
@@ -122,46 +120,22 @@ def overlap(world: int, calls: int = 12) -> float:
 
 
 def _reference_config():
-    """The LLaMA layer the compute fit, the overlap and the jitter are measured on."""
+    """The LLaMA layer the compute fit and the overlap are measured on."""
     from evo import models
     return models.get(models.REFERENCE_FAMILY).config(
         vocab_size=256, hidden_size=256, num_layers=1, num_heads=8, intermediate_size=688,
         max_seq_len=1024)
 
 
-def sync_jitter(world: int, calls: int = 12) -> float:
-    """The share of compute lost when the ranks synchronise after every layer pass, beyond the
-    collective's own time: ``(t(layer + all-reduce) − t(layer) − t(all-reduce)) / t(layer)``,
-    each a median of loops run by every rank at once (one 4 KiB all-reduce of the whole world).
-    A rank that computes a little slower this time makes the others wait at the next collective;
-    without a collective in between, the step ends with the slowest rank's total, which
-    averages out. 0 for one process."""
-    if world == 1:
-        return 0.0
-    layer = _layer_pass(_reference_config(), 128, torch.float32)
-    sync = _collective("all_reduce", 1 << 12, dist.group.WORLD, world)
-    samples = []
-    for _ in range(3):
-        dist.barrier()
-        free = _counted(layer, calls, 1)
-        dist.barrier()
-        alone = _counted(sync, calls, 1)
-        dist.barrier()
-        both = _counted(lambda: (layer(), sync()), calls, 1)
-        samples.append(max(0.0, (both - free - alone) / free))
-    return statistics.median(samples)
-
-
 def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
-    """(overhead per block pass, efficiency) from a reference layer at two token counts, and the
-    attention's efficiency."""
+    """(overhead per block pass, efficiency) from a reference layer at four token counts (128
+    to 1024: ``_fit``'s least squares in relative error of ``t = overhead + flops / rate``), and
+    the attention's efficiency."""
     cfg = _reference_config()
-    h, f, s1, s2 = cfg.hidden_size, cfg.intermediate_size, 128, 512
-    flops = lambda s: 6 * s * (4 * h * h + 3 * h * f)  # noqa: E731  (matmuls of one layer)
-    t1, t2 = _layer_seconds(cfg, s1, dtype), _layer_seconds(cfg, s2, dtype)
-    attn = lambda s: 12 * s * h * s / 2  # noqa: E731  (causal: half of 12·s·h·s)
-    rate = (flops(s2) + attn(s2) - flops(s1) - attn(s1)) / max(t2 - t1, 1e-9)
-    overhead = max(0.0, t1 - (flops(s1) + attn(s1)) / rate)
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    flops = lambda s: 6 * s * (4 * h * h + 3 * h * f) + 12 * s * h * s / 2  # noqa: E731
+    fit = _fit([(flops(s), _layer_seconds(cfg, s, dtype)) for s in (128, 256, 512, 1024)])
+    rate, overhead = fit["bandwidth_gbs"] * 1e9, fit["latency_us"] * 1e-6
     q = torch.randn(1, 8, 1024, 32, dtype=dtype, requires_grad=True)
 
     def sdpa():
@@ -272,7 +246,7 @@ def measure(world: int, rank: int) -> dict:
     opt, bw = optimizer_ns(), memory_gbs()
     coll = collectives(world, rank)
     return {"tflops": tflops, "fit": fit, "optimizer_ns": opt, "memory_gbs": bw,
-            "collectives": coll, "sync_jitter": sync_jitter(world), "overlap": overlap(world)}
+            "collectives": coll, "overlap": overlap(world)}
 
 
 def profile(m: dict, world: int) -> dict:
@@ -289,11 +263,11 @@ def profile(m: dict, world: int) -> dict:
                     "optimizer_ns_per_param": m["optimizer_ns"], "memory_gib": total / world,
                     "memory_bandwidth_gbs": m["memory_gbs"], "memory_overhead": 0.0},
          "cluster": {"devices_per_node": world, "intra_node": dict(ar), "inter_node": dict(ar),
-                     "overlap": m["overlap"], "sync_jitter": m["sync_jitter"],
+                     "overlap": m["overlap"],
                      "collectives": m["collectives"]},
          "sources": {"device.matmul_tflops": f"{where}: 512x512 matmuls",
                      "device.compute_efficiency": f"{where}: a LLaMA layer (h=256) fwd+bwd at "
-                                                  "128 and 512 tokens, fitted",
+                                                  "128, 256, 512 and 1024 tokens, fitted",
                      "device.block_overhead_us": f"{where}: the same fit's intercept",
                      "device.attention_efficiency": f"{where}: causal SDPA fwd+bwd, s=1024",
                      "device.context_attention_efficiency":
@@ -309,9 +283,7 @@ def profile(m: dict, world: int) -> dict:
                      "cluster.inter_node": "one host: the same as intra_node",
                      "cluster.overlap": f"{where}: a 4 MiB all-reduce launched before a layer "
                                         "pass (128 tokens) and awaited after it, against both "
-                                        "alone",
-                     "cluster.sync_jitter": f"{where}: a layer pass (128 tokens) with and "
-                                            "without a 4 KiB all-reduce after it"}}
+                                        "alone"}}
     return d
 
 

@@ -169,25 +169,26 @@ def test_compute_time_is_flops_at_the_profiles_efficiency():
     assert c["total"] == pytest.approx(want)
 
 
-def test_ranks_synchronising_inside_the_step_wait_for_the_slowest():
-    """``cluster.sync_jitter`` of the compute is exposed for plans whose ranks meet inside every
-    micro-batch (tp, sp, cp, pp, ZeRO-3, weight parallel), not for dp, ZeRO-1 or ZeRO-2 (one
-    reduction at the end of the step)."""
-    cfg = MODELS["llama"]
-    d = copy.deepcopy(json.load(open(f"{cost.PROFILE_DIR}/a800-80gb-roce.json")))
-    d["cluster"]["sync_jitter"] = 0.25
-    jittery = cost.profile_from_dict(d)
-    wl = cost.Workload(2, 2, 32, "bfloat16", 0.0)
-    for plan, meets in ((Plan(dp=1, tp=2), True), (Plan(dp=1, sp=2), True),
-                        (Plan(dp=1, cp=2), True), (Plan(dp=1, pp=2), True),
-                        (Plan(dp=2, zero=3), True), (Plan(dp=1, cp=2, weight_parallel=True), True),
-                        (Plan(dp=2), False), (Plan(dp=2, zero=1), False),
-                        (Plan(dp=2, zero=2), False)):
-        plan = plan.resolve(2)
-        assert cost.synchronises(plan) == meets
-        base, more = (cost.predict(cfg, plan, wl, p) for p in (A800, jittery))
-        assert more.comm_seconds - base.comm_seconds == pytest.approx(
-            0.25 * base.compute_seconds if meets else 0.0)
+def test_a_pipeline_step_takes_its_busiest_ranks_compute():
+    """ZB-V over two ranks of embed | 2 layers | 2 layers | head: rank 0 runs the embedding and
+    the head, rank 1 all four layers — the step waits for rank 1 (4 layers of the model's
+    4 layers + head), not for half the model; its weight passes run the attention's backward
+    again (5/3 of the attention)."""
+    from evo.models import llama as L
+    cfg = L.Config(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
+                   intermediate_size=688, max_seq_len=256)
+    wl = cost.Workload(4, 2, 128, "float32", 0.0)
+    head = 6 * 256 * 4096
+    layer = (models.flops_per_token(cfg, 128) - head) / 4
+    zbv = Plan(dp=1, pp=2, pp_schedule="zbv", pp_virtual=2, pp_layers=(1, 2, 2, 1)).resolve(2)
+    assert cost.pp_compute_share(cfg, zbv, wl) == pytest.approx(4 * layer / (4 * layer + head))
+    f1b = Plan(dp=1, pp=2).resolve(2)                       # embed + 2 layers | 2 layers + head
+    assert cost.pp_compute_share(cfg, f1b, wl) == pytest.approx((2 * layer + head)
+                                                                / (4 * layer + head))
+    one = cost.compute_seconds(cfg, Plan(dp=1).resolve(1), wl, A800)
+    got = cost.compute_seconds(cfg, zbv, wl, A800)
+    share = cost.pp_compute_share(cfg, zbv, wl)
+    assert got["attention"] == pytest.approx(one["attention"] * share * 5 / 3)
 
 
 def test_memory_holds_the_planners_state_bytes():

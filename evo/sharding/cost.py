@@ -71,9 +71,7 @@ SCHEMA = {
 }
 # Optional fields, checked when present: the attention of plans splitting the sequence (Ulysses,
 # ring: log-sum-exp attention and its gradients), ``device.attention_efficiency`` when absent.
-# ``cluster.sync_jitter``: the share of compute lost waiting for the slowest rank when the ranks
-# synchronise inside every micro-batch (0 when absent).
-OPTIONAL = {"device.context_attention_efficiency": "fraction", "cluster.sync_jitter": "number0"}
+OPTIONAL = {"device.context_attention_efficiency": "fraction"}
 
 
 @dataclass(frozen=True)
@@ -699,7 +697,7 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
     layers = _layers(cfg)
     attn_per_token = 12.0 * layers * cfg.num_heads * _head_dim(cfg) * wl.seq_len
     total_per_token = _flops_per_token(cfg, wl.seq_len)
-    split = plan.tp * plan.sp * plan.cp * plan.pp
+    split = plan.tp * plan.sp * plan.cp / pp_compute_share(cfg, plan, wl)
     tokens = wl.micro_num * wl.tokens_per_micro
     redo = 1 + recomputed_layers(plan, layers, wl.remat) / layers / 3
     peak = profile.tflops(wl.compute_dtype) * 1e12
@@ -707,11 +705,31 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
     matmul = (total_per_token - attn_per_token) * tokens / split / (peak
                                                                    * dev["compute_efficiency"])
     attention = attn_per_token * tokens / split / (peak * attention_efficiency(plan, profile))
+    if plan.pp > 1 and plan.pp_schedule in ("zbh1", "zbv"):
+        attention *= 5 / 3    # the weight pass runs the attention's backward again
     blocks = _facts(cfg)[1] / plan.pp
     overhead = wl.micro_num * blocks * (3 + wl.remat) * dev["block_overhead_us"] * 1e-6
     total = (matmul + attention) * redo + overhead
     return {"total": total, "attention": attention * redo,
             "backward_micro": total * 2 / 3 / wl.micro_num, "forward": total / 3}
+
+
+def pp_compute_share(cfg, plan: Plan, wl: Workload) -> float:
+    """The busiest pipeline rank's share of the model's compute (1 without stages): its layers
+    (a recomputed one a third more) and the head's output projection (``6·h·V`` per token) on the
+    rank running it, against the whole model's — stages split the blocks by parameters
+    (``pipeline.stage_blocks``), so ranks can differ; ``1 / pp`` for a formula plan."""
+    if plan.pp == 1:
+        return 1.0
+    if modelled(cfg, plan) != "planner":
+        return 1 / plan.pp
+    layers = _layers(cfg)
+    head = 6.0 * cfg.hidden_size * cfg.vocab_size
+    layer = (_flops_per_token(cfg, wl.seq_len) - head) / layers
+    redo = recomputed_layers(plan, layers, wl.remat)
+    work = [(n + r / 3) * layer + head * any(x.startswith("head:") for x in names)
+            for names, n, r, _ in _rank_signatures(cfg, _pp_key(plan), redo)]
+    return max(work) / ((layers + redo / 3) * layer + head)
 
 
 def attention_efficiency(plan: Plan, profile: Profile) -> float:
@@ -746,22 +764,11 @@ def _exposed(key: str, t: float, plan: Plan, c: dict, profile: Profile, last: fl
     return t
 
 
-def synchronises(plan: Plan) -> bool:
-    """Whether the ranks wait for each other inside every micro-batch: tensor, sequence, pipeline,
-    expert or weight parallelism, or ZeRO-3's gathers (plain data parallelism and ZeRO-1/2 wait
-    once, for the gradients' reduction at the end of the step)."""
-    return plan.tp * plan.sp * plan.cp * plan.pp * plan.ep > 1 or plan.zero == 3 or \
-        plan.weight_parallel
-
-
 def comm_seconds(cfg, plan: Plan, wl: Workload, profile: Profile, c: dict
                  ) -> tuple[float, float]:
-    """(total, exposed) seconds of the step's collectives; exposed includes the compute lost
-    waiting for the slowest rank where the ranks synchronise inside the step (``synchronises``:
-    the profile's ``cluster.sync_jitter`` of the compute)."""
+    """(total, exposed) seconds of the step's collectives."""
     calls = collective_calls(cfg, plan, wl)
-    total = 0.0
-    exposed = profile.cluster.get("sync_jitter", 0.0) * c["total"] if synchronises(plan) else 0.0
+    total = exposed = 0.0
     for key, nbytes in comm_bytes(cfg, plan, wl).items():
         kind, axis = key.split("/")
         if kind == "recv":        # arrives while the matching send leaves (full duplex)
