@@ -255,6 +255,12 @@ MUTATIONS = [
              "    if plan.sp > 1:\n        return dev.get(",
              ("tests/test_cost.py::"
               "test_sequence_split_plans_run_the_context_attentions_efficiency",)),
+    Mutation("cost-pipeline-compute-split-evenly", "evo/sharding/cost.py",
+             "return max(work) / ((layers", "return sum(work) / plan.pp / ((layers",
+             ("tests/test_cost.py::test_a_pipeline_step_takes_its_busiest_ranks_compute",)),
+    Mutation("cost-zero-bubble-backward-once", "evo/sharding/cost.py",
+             'twice = 5 / 3 if plan.pp_schedule in ("zbh1", "zbv") else 1.0', "twice = 1.0",
+             ("tests/test_cost.py::test_a_pipeline_step_takes_its_busiest_ranks_compute",)),
     Mutation("live-peak-keeps-blocks-whose-free-it-missed", "evo/sweep.py",
              "live += nbytes - alive.pop(ptr, 0)", "live += nbytes",
              ("tests/test_sweep.py::test_a_block_allocated_again_at_its_address_was_freed",)),

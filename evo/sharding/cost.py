@@ -705,8 +705,6 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
     matmul = (total_per_token - attn_per_token) * tokens / split / (peak
                                                                    * dev["compute_efficiency"])
     attention = attn_per_token * tokens / split / (peak * attention_efficiency(plan, profile))
-    if plan.pp > 1 and plan.pp_schedule in ("zbh1", "zbv"):
-        attention *= 5 / 3    # the weight pass runs the attention's backward again
     blocks = _facts(cfg)[1] / plan.pp
     overhead = wl.micro_num * blocks * (3 + wl.remat) * dev["block_overhead_us"] * 1e-6
     total = (matmul + attention) * redo + overhead
@@ -715,10 +713,15 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
 
 
 def pp_compute_share(cfg, plan: Plan, wl: Workload) -> float:
-    """The busiest pipeline rank's share of the model's compute (1 without stages): its layers
-    (a recomputed one a third more) and the head's output projection (``6·h·V`` per token) on the
-    rank running it, against the whole model's — stages split the blocks by parameters
-    (``pipeline.stage_blocks``), so ranks can differ; ``1 / pp`` for a formula plan."""
+    """The busiest pipeline rank's compute against the whole model's (1 without stages): the
+    layers of its stages (a recomputed one a third more) and the head's output projection
+    (``6·h·V`` per token) where it runs — stages split the blocks by parameters
+    (``pipeline.stage_blocks``), so ranks differ. Under the zero-bubble schedules a stage with an
+    input runs its backward twice: ``I`` (``PipelineSchedule``) takes the gradient to the stage's
+    input, then ``W`` the one to its weights through the whole graph again — every backward
+    function evaluated anew (measured: twice the backward nodes, the attention's and the loss's
+    among them) —, so its forward + backward costs 5/3 of 1F1B's. ``1 / pp`` for a formula
+    plan."""
     if plan.pp == 1:
         return 1.0
     if modelled(cfg, plan) != "planner":
@@ -727,8 +730,16 @@ def pp_compute_share(cfg, plan: Plan, wl: Workload) -> float:
     head = 6.0 * cfg.hidden_size * cfg.vocab_size
     layer = (_flops_per_token(cfg, wl.seq_len) - head) / layers
     redo = recomputed_layers(plan, layers, wl.remat)
-    work = [(n + r / 3) * layer + head * any(x.startswith("head:") for x in names)
-            for names, n, r, _ in _rank_signatures(cfg, _pp_key(plan), redo)]
+    twice = 5 / 3 if plan.pp_schedule in ("zbh1", "zbv") else 1.0
+    key, seen, work = _pp_key(plan), 0, [0.0] * plan.pp
+    for s, blocks in enumerate(_split(cfg, key)):
+        w = 0.0
+        for b in blocks:
+            if b.kind == "layer":
+                w, seen = w + layer * (1 + (seen < redo) / 3), seen + 1
+            elif b.kind == "head":
+                w += head
+        work[pipeline.stage_rank(_pp_plan(key), s)] += w * (twice if s > 0 else 1.0)
     return max(work) / ((layers + redo / 3) * layer + head)
 
 
