@@ -1,6 +1,6 @@
 """Plan science benchmarks: how right the predictions are here, and what they say at scale.
 
-    python benchmarks/plan_accuracy.py cpu --out sweeps/cpu [--top 14 --steps 4 --nproc 2]
+    python benchmarks/plan_accuracy.py cpu --out sweeps/cpu [--top 14 --steps 6 --nproc 2]
         evo calibrate with --nproc processes, then at once evo sweep of plans spread over the
         kinds of the ranking of experiments/plan_cpu.py (at 2 processes: 14 kinds, ZeRO 0-3,
         tp ± sequence parallel, pp under four schedules, sp, cp, weight parallel): predicted
@@ -146,7 +146,7 @@ def main() -> None:
     c = sub.add_parser("cpu")
     c.add_argument("--out", required=True)
     c.add_argument("--top", type=int, default=14)
-    c.add_argument("--steps", type=int, default=4)
+    c.add_argument("--steps", type=int, default=6)
     c.add_argument("--nproc", type=int, default=2, help="2 on a 2-core machine: a core per rank")
     c.add_argument("--docs", action="store_true", help="copy the chart to docs/img")
     s = sub.add_parser("search")

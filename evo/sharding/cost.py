@@ -720,17 +720,18 @@ def pp_compute_share(cfg, plan: Plan, wl: Workload) -> float:
     input runs its backward twice: ``I`` (``PipelineSchedule``) takes the gradient to the stage's
     input, then ``W`` the one to its weights through the whole graph again — every backward
     function evaluated anew (measured: twice the backward nodes, the attention's and the loss's
-    among them) —, so its forward + backward costs 5/3 of 1F1B's. ``1 / pp`` for a formula
-    plan."""
+    among them) —, so its forward + backward costs 5/3 of 1F1B's. A formula plan: ``1 / pp`` of
+    the model, 5/3 of it under the zero-bubble schedules (every rank but the first has a stage
+    with an input)."""
     if plan.pp == 1:
         return 1.0
+    twice = 5 / 3 if plan.pp_schedule in ("zbh1", "zbv") else 1.0
     if modelled(cfg, plan) != "planner":
-        return 1 / plan.pp
+        return twice / plan.pp
     layers = _layers(cfg)
     head = 6.0 * cfg.hidden_size * cfg.vocab_size
     layer = (_flops_per_token(cfg, wl.seq_len) - head) / layers
     redo = recomputed_layers(plan, layers, wl.remat)
-    twice = 5 / 3 if plan.pp_schedule in ("zbh1", "zbv") else 1.0
     key, seen, work = _pp_key(plan), 0, [0.0] * plan.pp
     for s, blocks in enumerate(_split(cfg, key)):
         w = 0.0
