@@ -1,6 +1,7 @@
 """Plan science benchmarks: how right the predictions are here, and what they say at scale.
 
-    python benchmarks/plan_accuracy.py cpu --out sweeps/cpu [--top 14 --steps 6 --nproc 2]
+    python benchmarks/plan_accuracy.py cpu --out sweeps/cpu [--top 14 --steps 6 --nproc 2
+                                                             --repeat 2]
         evo calibrate with --nproc processes, then at once evo sweep of plans spread over the
         kinds of the ranking of experiments/plan_cpu.py (at 2 processes: 14 kinds, ZeRO 0-3,
         tp ± sequence parallel, pp under four schedules, sp, cp, weight parallel): predicted
@@ -38,7 +39,7 @@ def cpu(args) -> None:
     print(f"calibrated {args.nproc} processes in {time.perf_counter() - start:.0f} s", flush=True)
     exp = config.load(os.path.join(ROOT, "experiments", "plan_cpu.py"))
     report = sweep.sweep(exp, top=args.top, steps=args.steps, nproc=args.nproc, out=args.out,
-                         profile=profile, spread=True)
+                         profile=profile, spread=True, repeat=args.repeat)
     print(f"calibration and sweep took {time.perf_counter() - start:.0f} s\n")
     print(markdown(report))
     if args.docs:
@@ -49,13 +50,15 @@ def cpu(args) -> None:
 def markdown(report: dict) -> str:
     """The sweep as the table of docs/plans.md ("How right it is here")."""
     pct = lambda x: f"{x:+.0%}".replace("-", "−").replace("%", " %")  # noqa: E731
-    rows = ["| plan | mb | remat | predicted s | measured s | error | predicted MiB | measured MiB "
-            "| error | RSS growth MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| plan | mb | remat | predicted s | measured s | each launch s | error | "
+            "predicted MiB | measured MiB | error | RSS growth MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["plans"]:
         m = r["measured"]
+        each = ", ".join(f"{t:.2f}" for t in m.get("round_seconds", [m["step_seconds"]]))
         rows.append(f"| {r['plan']} | {r['micro_batch']} | "
                     f"{REMAT_TEXT.get(r['remat'], r['remat'])} | "
-                    f"{r['predicted']['step_seconds']:.2f} | {m['step_seconds']:.2f} | "
+                    f"{r['predicted']['step_seconds']:.2f} | {m['step_seconds']:.2f} | {each} | "
                     f"{pct(r['step_error'])} | {r['predicted']['peak_gib'] * 1024:.1f} | "
                     f"{max(m['peak_bytes']) / 2**20:.1f} | {pct(r['memory_error'])} | "
                     f"{max(m['rss_growth_bytes']) / 2**20:.1f} |")
@@ -148,6 +151,7 @@ def main() -> None:
     c.add_argument("--top", type=int, default=14)
     c.add_argument("--steps", type=int, default=6)
     c.add_argument("--nproc", type=int, default=2, help="2 on a 2-core machine: a core per rank")
+    c.add_argument("--repeat", type=int, default=2, help="launches per plan; the least counts")
     c.add_argument("--docs", action="store_true", help="copy the chart to docs/img")
     s = sub.add_parser("search")
     s.add_argument("--out", default=None)

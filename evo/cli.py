@@ -120,7 +120,7 @@ def _sweep(args) -> None:
     from evo import config, sweep
     exp = config.apply_overrides(config.load(args.experiment), args.set)
     sweep.sweep(exp, top=args.top, steps=args.steps, nproc=args.nproc, out=args.out,
-                profile=args.profile, spread=args.spread)
+                profile=args.profile, spread=args.spread, repeat=args.repeat)
 
 
 def _export_hf(args) -> None:
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--spread", action="store_true",
                    help="run plans spread over the ranking's plan kinds (ZeRO stage, tp, pp "
                         "schedule, sp, cp, ...) instead of its top")
+    w.add_argument("--repeat", type=_positive_int, default=1,
+                   help="launches per plan, in rounds over all the plans; the least counts")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     w.set_defaults(fn=_sweep)
 

@@ -1,4 +1,5 @@
-"""``evo sweep EXP --top K --steps N --nproc P --out DIR``: run the best predicted plans, measure.
+"""``evo sweep EXP --top K --steps N --nproc P --out DIR [--repeat R]``: run the best predicted
+plans, measure.
 
 The plans come from ``evo.sharding.search`` at world ``P`` on a profile of this machine (``--profile``
 or a fresh ``evo calibrate``); every plan the planner runs is launched (``cost.modelled(cfg, plan)
@@ -20,7 +21,9 @@ records:
   every allocation afresh costs a page fault per 4 KiB touched — about 10⁵ per step of the CPU
   sweep's plans, a fifth to a third of their step time on a VM.
 
-The step time is the median over timed steps after the first of the slowest rank's time.
+The step time is the median over timed steps after the first of the slowest rank's time; with
+``--repeat R`` every plan is launched R times, in rounds over all the plans, and the least of
+its launches counts (``least``).
 ``DIR/sweep.json`` holds predicted and measured side by side (and every rank's measured
 communication bytes against ``planner.expected_comm_bytes`` of its pipeline stage);
 ``DIR/sweep.png`` charts them (needs matplotlib).
@@ -97,7 +100,7 @@ def runnable(cfg, result, nproc: int, top: int) -> tuple[list, int]:
 
 
 def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | None = None,
-          spread: bool = False) -> dict:
+          spread: bool = False, repeat: int = 1) -> dict:
     from evo import calibrate
     from evo.sharding import cost, search
     os.makedirs(out, exist_ok=True)
@@ -108,13 +111,20 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
     prof = cost.load_profile(profile)
     result = search.search(exp.model, nproc, base_of(exp, nproc), prof, every_remat=True)
     ok, skipped = runnable(exp.model, result, nproc, top)
-    rows = []
-    for i, pred in enumerate(choose(ok, top, spread, plan_kind)):
-        print(f"evo: [{i + 1}/{top}] {search.plan_fields(pred.plan)} mb={pred.workload.micro_batch}"
-              f" remat={pred.workload.remat}", flush=True)
-        measured = run_plan(exp, pred, steps, nproc, out, i)
-        rows.append(compare(exp.model, pred, measured))
+    chosen = choose(ok, top, spread, plan_kind)
+    rounds = []
+    for r in range(repeat):
+        rounds.append([])
+        for i, pred in enumerate(chosen):
+            print(f"evo: [{i + 1}/{top}{f', round {r + 1}/{repeat}' if repeat > 1 else ''}] "
+                  f"{search.plan_fields(pred.plan)} mb={pred.workload.micro_batch}"
+                  f" remat={pred.workload.remat}", flush=True)
+            rounds[-1].append(run_plan(exp, pred, steps, nproc, out,
+                                       i if repeat == 1 else f"{i}.{r}"))
+    rows = [compare(exp.model, pred, least([rd[i] for rd in rounds]))
+            for i, pred in enumerate(chosen)]
     report = {"experiment": exp.run_dir, "profile": prof.name, "nproc": nproc, "steps": steps,
+              "repeat": repeat,
               "fit": len(result.ranked), "runnable": len(ok),
               "skipped_not_implemented": skipped,
               "note": (f"{skipped} plans that fit combine axes the planner does not run "
@@ -127,7 +137,18 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
     return report
 
 
-def run_plan(exp, pred, steps: int, nproc: int, out: str, index: int) -> dict:
+def least(runs: list[dict]) -> dict:
+    """One plan measured in several launches (``--repeat``, rounds over all the plans, so that
+    each plan's launches lie minutes apart): the least step time and the least peak of each
+    rank — what the plan costs when nothing else disturbed it (the machine's load comes and
+    goes; ``live_peak`` is an upper bound) —, the rest from the fastest launch, and every
+    launch's step time under ``"round_seconds"``."""
+    fastest = min(runs, key=lambda m: m["step_seconds"])
+    return {**fastest, "peak_bytes": [min(p) for p in zip(*(m["peak_bytes"] for m in runs))],
+            "round_seconds": [m["step_seconds"] for m in runs]}
+
+
+def run_plan(exp, pred, steps: int, nproc: int, out: str, index: int | str) -> dict:
     """One plan under torchrun; the rank-0 JSON of every rank's measurements."""
     from evo import models
     fam = models.family_of(exp.model)

@@ -98,6 +98,17 @@ def test_a_block_allocated_again_at_its_address_was_freed():
     assert sweep.peak_of([(1, 4 * MIB, A), (2, -4 * MIB, A), (2, 3 * MIB, A)], 0, 9) == 4 * MIB
 
 
+def test_repeated_launches_count_their_least():
+    """--repeat: the fastest launch's step time and fields, each rank's least peak (an upper
+    bound), every launch's time kept."""
+    runs = [{"step_seconds": 2.0, "peak_bytes": [5, 9], "comm_bytes": {"a": 1}},
+            {"step_seconds": 1.5, "peak_bytes": [7, 8], "comm_bytes": {"a": 2}},
+            {"step_seconds": 3.0, "peak_bytes": [6, 6], "comm_bytes": {"a": 3}}]
+    got = sweep.least(runs)
+    assert got == {"step_seconds": 1.5, "peak_bytes": [5, 6], "comm_bytes": {"a": 2},
+                   "round_seconds": [2.0, 1.5, 3.0]}
+
+
 def test_calibrate_fits_latency_and_bandwidth_in_relative_error():
     """t = 50 µs + bytes / 1 GB/s at 4 KiB ... 4 MiB is recovered exactly; with the largest
     size 20 % slow (a noisy sample) the latency stays within 10 % — plain least squares, which
