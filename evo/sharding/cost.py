@@ -613,12 +613,10 @@ def weight_parallel_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
 def gradient_sync_calls(cfg, plan: Plan) -> dict[str, int]:
     """The keys of the data-parallel gradient synchronisation (which ``planner_comm_calls``
     counts as one collective each) and how many collectives each takes: one per bucket of
-    ``plan.bucket_mb``, or per parameter unbucketed (and under ZeRO-3 or sequence parallelism
-    over tp)."""
+    ``plan.bucket_mb`` where the planner buckets (``_bucketed``), else one per parameter."""
     keys = {0: ("all_reduce/dp",), 1: ("all_reduce/dp",),
             2: ("reduce_scatter/zero", "all_reduce/replica"), 3: ("all_reduce/replica",)}
-    bucketed = plan.bucket_mb > 0 and plan.zero < 3 and not plan.sequence_parallel
-    n = _buckets(cfg, plan.tp, plan.bucket_mb) if bucketed else _facts(cfg)[2]
+    n = _buckets(cfg, plan.tp, plan.bucket_mb) if _bucketed(plan) else _facts(cfg)[2]
     return {k: n for k in keys[plan.zero]}
 
 
@@ -630,9 +628,10 @@ def _buckets(cfg, tp: int, bucket_mb: float) -> int:
     return len(planner.bucket_assignment(layouts, list(layouts), int(bucket_mb * 2**20)))
 
 
-def collective_calls(cfg, plan: Plan, wl: Workload) -> dict[str, int]:
-    """How many collectives of each ``"{kind}/{axis}"`` of ``comm_bytes`` a step launches (for
-    the latency term only). For a plan the planner runs: the planner's own count
+def collective_calls(cfg, plan: Plan, wl: Workload, step_bytes: dict[str, float]
+                     ) -> dict[str, int]:
+    """How many collectives of each ``"{kind}/{axis}"`` of ``step_bytes`` (``comm_bytes``) a step
+    launches (for the latency term only). For a plan the planner runs: the planner's own count
     (``planner_comm_calls``, the critical pp rank's), with the gradient synchronisation split
     into its buckets (or one reduction per parameter, unbucketed). Otherwise per axis: region
     crossings per block and micro-batch, the sequence group's exchanges per layer, one gather
@@ -655,7 +654,7 @@ def collective_calls(cfg, plan: Plan, wl: Workload) -> dict[str, int]:
                "seq": wl.micro_num * params * 3}
     if plan.zero == 3:
         by_axis["zero"] = wl.micro_num * params * 3 + 2
-    return {k: by_axis.get(k.split("/")[1], 1) for k in comm_bytes(cfg, plan, wl)}
+    return {k: by_axis.get(k.split("/")[1], 1) for k in step_bytes}
 
 
 def _placement(plan: Plan, axis: str, profile: Profile) -> tuple[int, int]:
@@ -779,9 +778,10 @@ def _exposed(key: str, t: float, plan: Plan, c: dict, profile: Profile, last: fl
 def comm_seconds(cfg, plan: Plan, wl: Workload, profile: Profile, c: dict
                  ) -> tuple[float, float]:
     """(total, exposed) seconds of the step's collectives."""
-    calls = collective_calls(cfg, plan, wl)
+    step_bytes = comm_bytes(cfg, plan, wl)
+    calls = collective_calls(cfg, plan, wl, step_bytes)
     total = exposed = 0.0
-    for key, nbytes in comm_bytes(cfg, plan, wl).items():
+    for key, nbytes in step_bytes.items():
         kind, axis = key.split("/")
         if kind == "recv":        # arrives while the matching send leaves (full duplex)
             continue
