@@ -51,15 +51,22 @@ def markdown(report: dict) -> str:
     """The sweep as the table of docs/plans.md ("How right it is here")."""
     pct = lambda x: f"{x:+.0%}".replace("-", "−").replace("%", " %")  # noqa: E731
     rows = ["| plan | mb | remat | predicted s | measured s | each launch s | error | "
+            "at the calibration's speed s | each launch s | error | "
             "predicted MiB | measured MiB | error | RSS growth MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["plans"]:
         m = r["measured"]
         each = ", ".join(f"{t:.2f}" for t in m.get("round_seconds", [m["step_seconds"]]))
+        if "calibrated_seconds" in m:
+            each_cal = ", ".join(f"{t:.2f}" for t in m["round_calibrated_seconds"])
+            cal = (f"{m['calibrated_seconds']:.2f} | {each_cal} | "
+                   f"{pct(r['calibrated_step_error'])}")
+        else:
+            cal = " | | "
         rows.append(f"| {r['plan']} | {r['micro_batch']} | "
                     f"{REMAT_TEXT.get(r['remat'], r['remat'])} | "
                     f"{r['predicted']['step_seconds']:.2f} | {m['step_seconds']:.2f} | {each} | "
-                    f"{pct(r['step_error'])} | {r['predicted']['peak_gib'] * 1024:.1f} | "
+                    f"{pct(r['step_error'])} | {cal} | {r['predicted']['peak_gib'] * 1024:.1f} | "
                     f"{max(m['peak_bytes']) / 2**20:.1f} | {pct(r['memory_error'])} | "
                     f"{max(m['rss_growth_bytes']) / 2**20:.1f} |")
     return "\n".join(rows)

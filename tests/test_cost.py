@@ -124,6 +124,10 @@ def test_a_bad_profile_value_names_the_field():
     with pytest.raises(cost.ProfileError,
                        match=r"device.context_attention_efficiency must be a number in \[0, 1\]"):
         cost.profile_from_dict(d)
+    d["device"]["context_attention_efficiency"] = 0.1
+    d["device"]["probe_seconds"] = 0
+    with pytest.raises(cost.ProfileError, match=r"device.probe_seconds must be a number > 0"):
+        cost.profile_from_dict(d)
 
 
 def test_sequence_split_plans_run_the_context_attentions_efficiency():
@@ -172,8 +176,12 @@ def test_compute_time_is_flops_at_the_profiles_efficiency():
 def test_a_pipeline_step_takes_its_busiest_ranks_compute():
     """ZB-V over two ranks of embed | 2 layers | 2 layers | head: rank 0 runs the embedding and
     the head, rank 1 all four layers — the step waits for rank 1 (4 layers of the model's
-    4 layers + head), not for half the model; stages with an input run their backward twice
-    under the zero-bubble schedules (5/3 of 1F1B's forward + backward)."""
+    4 layers + head), not for half the model; under the zero-bubble schedules a stage with an
+    input runs its input's gradient (a forward's worth) and then the whole backward again for
+    the weights' (4/3 of 1F1B's forward + backward without recomputation); the first stage
+    only the backward. With 1F1B's two unequal stages (forward a, then b > a) over two
+    micro-batches the replayed schedule idles a/(2b) of the busiest rank's compute — the
+    closed form (p−1)/m = 1/2 holds for equal stages only."""
     from evo.models import llama as L
     cfg = L.Config(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
                    intermediate_size=688, max_seq_len=256)
@@ -182,13 +190,18 @@ def test_a_pipeline_step_takes_its_busiest_ranks_compute():
     layer = (models.flops_per_token(cfg, 128) - head) / 4
     zbv = Plan(dp=1, pp=2, pp_schedule="zbv", pp_virtual=2, pp_layers=(1, 2, 2, 1)).resolve(2)
     assert cost.pp_compute_share(cfg, zbv, wl) == pytest.approx(
-        5 / 3 * 4 * layer / (4 * layer + head))
+        4 / 3 * 4 * layer / (4 * layer + head))
     f1b = Plan(dp=1, pp=2).resolve(2)                       # embed + 2 layers | 2 layers + head
     assert cost.pp_compute_share(cfg, f1b, wl) == pytest.approx((2 * layer + head)
                                                                 / (4 * layer + head))
     zbh1 = dataclasses.replace(f1b, pp_schedule="zbh1")
     assert cost.pp_compute_share(cfg, zbh1, wl) == pytest.approx(
-        5 / 3 * (2 * layer + head) / (4 * layer + head))
+        4 / 3 * (2 * layer + head) / (4 * layer + head))
+    two = cost.Workload(2, 2, 128, "float32", 0.0)
+    a, b = 2 * layer / 3, (2 * layer + head) / 3
+    assert cost.bubble_fraction(cfg, f1b, two) == pytest.approx(a / (2 * b))
+    assert cost.pipeline_bubble_fraction(f1b, 2) == 1 / 2
+    assert cost.zero_bubble_factor(1.0) == 6 / 4     # every layer recomputed: (4f + 2f) / 4f
     one = cost.compute_seconds(cfg, Plan(dp=1).resolve(1), wl, A800)
     got = cost.compute_seconds(cfg, zbv, wl, A800)
     share = cost.pp_compute_share(cfg, zbv, wl)
@@ -297,6 +310,7 @@ def test_memory_model_is_the_measured_live_peak_of_data_parallel_buckets(tmp_pat
         measured = sweep.run_plan(exp, pred, 1, 2, str(tmp_path), zero)
         assert max(measured["peak_bytes"]) == pytest.approx(pred.memory["total"], rel=0.02), \
             (zero, micro_num, pred.memory, measured["peak_bytes"])
+        assert len(measured["probe_seconds"]) == 1 and measured["probe_seconds"][0] > 0
 
 
 def test_pipeline_bubble_of_each_schedule():

@@ -109,6 +109,36 @@ def test_repeated_launches_count_their_least():
                    "round_seconds": [2.0, 1.5, 3.0]}
 
 
+def test_launches_compare_at_the_calibrations_speed():
+    """Each timed step scaled by the profile's probe over the probe around it, the median after
+    the first step; the least over launches. Steps of 3, 2, 4 s while the probe ran at 1, 0.5, 2
+    times the profile's 0.1 s: 3, 4, 2 s at that speed, 3 s (the median of the last two)."""
+    a = {"step_seconds": 3.0, "step_times": [3.0, 2.0, 4.0], "probe_seconds": [0.1, 0.05, 0.2],
+         "peak_bytes": [1]}
+    b = {"step_seconds": 2.0, "step_times": [2.0, 2.0, 2.0], "probe_seconds": [0.1, 0.2, 0.2],
+         "peak_bytes": [1]}
+    assert sweep.at_calibration_speed(a, 0.1) == pytest.approx(3.0)
+    assert sweep.at_calibration_speed(b, 0.1) == pytest.approx(1.0)
+    got = sweep.least([a, b], 0.1)
+    assert got["step_seconds"] == 2.0 and got["calibrated_seconds"] == pytest.approx(1.0)
+    assert got["round_calibrated_seconds"] == pytest.approx([3.0, 1.0])
+    assert "calibrated_seconds" not in sweep.least([a, b])     # a profile without a probe
+
+
+def test_collectives_are_timed_apart_and_averaged_without_their_extremes():
+    """``calibrate._spaced``: the mean of the calls without the slowest and fastest tenth — a
+    50 ms stall among 2 ms calls is left out (a median would hide a step's slow collectives, a
+    plain mean the stall would triple)."""
+    import time as _time
+
+    from evo import calibrate
+    waits = iter([0.002] + [0.002] * 9 + [0.05])      # the first call warms up, uncounted
+
+    def fn():
+        _time.sleep(next(waits))
+    assert calibrate._spaced(fn, 10, gap=0.0) == pytest.approx(0.002, rel=0.5, abs=1e-3)
+
+
 def test_calibrate_fits_latency_and_bandwidth_in_relative_error():
     """t = 50 µs + bytes / 1 GB/s at 4 KiB ... 4 MiB is recovered exactly; with the largest
     size 20 % slow (a noisy sample) the latency stays within 10 % — plain least squares, which

@@ -71,7 +71,10 @@ SCHEMA = {
 }
 # Optional fields, checked when present: the attention of plans splitting the sequence (Ulysses,
 # ring: log-sum-exp attention and its gradients), ``device.attention_efficiency`` when absent.
-OPTIONAL = {"device.context_attention_efficiency": "fraction"}
+# ``device.probe_seconds``, ``cluster.probe_seconds``: what ``evo.calibrate.probe`` timed when the
+# profile was measured (the machine's speed then; ``evo sweep`` compares its launches at it).
+OPTIONAL = {"device.context_attention_efficiency": "fraction", "device.probe_seconds": "number",
+            "cluster.probe_seconds": "number"}
 
 
 @dataclass(frozen=True)
@@ -713,34 +716,82 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
 
 def pp_compute_share(cfg, plan: Plan, wl: Workload) -> float:
     """The busiest pipeline rank's compute against the whole model's (1 without stages): the
-    layers of its stages (a recomputed one a third more) and the head's output projection
-    (``6·h·V`` per token) where it runs — stages split the blocks by parameters
-    (``pipeline.stage_blocks``), so ranks differ. Under the zero-bubble schedules a stage with an
-    input runs its backward twice: ``I`` (``PipelineSchedule``) takes the gradient to the stage's
-    input, then ``W`` the one to its weights through the whole graph again — every backward
-    function evaluated anew (measured: twice the backward nodes, the attention's and the loss's
-    among them) —, so its forward + backward costs 5/3 of 1F1B's. A formula plan: ``1 / pp`` of
-    the model, 5/3 of it under the zero-bubble schedules (every rank but the first has a stage
-    with an input)."""
+    forward, backward and recomputation of its stages' actions (``_pipeline_timeline``) — stages
+    split the blocks by parameters (``pipeline.stage_blocks``), so ranks differ. A formula plan:
+    ``1 / pp`` of the model, ``zero_bubble_factor`` of it under the zero-bubble schedules (every
+    rank but the first has a stage with an input)."""
     if plan.pp == 1:
         return 1.0
-    twice = 5 / 3 if plan.pp_schedule in ("zbh1", "zbv") else 1.0
-    if modelled(cfg, plan) != "planner":
-        return twice / plan.pp
     layers = _layers(cfg)
-    head = 6.0 * cfg.hidden_size * cfg.vocab_size
-    layer = (_flops_per_token(cfg, wl.seq_len) - head) / layers
     redo = recomputed_layers(plan, layers, wl.remat)
-    key, seen, work = _pp_key(plan), 0, [0.0] * plan.pp
-    for s, blocks in enumerate(_split(cfg, key)):
-        w = 0.0
+    if modelled(cfg, plan) != "planner":
+        zb = plan.pp_schedule in ("zbh1", "zbv")
+        return (zero_bubble_factor(redo / layers) if zb else 1.0) / plan.pp
+    busy, _, whole = _pipeline_timeline(cfg, _pp_key(plan), wl.micro_num, wl.seq_len, redo)
+    return busy / whole
+
+
+def zero_bubble_factor(recomputed: float) -> float:
+    """A stage with an input under ZB-H1 / ZB-V against 1F1B: forward ``f``, then ``I`` the
+    gradient to the stage's input alone (``f``: each matmul's input gradient; plus the
+    recomputation ``r``), then ``W`` the weights' gradients through the stage's whole backward
+    again (``2f + r``: ``autograd.grad`` to the weights evaluates every backward function anew,
+    measured as twice 1F1B's backward nodes): ``(4f + 2r) / (3f + r)``, ``recomputed`` = r / f."""
+    return (4 + 2 * recomputed) / (3 + recomputed)
+
+
+def _action_flops(kind: str, stage: int, forward: float, recompute: float) -> float:
+    """One pipeline action's flops per token: ``F`` the forward; ``B`` the backward (twice the
+    forward) with the recomputation; ``I`` (zero-bubble) the input's gradient with the
+    recomputation — nothing on the first stage, which has no input —; ``W`` the whole backward
+    again (``zero_bubble_factor``)."""
+    if kind == "F":
+        return forward
+    if kind == "I":
+        return forward + recompute if stage > 0 else 0.0
+    return 2 * forward + recompute
+
+
+@functools.lru_cache(maxsize=4096)
+def _pipeline_timeline(cfg, key: tuple, micro_num: int, seq_len: int,
+                       redo: int) -> tuple[float, float, float]:
+    """(the busiest pp rank's flops per token of one micro-batch over a step, the step's span in
+    the same unit, the whole model's step): the schedule's action lists
+    (``pipeline.action_lists``) replayed (``pipeline.replay``) with each action's flops
+    (``_action_flops``) of its stage — a layer's forward a third of its flops, the head's
+    ``2·h·V``, the embedding none; the model's first ``redo`` layers recomputed. The span holds
+    the bubble of unequal stages (the embedding's light, the head's heavy) and of the zero-bubble
+    schedules' unequal ``I`` and ``W``, which the closed forms of ``pipeline.bubble_fraction``
+    (equal stages and passes) leave out."""
+    plan = _pp_plan(key)
+    head = 6.0 * cfg.hidden_size * cfg.vocab_size
+    layer = (_flops_per_token(cfg, seq_len) - head) / _layers(cfg)
+    seen, passes = 0, []
+    for blocks in _split(cfg, key):
+        f = r = 0.0
         for b in blocks:
             if b.kind == "layer":
-                w, seen = w + layer * (1 + (seen < redo) / 3), seen + 1
+                f, r, seen = f + layer / 3, r + layer / 3 * (seen < redo), seen + 1
             elif b.kind == "head":
-                w += head
-        work[pipeline.stage_rank(_pp_plan(key), s)] += w * (twice if s > 0 else 1.0)
-    return max(work) / ((layers + redo / 3) * layer + head)
+                f += head / 3
+        passes.append((f, r))
+    lists = pipeline.action_lists(plan, micro_num)
+    seconds = {rank: [_action_flops(a.kind, a.stage, *passes[a.stage]) for a in actions]
+               for rank, actions in lists.items()}
+    span = pipeline.replay(lists, seconds, plan.stages).span
+    whole = micro_num * sum(3 * f + r for f, r in passes)
+    return max(sum(v) for v in seconds.values()), span, whole
+
+
+def bubble_fraction(cfg, plan: Plan, wl: Workload) -> float:
+    """The pipeline step's idle time over its busiest rank's compute: of the replayed schedule
+    (``_pipeline_timeline``) for a plan the planner runs, else the schedule's closed form
+    (``pipeline_bubble_fraction``)."""
+    if plan.pp == 1 or modelled(cfg, plan) != "planner":
+        return pipeline_bubble_fraction(plan, wl.micro_num)
+    busy, span, _ = _pipeline_timeline(cfg, _pp_key(plan), wl.micro_num, wl.seq_len,
+                                       recomputed_layers(plan, _layers(cfg), wl.remat))
+    return span / busy - 1
 
 
 def attention_efficiency(plan: Plan, profile: Profile) -> float:
@@ -1029,7 +1080,7 @@ def predict(cfg, plan: Plan, wl: Workload, profile: Profile, *, memory: dict | N
     c = compute_seconds(cfg, plan, wl, profile)
     comm_total, exposed = comm_seconds(cfg, plan, wl, profile, c)
     tp_comm = exposed if plan.pp > 1 else 0.0
-    bubble = pipeline_bubble_fraction(plan, wl.micro_num) * (c["total"] + tp_comm)
+    bubble = bubble_fraction(cfg, plan, wl) * (c["total"] + tp_comm)
     opt = optimizer_seconds(cfg, plan, profile)
     step = c["total"] + exposed + bubble + opt
     tokens = wl.micro_num * wl.tokens_per_micro * plan.dp
