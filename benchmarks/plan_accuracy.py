@@ -2,12 +2,13 @@
 
     python benchmarks/plan_accuracy.py cpu --out sweeps/cpu [--top 14 --steps 6 --nproc 2
                                                              --repeat 2]
-        evo calibrate with --nproc processes, then at once evo sweep of plans spread over the
-        kinds of the ranking of experiments/plan_cpu.py (at 2 processes: 14 kinds, ZeRO 0-3,
-        tp ± sequence parallel, pp under four schedules, sp, cp, weight parallel): predicted
-        against measured step time and peak memory per rank, Spearman of the ranking, and the
-        table of docs/plans.md; the chart is also copied to docs/img/plan_sweep_cpu.png with
-        --docs.
+        evo sweep --recalibrate of plans spread over the kinds of the ranking of
+        experiments/plan_cpu.py (at 2 processes: 14 kinds, ZeRO 0-3, tp ± sequence parallel, pp
+        under four schedules, sp, cp, weight parallel), --repeat rounds each after its own
+        evo calibrate with --nproc processes: predicted against measured step time (each round
+        against its calibration, the median error) and peak memory per rank, Spearman of the
+        ranking, and the table of docs/plans.md; the chart is also copied to
+        docs/img/plan_sweep_cpu.png with --docs.
     python benchmarks/plan_accuracy.py search [--out DIR]
         evo plan --search for LLaMA 7B and 70B at worlds 8, 64 and 1024 on the bundled A800 and
         H100 profiles: time to answer, best plan, tokens/s per GPU, scaling efficiency against
@@ -24,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from evo import calibrate, config, sweep  # noqa: E402
+from evo import config, sweep  # noqa: E402
 from evo.sharding import cost, search  # noqa: E402
 
 PROFILES = ("a800-80gb-roce", "h100-80gb-ib")
@@ -33,13 +34,10 @@ REMAT_TEXT = {0.0: "0", 0.5: "½", 1.0: "1"}
 
 def cpu(args) -> None:
     os.makedirs(args.out, exist_ok=True)
-    profile = os.path.join(args.out, "profile.json")
     start = time.perf_counter()
-    calibrate.calibrate(profile, args.nproc)   # just before the sweep: the same load
-    print(f"calibrated {args.nproc} processes in {time.perf_counter() - start:.0f} s", flush=True)
     exp = config.load(os.path.join(ROOT, "experiments", "plan_cpu.py"))
     report = sweep.sweep(exp, top=args.top, steps=args.steps, nproc=args.nproc, out=args.out,
-                         profile=profile, spread=True, repeat=args.repeat)
+                         spread=True, repeat=args.repeat, recalibrate=True)
     print(f"calibration and sweep took {time.perf_counter() - start:.0f} s\n")
     print(markdown(report))
     if args.docs:
@@ -50,23 +48,19 @@ def cpu(args) -> None:
 def markdown(report: dict) -> str:
     """The sweep as the table of docs/plans.md ("How right it is here")."""
     pct = lambda x: f"{x:+.0%}".replace("-", "−").replace("%", " %")  # noqa: E731
-    rows = ["| plan | mb | remat | predicted s | measured s | each launch s | error | "
-            "at the calibration's speed s | each launch s | error | "
-            "predicted MiB | measured MiB | error | RSS growth MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| plan | mb | remat | predicted s, each round | measured s, each round | "
+            "error, each round | error (median) | predicted MiB | measured MiB | error | "
+            "RSS growth MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["plans"]:
         m = r["measured"]
         each = ", ".join(f"{t:.2f}" for t in m.get("round_seconds", [m["step_seconds"]]))
-        if "calibrated_seconds" in m:
-            each_cal = ", ".join(f"{t:.2f}" for t in m["round_calibrated_seconds"])
-            cal = (f"{m['calibrated_seconds']:.2f} | {each_cal} | "
-                   f"{pct(r['calibrated_step_error'])}")
-        else:
-            cal = " | | "
+        pred = ", ".join(f"{t:.2f}" for t in r.get("round_predicted_seconds",
+                                                     [r["predicted"]["step_seconds"]]))
+        errors = ", ".join(pct(e) for e in r.get("round_step_errors", [r["step_error"]]))
         rows.append(f"| {r['plan']} | {r['micro_batch']} | "
-                    f"{REMAT_TEXT.get(r['remat'], r['remat'])} | "
-                    f"{r['predicted']['step_seconds']:.2f} | {m['step_seconds']:.2f} | {each} | "
-                    f"{pct(r['step_error'])} | {cal} | {r['predicted']['peak_gib'] * 1024:.1f} | "
+                    f"{REMAT_TEXT.get(r['remat'], r['remat'])} | {pred} | {each} | {errors} | "
+                    f"{pct(r['step_error'])} | {r['predicted']['peak_gib'] * 1024:.1f} | "
                     f"{max(m['peak_bytes']) / 2**20:.1f} | {pct(r['memory_error'])} | "
                     f"{max(m['rss_growth_bytes']) / 2**20:.1f} |")
     return "\n".join(rows)

@@ -48,13 +48,14 @@ def _counted(fn, calls: int, repeat: int = 3) -> float:
     return statistics.median(samples)
 
 
-def _spaced(fn, calls: int, gap: float = 2e-3) -> float:
+def _spaced(fn, calls: int, gap: float = 10e-3) -> float:
     """The mean seconds of one call of ``fn`` over ``calls`` calls, each after ``gap`` seconds of
-    compute, the slowest and fastest tenth left out: a step launches its collectives between
-    kernels, when the peers' communication threads sleep — back to back, as in a tight loop,
-    they stay awake and a small collective's latency is half or less (measured here: 0.5 against
-    0.9-2.3 ms for a 4 KiB all-gather of two processes). A mean, not a median: a step's
-    collectives add up. A fixed count, so that every member makes the same calls."""
+    compute (a layer's worth), the slowest and fastest tenth left out: a step launches its
+    collectives between kernels, when the peers' communication threads sleep — back to back,
+    as in a tight loop, they stay awake and a small collective's latency is a third or less
+    (measured here, medians of a 4 KiB all-gather of two processes: 0.2-0.9 ms back to back,
+    1.0 ms after 2 ms of compute, 1.7 ms after 10, 2.9 ms after 20). A mean, not a median: a
+    step's collectives add up. A fixed count, so that every member makes the same calls."""
     fn()
     a = torch.randn(128, 128)
     samples = []
@@ -113,37 +114,6 @@ def _layer_pass(cfg, tokens: int, dtype: torch.dtype):
         y = fam.block(cfg, params, 0, x, ctx, Regions())
         y.float().sum().backward()
     return run
-
-
-PROBE_TOKENS = 128
-
-
-def probe(calls: int = 3, reduces: int = 8):
-    """The machine's speed at a moment: a function returning (compute, communication) seconds —
-    the reference layer's forward + backward at ``PROBE_TOKENS`` tokens (``_reference_config``),
-    the median of ``calls`` calls, and a 4 KiB all-reduce over every process, the median of
-    ``reduces`` (0 in one process). ``evo calibrate`` records both (``device.probe_seconds``,
-    ``cluster.probe_seconds``: every rank probing at once, the slowest rank's) and ``evo sweep``
-    probes around each timed step: a launch's step times compare with the prediction at the
-    speed the profile was measured at (``sweep.at_calibration_speed``) — on a shared virtual
-    machine the speed drifts by more than the model's error between calibration and launch."""
-    run = _layer_pass(_reference_config(), PROBE_TOKENS, torch.float32)
-    run()
-    x = torch.ones(1024)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-
-    def median_of(fn, n: int) -> float:
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
-
-    def measure() -> tuple[float, float]:
-        return (median_of(run, calls),
-                median_of(lambda: dist.all_reduce(x), reduces) if world > 1 else 0.0)
-    return measure
 
 
 def overlap(world: int, calls: int = 12) -> float:
@@ -281,7 +251,7 @@ def collectives(world: int, rank: int) -> dict:
             for nbytes in SIZES:
                 dist.barrier()
                 if group is not None:
-                    calls = 30 if nbytes < 1 << 20 else 10
+                    calls = 20 if nbytes < 1 << 20 else 10
                     t = _spaced(_collective(kind, nbytes, group, size), calls)
                     points.append((nbytes, t))
             if points:
@@ -292,24 +262,15 @@ def collectives(world: int, rank: int) -> dict:
 
 def measure(world: int, rank: int) -> dict:
     """Every measurement of this process (each rank measures while the others do the same)."""
-    speed, probes = probe(), []
-
-    def probed():
-        dist.barrier()
-        probes.append(speed())
-        dist.barrier()
-    probed()
+    dist.barrier()
     tflops = {name: matmul_tflops(getattr(torch, name)) for name in ("float32", "bfloat16")}
-    probed()
+    dist.barrier()
     fit = compute_fit(tflops["float32"], torch.float32)
-    probed()
+    dist.barrier()
     opt, bw = optimizer_ns(), memory_gbs()
     coll = collectives(world, rank)
-    probed()
-    over = overlap(world)
-    probed()
     return {"tflops": tflops, "fit": fit, "optimizer_ns": opt, "memory_gbs": bw,
-            "collectives": coll, "overlap": over, "probes": probes}
+            "collectives": coll, "overlap": overlap(world)}
 
 
 def profile(m: dict, world: int) -> dict:
@@ -324,11 +285,9 @@ def profile(m: dict, world: int) -> dict:
          "device": {"name": platform.processor() or platform.machine(),
                     "matmul_tflops": m["tflops"], **m["fit"],
                     "optimizer_ns_per_param": m["optimizer_ns"], "memory_gib": total / world,
-                    "memory_bandwidth_gbs": m["memory_gbs"], "memory_overhead": 0.0,
-                    "probe_seconds": m["probe_seconds"][0]},
+                    "memory_bandwidth_gbs": m["memory_gbs"], "memory_overhead": 0.0},
          "cluster": {"devices_per_node": world, "intra_node": dict(ar), "inter_node": dict(ar),
                      "overlap": m["overlap"],
-                     **({"probe_seconds": m["probe_seconds"][1]} if world > 1 else {}),
                      "collectives": m["collectives"]},
          "sources": {"device.matmul_tflops": f"{where}: 512x512 matmuls",
                      "device.compute_efficiency": f"{where}: a LLaMA layer (h=256) fwd+bwd at "
@@ -341,17 +300,10 @@ def profile(m: dict, world: int) -> dict:
                      "device.optimizer_ns_per_param": f"{where}: evo AdamW on 2M parameters",
                      "device.memory_bandwidth_gbs": f"{where}: a 64 MiB copy",
                      "device.memory_gib": "physical memory / processes",
-                     "device.probe_seconds": f"{where}: calibrate.probe (the reference layer at "
-                                             f"{PROBE_TOKENS} tokens) before, between and after "
-                                             "the measurements, the median of the slowest "
-                                             "rank's",
-                     "cluster.probe_seconds": f"{where}: calibrate.probe (a 4 KiB all-reduce of "
-                                              "all processes) at the same moments, the median "
-                                              "of the slowest rank's",
                      "device.memory_overhead": "the sweep measures tensors (mmap'd allocations)",
                      "cluster.collectives": f"{where}: latency + bytes/bandwidth fits at "
                                             f"{', '.join(str(s) for s in SIZES)} bytes, each "
-                                            "call after 2 ms of compute",
+                                            "call after 10 ms of compute",
                      "cluster.intra_node": f"the all_reduce fit of the largest group ({largest})",
                      "cluster.inter_node": "one host: the same as intra_node",
                      "cluster.overlap": f"{where}: a 4 MiB all-reduce launched before a layer "
@@ -367,10 +319,6 @@ def worker(out: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     world, rank = dist.get_world_size(), dist.get_rank()
     m = measure(world, rank)
-    every = [None] * world
-    dist.all_gather_object(every, m["probes"])
-    m["probe_seconds"] = [statistics.median(max(p[i] for p in at) for at in zip(*every))
-                          for i in range(2)]
     if rank == 0:
         with open(out, "w", encoding="utf-8") as f:
             json.dump(profile(m, world), f, indent=1)

@@ -120,7 +120,8 @@ def _sweep(args) -> None:
     from evo import config, sweep
     exp = config.apply_overrides(config.load(args.experiment), args.set)
     sweep.sweep(exp, top=args.top, steps=args.steps, nproc=args.nproc, out=args.out,
-                profile=args.profile, spread=args.spread, repeat=args.repeat)
+                profile=args.profile, spread=args.spread, repeat=args.repeat,
+                recalibrate=args.recalibrate)
 
 
 def _export_hf(args) -> None:
@@ -203,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedule, sp, cp, ...) instead of its top")
     w.add_argument("--repeat", type=_positive_int, default=1,
                    help="launches per plan, in rounds over all the plans; the least counts")
+    w.add_argument("--recalibrate", action="store_true",
+                   help="measure this machine before every round (no --profile): each launch "
+                        "is predicted from the profile measured just before its round, a plan's "
+                        "error is the median of its rounds'")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     w.set_defaults(fn=_sweep)
 

@@ -23,7 +23,11 @@ records:
 
 The step time is the median over timed steps after the first of the slowest rank's time; with
 ``--repeat R`` every plan is launched R times, in rounds over all the plans, and the least of
-its launches counts (``least``).
+its launches counts (``least``). With ``--recalibrate`` (and no ``--profile``) the machine is
+measured again before every round and each launch is predicted from the profile measured just
+before its round: a plan's error is the median of its rounds' (``by_round``) — on a shared
+machine whose speed drifts by a fifth within minutes, what the model says about the machine as
+it was, not as it was ten minutes earlier.
 ``DIR/sweep.json`` holds predicted and measured side by side (and every rank's measured
 communication bytes against ``planner.expected_comm_bytes`` of its pipeline stage);
 ``DIR/sweep.png`` charts them (needs matplotlib).
@@ -100,20 +104,28 @@ def runnable(cfg, result, nproc: int, top: int) -> tuple[list, int]:
 
 
 def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | None = None,
-          spread: bool = False, repeat: int = 1) -> dict:
+          spread: bool = False, repeat: int = 1, recalibrate: bool = False) -> dict:
     from evo import calibrate
     from evo.sharding import cost, search
+    if recalibrate and profile is not None:
+        raise ValueError(f"--recalibrate measures this machine before every round: it takes no "
+                         f"--profile (got {profile})")
+
+    def measured_profile(path: str):
+        print(f"evo: calibrating this machine into {path} ({nproc} processes)", flush=True)
+        calibrate.calibrate(path, nproc)
+        return cost.load_profile(path)
     os.makedirs(out, exist_ok=True)
-    if profile is None:
-        profile = os.path.join(out, "profile.json")
-        print(f"evo: calibrating this machine into {profile} ({nproc} processes)", flush=True)
-        calibrate.calibrate(profile, nproc)
-    prof = cost.load_profile(profile)
+    prof = cost.load_profile(profile) if profile else \
+        measured_profile(os.path.join(out, "profile.json"))
     result = search.search(exp.model, nproc, base_of(exp, nproc), prof, every_remat=True)
     ok, skipped = runnable(exp.model, result, nproc, top)
     chosen = choose(ok, top, spread, plan_kind)
-    rounds = []
+    rounds, predicted = [], [chosen]
     for r in range(repeat):
+        if r and recalibrate:
+            again = measured_profile(os.path.join(out, f"profile.{r}.json"))
+            predicted.append([cost.predict(exp.model, p.plan, p.workload, again) for p in chosen])
         rounds.append([])
         for i, pred in enumerate(chosen):
             print(f"evo: [{i + 1}/{top}{f', round {r + 1}/{repeat}' if repeat > 1 else ''}] "
@@ -121,11 +133,13 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
                   f" remat={pred.workload.remat}", flush=True)
             rounds[-1].append(run_plan(exp, pred, steps, nproc, out,
                                        i if repeat == 1 else f"{i}.{r}"))
-    probe_s = prof.device.get("probe_seconds")
-    rows = [compare(exp.model, pred, least([rd[i] for rd in rounds], probe_s))
+    rows = [compare(exp.model, pred, least([rd[i] for rd in rounds]))
             for i, pred in enumerate(chosen)]
+    if recalibrate:
+        rows = [by_round(row, [p[i].step_seconds for p in predicted],
+                         [rd[i]["step_seconds"] for rd in rounds]) for i, row in enumerate(rows)]
     report = {"experiment": exp.run_dir, "profile": prof.name, "nproc": nproc, "steps": steps,
-              "repeat": repeat,
+              "repeat": repeat, "recalibrate": recalibrate,
               "fit": len(result.ranked), "runnable": len(ok),
               "skipped_not_implemented": skipped,
               "note": (f"{skipped} plans that fit combine axes the planner does not run "
@@ -138,33 +152,24 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
     return report
 
 
-def least(runs: list[dict], probe_seconds: float | None = None) -> dict:
+def least(runs: list[dict]) -> dict:
     """One plan measured in several launches (``--repeat``, rounds over all the plans, so that
     each plan's launches lie minutes apart): the least step time and the least peak of each
     rank — what the plan costs when nothing else disturbed it (the machine's load comes and
     goes; ``live_peak`` is an upper bound) —, the rest from the fastest launch, and every
-    launch's step time under ``"round_seconds"``. Given the profile's ``probe_seconds``, also
-    the least of the launches' times at the calibration's speed (``at_calibration_speed``) as
-    ``"calibrated_seconds"``, every launch's under ``"round_calibrated_seconds"``."""
+    launch's step time under ``"round_seconds"``."""
     fastest = min(runs, key=lambda m: m["step_seconds"])
-    out = {**fastest, "peak_bytes": [min(p) for p in zip(*(m["peak_bytes"] for m in runs))],
-           "round_seconds": [m["step_seconds"] for m in runs]}
-    if probe_seconds:
-        at = [at_calibration_speed(m, probe_seconds) for m in runs]
-        out.update(calibrated_seconds=min(at), round_calibrated_seconds=at)
-    return out
+    return {**fastest, "peak_bytes": [min(p) for p in zip(*(m["peak_bytes"] for m in runs))],
+            "round_seconds": [m["step_seconds"] for m in runs]}
 
 
-def at_calibration_speed(measured: dict, probe_seconds: float) -> float:
-    """A launch's step time at the machine's speed when the profile was measured: each timed
-    step's seconds × ``probe_seconds`` (the profile's probe) / the probe around that step (the
-    slowest rank's, before and after the step averaged), the median over the steps after the
-    first (as ``step_seconds``). The machine this is measured on — a shared virtual machine —
-    runs 20-35 % faster or slower from one minute to the next; the prediction is of the
-    machine the profile measured."""
-    scaled = [t * probe_seconds / p for t, p in zip(measured["step_times"],
-                                                      measured["probe_seconds"], strict=True)]
-    return statistics.median(scaled[1:] or scaled)
+def by_round(row: dict, predicted: list[float], measured: list[float]) -> dict:
+    """A compared plan (``compare``) whose every round was predicted from the profile measured
+    just before it (``--recalibrate``): each round's predicted and measured seconds and error,
+    and the median of the errors as the plan's ``step_error``."""
+    errors = [p / m - 1 for p, m in zip(predicted, measured, strict=True)]
+    return {**row, "round_predicted_seconds": predicted, "round_step_errors": errors,
+            "step_error": statistics.median(errors)}
 
 
 def run_plan(exp, pred, steps: int, nproc: int, out: str, index: int | str) -> dict:
@@ -200,12 +205,24 @@ def compare(cfg, pred, measured: dict) -> dict:
             "micro_num": wl.micro_num, "remat": wl.remat,
             "predicted": pred.as_dict(), "measured": measured,
             "step_error": pred.step_seconds / step - 1,
-            "calibrated_step_error": (pred.step_seconds / measured["calibrated_seconds"] - 1
-                                      if "calibrated_seconds" in measured else None),
             "memory_error": pred.memory["total"] / peak - 1,
             "rss_error": pred.memory["total"] / max(max(measured["rss_growth_bytes"]), 1) - 1,
             "comm_bytes_equal": all(bytes_ == {k: int(v) for k, v in expected[pp].items()}
                                     for pp, bytes_ in measured["comm_bytes_by_rank"])}
+
+
+def predicted_seconds(row: dict) -> float:
+    """A compared plan's predicted step time: the median of its rounds' under ``by_round``."""
+    return statistics.median(row.get("round_predicted_seconds",
+                                     [row["predicted"]["step_seconds"]]))
+
+
+def measured_seconds(row: dict) -> float:
+    """A compared plan's measured step time: the median of its rounds' under ``by_round``, else
+    the least of its launches."""
+    if "round_step_errors" in row:
+        return statistics.median(row["measured"]["round_seconds"])
+    return row["measured"]["step_seconds"]
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -227,30 +244,20 @@ def spearman(a: list[float], b: list[float]) -> float:
 def summary(rows: list[dict]) -> dict:
     if not rows:
         return {}
-    pred = [r["predicted"]["step_seconds"] for r in rows]
-    meas = [r["measured"]["step_seconds"] for r in rows]
-    out = {"max_abs_step_error": max(abs(r["step_error"]) for r in rows),
-           "max_abs_memory_error": max(abs(r["memory_error"]) for r in rows),
-           "spearman_step_time": spearman(pred, meas),
-           "comm_bytes_all_equal": all(r["comm_bytes_equal"] for r in rows)}
-    if all(r.get("calibrated_step_error") is not None for r in rows):
-        cal = [r["measured"]["calibrated_seconds"] for r in rows]
-        out.update(max_abs_calibrated_step_error=max(abs(r["calibrated_step_error"])
-                                                     for r in rows),
-                   spearman_calibrated=spearman(pred, cal))
-    return out
+    pred, meas = [predicted_seconds(r) for r in rows], [measured_seconds(r) for r in rows]
+    return {"max_abs_step_error": max(abs(r["step_error"]) for r in rows),
+            "max_abs_memory_error": max(abs(r["memory_error"]) for r in rows),
+            "spearman_step_time": spearman(pred, meas),
+            "comm_bytes_all_equal": all(r["comm_bytes_equal"] for r in rows)}
 
 
 def summary_text(report: dict) -> str:
     lines = [f"{'plan':<44}{'mb':>3}{'remat':>6}{'pred s':>9}{'meas s':>9}{'err':>7}"
-             f"{'cal s':>9}{'err':>7}{'pred MiB':>10}{'meas MiB':>10}{'err':>7}{'RSS MiB':>9}"]
+             f"{'pred MiB':>10}{'meas MiB':>10}{'err':>7}{'RSS MiB':>9}"]
     for r in report["plans"]:
-        cal = r["measured"].get("calibrated_seconds")
-        cal_text = f"{cal:>9.3f}{r['calibrated_step_error']:>+7.0%}" if cal else f"{'':>16}"
         lines.append(f"{r['plan']:<44}{r['micro_batch']:>3}{r['remat']:>6.1f}"
-                     f"{r['predicted']['step_seconds']:>9.3f}{r['measured']['step_seconds']:>9.3f}"
-                     f"{r['step_error']:>+7.0%}{cal_text}"
-                     f"{r['predicted']['peak_gib'] * 1024:>10.1f}"
+                     f"{predicted_seconds(r):>9.3f}{measured_seconds(r):>9.3f}"
+                     f"{r['step_error']:>+7.0%}{r['predicted']['peak_gib'] * 1024:>10.1f}"
                      f"{max(r['measured']['peak_bytes']) / 2**20:>10.1f}{r['memory_error']:>+7.0%}"
                      f"{max(r['measured']['rss_growth_bytes']) / 2**20:>9.1f}")
     s = report["summary"]
@@ -258,10 +265,6 @@ def summary_text(report: dict) -> str:
         lines.append(f"max |time error| {s['max_abs_step_error']:.1%}, max |memory error| "
                      f"{s['max_abs_memory_error']:.1%}, Spearman {s['spearman_step_time']:.2f}, "
                      f"comm bytes equal: {s['comm_bytes_all_equal']}")
-        if "spearman_calibrated" in s:
-            lines.append(f"at the calibration's speed (cal s): max |time error| "
-                         f"{s['max_abs_calibrated_step_error']:.1%}, Spearman "
-                         f"{s['spearman_calibrated']:.2f}")
     if report.get("note"):
         lines.append(report["note"])
     return "\n".join(lines)
@@ -279,8 +282,7 @@ def chart(rows: list[dict], path: str, profile: str) -> bool:
     names = [f"{r['plan']}\nmb={r['micro_batch']} remat={r['remat']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.5 * len(rows) + 2.5))
     y = range(len(rows))
-    series = ((axes[0], "step seconds", lambda r: r["predicted"]["step_seconds"],
-               lambda r: r["measured"]["step_seconds"]),
+    series = ((axes[0], "step seconds", predicted_seconds, measured_seconds),
               (axes[1], "peak MiB per rank", lambda r: r["predicted"]["peak_gib"] * 1024,
                lambda r: max(r["measured"]["peak_bytes"]) / 2**20))
     for ax, label, p, m in series:
@@ -418,8 +420,6 @@ def _measure(spec: dict, plan, mesh) -> dict:
     reported beside it."""
     import torch.distributed as dist
     from torch.profiler import record_function
-
-    from evo.calibrate import probe
     _load_code_paths()
     rss0 = _rss_bytes()
     with allocator_profile() as prof:
@@ -430,20 +430,13 @@ def _measure(spec: dict, plan, mesh) -> dict:
     del prof
     rss = _rss_bytes() - rss0
     steady_allocator()
-    speed = probe()
-
-    def probed():
-        dist.barrier()
-        probes.append(speed())
-        dist.barrier()
-    times, probes = [], []
-    probed()
+    times = []
     for _ in range(spec["steps"]):
+        dist.barrier()
         start = time.perf_counter()
         state, metrics = step(state, batch)
         times.append(time.perf_counter() - start)
-        probed()
-    return {"times": times, "probes": probes, "peak": peak, "rss": rss, "pp": mesh.coords["pp"],
+    return {"times": times, "peak": peak, "rss": rss, "pp": mesh.coords["pp"],
             "comm_bytes": dict(metrics["comm_bytes"]), "comm_calls": dict(metrics["comm_calls"])}
 
 
@@ -464,13 +457,9 @@ def worker(spec_path: str, out_path: str) -> None:
     dist.all_gather_object(every, mine)
     if dist.get_rank() == 0:
         slowest = [max(e["times"][i] for e in every) for i in range(spec["steps"])]
-        around = [[max((e["probes"][i][k] + e["probes"][i + 1][k]) / 2 for e in every)
-                   for i in range(spec["steps"])] for k in range(2)]
         with open(out_path, "w", encoding="utf-8") as f:
             json.dump({"step_seconds": statistics.median(slowest[1:] or slowest),
-                       "step_times": slowest, "probe_seconds": around[0],
-                       "probe_comm_seconds": around[1],
-                       "peak_bytes": [e["peak"] for e in every],
+                       "step_times": slowest, "peak_bytes": [e["peak"] for e in every],
                        "rss_growth_bytes": [e["rss"] for e in every],
                        "comm_bytes": every[0]["comm_bytes"],
                        "comm_bytes_by_rank": [[e["pp"], e["comm_bytes"]] for e in every],

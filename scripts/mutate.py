@@ -266,10 +266,10 @@ MUTATIONS = [
     Mutation("cost-pipeline-bubble-of-equal-stages", "evo/sharding/cost.py",
              "return span / busy - 1", "return pipeline_bubble_fraction(plan, wl.micro_num)",
              ("tests/test_cost.py::test_a_pipeline_step_takes_its_busiest_ranks_compute",)),
-    Mutation("sweep-speed-ratio-inverted", "evo/sweep.py",
-             "scaled = [t * probe_seconds / p for t, p",
-             "scaled = [t * p / probe_seconds for t, p",
-             ("tests/test_sweep.py::test_launches_compare_at_the_calibrations_speed",)),
+    Mutation("sweep-recalibrated-error-of-the-first-round", "evo/sweep.py",
+             '"step_error": statistics.median(errors)}', '"step_error": errors[0]}',
+             ("tests/test_sweep.py::test_recalibrated_rounds_each_compare_with_their_own_"
+              "profile",)),
     Mutation("calibrate-collectives-keep-their-stalls", "evo/calibrate.py",
              "k = calls // 10", "k = 0",
              ("tests/test_sweep.py::test_collectives_are_timed_apart_and_averaged_without_"

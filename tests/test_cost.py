@@ -124,10 +124,6 @@ def test_a_bad_profile_value_names_the_field():
     with pytest.raises(cost.ProfileError,
                        match=r"device.context_attention_efficiency must be a number in \[0, 1\]"):
         cost.profile_from_dict(d)
-    d["device"]["context_attention_efficiency"] = 0.1
-    d["device"]["probe_seconds"] = 0
-    with pytest.raises(cost.ProfileError, match=r"device.probe_seconds must be a number > 0"):
-        cost.profile_from_dict(d)
 
 
 def test_sequence_split_plans_run_the_context_attentions_efficiency():
@@ -310,7 +306,6 @@ def test_memory_model_is_the_measured_live_peak_of_data_parallel_buckets(tmp_pat
         measured = sweep.run_plan(exp, pred, 1, 2, str(tmp_path), zero)
         assert max(measured["peak_bytes"]) == pytest.approx(pred.memory["total"], rel=0.02), \
             (zero, micro_num, pred.memory, measured["peak_bytes"])
-        assert len(measured["probe_seconds"]) == 1 and measured["probe_seconds"][0] > 0
 
 
 def test_pipeline_bubble_of_each_schedule():

@@ -107,6 +107,17 @@ def test_sweep_top_beyond_the_plans_that_fit_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "sweep.json").exists()
 
 
+def test_sweep_recalibrating_with_a_given_profile_is_an_error(tmp_path, capsys):
+    rc = cli.main(["sweep", os.path.join(ROOT, "experiments", "plan_cpu.py"), "--top", "2",
+                   "--steps", "2", "--nproc", "2", "--out", str(tmp_path / "out"),
+                   "--profile", "h100-80gb-ib", "--recalibrate", "--repeat", "2"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == (
+        "evo: error: --recalibrate measures this machine before every round: it takes no "
+        "--profile (got h100-80gb-ib)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_spearman_and_spread():
     assert sweep.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert sweep.spearman([1, 2, 3, 4], [40, 30, 20, 10]) == -1.0

@@ -109,20 +109,15 @@ def test_repeated_launches_count_their_least():
                    "round_seconds": [2.0, 1.5, 3.0]}
 
 
-def test_launches_compare_at_the_calibrations_speed():
-    """Each timed step scaled by the profile's probe over the probe around it, the median after
-    the first step; the least over launches. Steps of 3, 2, 4 s while the probe ran at 1, 0.5, 2
-    times the profile's 0.1 s: 3, 4, 2 s at that speed, 3 s (the median of the last two)."""
-    a = {"step_seconds": 3.0, "step_times": [3.0, 2.0, 4.0], "probe_seconds": [0.1, 0.05, 0.2],
-         "peak_bytes": [1]}
-    b = {"step_seconds": 2.0, "step_times": [2.0, 2.0, 2.0], "probe_seconds": [0.1, 0.2, 0.2],
-         "peak_bytes": [1]}
-    assert sweep.at_calibration_speed(a, 0.1) == pytest.approx(3.0)
-    assert sweep.at_calibration_speed(b, 0.1) == pytest.approx(1.0)
-    got = sweep.least([a, b], 0.1)
-    assert got["step_seconds"] == 2.0 and got["calibrated_seconds"] == pytest.approx(1.0)
-    assert got["round_calibrated_seconds"] == pytest.approx([3.0, 1.0])
-    assert "calibrated_seconds" not in sweep.least([a, b])     # a profile without a probe
+def test_recalibrated_rounds_each_compare_with_their_own_profile():
+    """--recalibrate: round r's launch against the prediction of the profile measured just
+    before round r; the plan's error is the median of its rounds' (0.9 s predicted for 1.0 s,
+    then 1.2 s for 1.0 s, then 1.0 s for 0.8 s: −10 %, +20 %, +25 % → +20 %)."""
+    row = {"plan": "dp=2", "step_error": 0.5}
+    got = sweep.by_round(row, [0.9, 1.2, 1.0], [1.0, 1.0, 0.8])
+    assert got["round_step_errors"] == pytest.approx([-0.1, 0.2, 0.25])
+    assert got["step_error"] == pytest.approx(0.2)
+    assert got["round_predicted_seconds"] == [0.9, 1.2, 1.0] and got["plan"] == "dp=2"
 
 
 def test_collectives_are_timed_apart_and_averaged_without_their_extremes():

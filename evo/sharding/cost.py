@@ -71,10 +71,7 @@ SCHEMA = {
 }
 # Optional fields, checked when present: the attention of plans splitting the sequence (Ulysses,
 # ring: log-sum-exp attention and its gradients), ``device.attention_efficiency`` when absent.
-# ``device.probe_seconds``, ``cluster.probe_seconds``: what ``evo.calibrate.probe`` timed when the
-# profile was measured (the machine's speed then; ``evo sweep`` compares its launches at it).
-OPTIONAL = {"device.context_attention_efficiency": "fraction", "device.probe_seconds": "number",
-            "cluster.probe_seconds": "number"}
+OPTIONAL = {"device.context_attention_efficiency": "fraction"}
 
 
 @dataclass(frozen=True)
