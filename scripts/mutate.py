@@ -270,6 +270,9 @@ MUTATIONS = [
              '"step_error": statistics.median(errors)}', '"step_error": errors[0]}',
              ("tests/test_sweep.py::test_recalibrated_rounds_each_compare_with_their_own_"
               "profile",)),
+    Mutation("calibrate-efficiency-clipped-at-the-matmul-peak", "evo/calibrate.py",
+             "peak = max(tflops * 1e12, rate, attn_rate, ctx_rate)", "peak = tflops * 1e12",
+             ("tests/test_sweep.py::test_a_layer_faster_than_the_matmul_timing_raises_the_peak",)),
     Mutation("calibrate-collectives-keep-their-stalls", "evo/calibrate.py",
              "k = calls // 10", "k = 0",
              ("tests/test_sweep.py::test_collectives_are_timed_apart_and_averaged_without_"

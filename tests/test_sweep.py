@@ -120,6 +120,24 @@ def test_recalibrated_rounds_each_compare_with_their_own_profile():
     assert got["round_predicted_seconds"] == [0.9, 1.2, 1.0] and got["plan"] == "dp=2"
 
 
+def test_a_layer_faster_than_the_matmul_timing_raises_the_peak(monkeypatch):
+    """A disturbed matmul timing below the layer's fitted rate: the profile's peak becomes that
+    rate (efficiency 1) instead of clipping the efficiency — the predicted layer time stays the
+    measured one."""
+    from evo import calibrate
+    cfg = calibrate._reference_config()
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    rate = 40e9                                    # the layer at 40 GFLOP/s, no overhead
+    monkeypatch.setattr(calibrate, "_layer_seconds", lambda c, s, d: (
+        6 * s * (4 * h * h + 3 * h * f) + 12 * s * h * s / 2) / rate)
+    monkeypatch.setattr(calibrate, "_timed", lambda fn, *a: 1.0)   # attention: slow
+    fit = calibrate.compute_fit(0.02, torch.float32)               # matmuls "at" 20 GFLOP/s
+    assert fit["peak_tflops"] == pytest.approx(0.04)
+    assert fit["compute_efficiency"] == pytest.approx(1.0)
+    assert fit["block_overhead_us"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < fit["attention_efficiency"] < 1
+
+
 def test_collectives_are_timed_apart_and_averaged_without_their_extremes():
     """``calibrate._spaced``: the mean of the calls without the slowest and fastest tenth — a
     50 ms stall among 2 ms calls is left out (a median would hide a step's slow collectives, a
