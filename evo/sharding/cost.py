@@ -733,8 +733,11 @@ def zero_bubble_factor(recomputed: float) -> float:
     gradient to the stage's input alone (``f``: each matmul's input gradient; plus the
     recomputation ``r``), then ``W`` the weights' gradients through the stage's whole backward
     again (``2f + r``: ``autograd.grad`` to the weights evaluates every backward function anew,
-    measured as twice 1F1B's backward nodes): ``(4f + 2r) / (3f + r)``, ``recomputed`` = r / f."""
-    return (4 + 2 * recomputed) / (3 + recomputed)
+    measured as twice 1F1B's backward nodes): ``(4f + 2r) / (3f + r)``, ``recomputed`` = r / f —
+    ``_action_flops``' costs, which the replayed schedules use."""
+    def cost(kinds: str) -> float:
+        return sum(_action_flops(k, 1, 1.0, recomputed) for k in kinds)
+    return cost("FIW") / cost("FB")
 
 
 def _action_flops(kind: str, stage: int, forward: float, recompute: float) -> float:
