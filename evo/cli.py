@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--repeat", type=_positive_int, default=1,
                    help="launches per plan, in rounds over all the plans; the least counts")
     w.add_argument("--recalibrate", action="store_true",
-                   help="measure this machine before every round (no --profile): each launch "
-                        "is predicted from the profile measured just before its round, a plan's "
+                   help="measure this machine before every launch (no --profile): each "
+                        "launch is predicted from the profile measured just before it, a plan's "
                         "error is the median of its rounds'")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     w.set_defaults(fn=_sweep)

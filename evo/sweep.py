@@ -10,9 +10,9 @@ of the experiment's shape: first one untimed, profiled step, then ``N`` timed st
 records:
 
 - its peak memory: the most bytes of tensors alive at once in the CPU allocator during the
-  profiled step (``live_peak``: every allocation and free the profiler records from before the
-  model and its state are built, summed in order — the counterpart of
-  ``torch.cuda.max_memory_allocated``); beside it, reported only, the growth of the peak resident
+  profiled step (``live_peak``: the allocator's count of live bytes at every allocation and free
+  the profiler records, from before the model and its state are built, with the frees of every
+  thread counted — the counterpart of ``torch.cuda.max_memory_allocated``); beside it, reported only, the growth of the peak resident
   set (``getrusage`` max RSS) over a baseline taken before the model exists (glibc told to map
   every allocation above 64 KiB, ``MALLOC_MMAP_THRESHOLD_``, so freed tensors leave it), which
   also counts per-process buffers that are no tensor of the step;
@@ -24,16 +24,18 @@ records:
 The step time is the median over timed steps after the first of the slowest rank's time; with
 ``--repeat R`` every plan is launched R times, in rounds over all the plans, and the least of
 its launches counts (``least``). With ``--recalibrate`` (and no ``--profile``) the machine is
-measured again before every round and each launch is predicted from the profile measured just
-before its round: a plan's error is the median of its rounds' (``by_round``) — on a shared
-machine whose speed drifts by a fifth within minutes, what the model says about the machine as
-it was, not as it was ten minutes earlier.
+measured again before every launch (``DIR/profile.I.R.json``, the first launch's being the
+ranking's ``DIR/profile.json``) and each launch is predicted from the profile measured just
+before it: a plan's error is the median of its rounds' (``by_round``) — on a shared machine
+whose speed drifts by half within minutes, what the model says about the machine as it was, not
+as it was ten minutes earlier.
 ``DIR/sweep.json`` holds predicted and measured side by side (and every rank's measured
 communication bytes against ``planner.expected_comm_bytes`` of its pipeline stage);
 ``DIR/sweep.png`` charts them (needs matplotlib).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -108,7 +110,7 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
     from evo import calibrate
     from evo.sharding import cost, search
     if recalibrate and profile is not None:
-        raise ValueError(f"--recalibrate measures this machine before every round: it takes no "
+        raise ValueError(f"--recalibrate measures this machine before every launch: it takes no "
                          f"--profile (got {profile})")
 
     def measured_profile(path: str):
@@ -121,18 +123,21 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
     result = search.search(exp.model, nproc, base_of(exp, nproc), prof, every_remat=True)
     ok, skipped = runnable(exp.model, result, nproc, top)
     chosen = choose(ok, top, spread, plan_kind)
-    rounds, predicted = [], [chosen]
+    rounds, predicted = [], []
     for r in range(repeat):
-        if r and recalibrate:
-            again = measured_profile(os.path.join(out, f"profile.{r}.json"))
-            predicted.append([cost.predict(exp.model, p.plan, p.workload, again) for p in chosen])
         rounds.append([])
+        predicted.append([])
         for i, pred in enumerate(chosen):
+            name = i if repeat == 1 else f"{i}.{r}"
+            if recalibrate and (r or i):     # the first launch has the ranking's profile
+                again = measured_profile(os.path.join(out, f"profile.{name}.json"))
+                predicted[-1].append(cost.predict(exp.model, pred.plan, pred.workload, again))
+            else:
+                predicted[-1].append(pred)
             print(f"evo: [{i + 1}/{top}{f', round {r + 1}/{repeat}' if repeat > 1 else ''}] "
                   f"{search.plan_fields(pred.plan)} mb={pred.workload.micro_batch}"
                   f" remat={pred.workload.remat}", flush=True)
-            rounds[-1].append(run_plan(exp, pred, steps, nproc, out,
-                                       i if repeat == 1 else f"{i}.{r}"))
+            rounds[-1].append(run_plan(exp, pred, steps, nproc, out, name))
     rows = [compare(exp.model, pred, least([rd[i] for rd in rounds]))
             for i, pred in enumerate(chosen)]
     if recalibrate:
@@ -164,7 +169,7 @@ def least(runs: list[dict]) -> dict:
 
 
 def by_round(row: dict, predicted: list[float], measured: list[float]) -> dict:
-    """A compared plan (``compare``) whose every round was predicted from the profile measured
+    """A compared plan (``compare``) whose every launch was predicted from the profile measured
     just before it (``--recalibrate``): each round's predicted and measured seconds and error,
     and the median of the errors as the plan's ``step_error``."""
     errors = [p / m - 1 for p, m in zip(predicted, measured, strict=True)]
@@ -305,18 +310,53 @@ def chart(rows: list[dict], path: str, profile: str) -> bool:
 MEASURED = "evo.sweep.measured"   # the profiled step's region
 
 
+@contextlib.contextmanager
 def allocator_profile():
-    """A profiler recording every allocation and free of the CPU allocator (with its size); what
-    is allocated before it starts is not counted. Mark the region to measure with
+    """A profiler recording every allocation and free of the CPU allocator with the allocator's
+    count of live bytes after each; while it runs, c10's CPU allocator counts the frees of every
+    thread (``_frees_of_every_thread``), not only the threads the profiler follows — gloo's
+    threads drop collectives' buffers, about a hundred blocks per step of a weight-parallel plan.
+    What is allocated before it starts is not counted. Mark the region to measure with
     ``torch.profiler.record_function(MEASURED)``; ``live_peak`` reads it."""
     from torch.profiler import ProfilerActivity, profile
-    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _frees_of_every_thread(), profile(activities=[ProfilerActivity.CPU],
+                                           profile_memory=True) as prof:
+        yield prof
+
+
+@contextlib.contextmanager
+def _frees_of_every_thread():
+    """c10's flag ``caffe2_report_cpu_memory_usage`` on for the block: its CPU allocator then
+    keeps its count of live bytes on every thread (otherwise only on threads with the profiler
+    on, so that a block freed elsewhere stays counted). A RuntimeWarning, and the count of the
+    profiled threads alone (an upper bound), where the flag is not found."""
+    import ctypes
+    import glob
+    import warnings
+    flag = None
+    for path in glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "*c10.*")):
+        try:
+            flag = ctypes.c_bool.in_dll(ctypes.CDLL(path), "FLAGS_caffe2_report_cpu_memory_usage")
+            break
+        except (OSError, ValueError):
+            continue
+    if flag is None:
+        warnings.warn("evo sweep: c10's caffe2_report_cpu_memory_usage flag was not found: the "
+                      "peak counts blocks freed on threads the profiler does not follow (an "
+                      "upper bound)", RuntimeWarning, stacklevel=3)
+        yield
+        return
+    was, flag.value = flag.value, True
+    try:
+        yield
+    finally:
+        flag.value = was
 
 
 def live_peak(prof, region: str = MEASURED) -> int:
     """The most bytes the CPU allocator held at once during ``region`` of ``prof``, counting the
     tensors allocated since the profile started (the CPU counterpart of
-    ``torch.cuda.max_memory_allocated``): ``peak_of`` the allocation and free events."""
+    ``torch.cuda.max_memory_allocated``): ``peak_of`` the allocator's count after each event."""
     results = prof.profiler.kineto_results
     marks = [e for e in results.events() if e.name() == region]
     if len(marks) != 1:
@@ -328,43 +368,33 @@ def live_peak(prof, region: str = MEASURED) -> int:
 
 
 def _allocations(nodes) -> list[tuple[int, int, int]]:
-    """(time ns, bytes: + allocated, − freed, address) of every CPU allocator event in the
-    profiler's event tree."""
+    """(time ns, bytes: + allocated, − freed, the allocator's count of live bytes after it) of
+    every CPU allocator event in the profiler's event tree."""
     out, stack = [], list(nodes)
     while stack:
         n = stack.pop()
         f = n.extra_fields
         if type(f).__name__ == "_ExtraFields_Allocation":
             if f.device.type == "cpu":
-                out.append((n.start_time_ns, f.alloc_size, f.ptr))
+                out.append((n.start_time_ns, f.alloc_size, f.total_allocated))
         else:
             stack.extend(n.children)
     return out
 
 
 def peak_of(events: list[tuple[int, int, int]], start: int, end: int) -> int:
-    """The largest running sum of ``events`` (time, ± bytes, address), in time order (a free
-    before an allocation at the same time), inside ``[start, end]`` or on entering it.
-
-    A block allocated at an address that is still counted as alive was freed before: the
-    profiler misses frees made by threads it does not follow (gloo's, dropping a collective's
-    buffers), and without this such a block would count until the end. (One freed on such a
-    thread whose address is never handed out again still counts: an upper bound.)"""
-    live = peak = 0
-    alive: dict[int, int] = {}
-    for t, nbytes, ptr in sorted(events, key=lambda e: (e[0], e[1] > 0)):
-        if t > end:
-            break
-        if t >= start:
-            peak = max(peak, live)     # on entering, then after each event inside
-        if nbytes > 0:
-            live += nbytes - alive.pop(ptr, 0)
-            alive[ptr] = nbytes
-        else:
-            live += nbytes if alive.pop(ptr, None) is not None else 0
-        if t >= start:
-            peak = max(peak, live)
-    return max(peak, live)
+    """The largest count of live bytes (``events``: time, ± bytes, the allocator's count after
+    it) inside ``[start, end]`` or on entering it, over the count before the first event — the
+    allocator counts for its whole process, and an earlier profile may have left blocks in its
+    count. A block freed on a thread the profiler does not follow has no event, but every later
+    event's count has it."""
+    if not events:
+        return 0
+    events = sorted(events, key=lambda e: e[0])
+    base = events[0][2] - events[0][1]
+    before = [count for t, _, count in events if t < start][-1:]
+    inside = [count for t, _, count in events if start <= t <= end]
+    return max(before + inside, default=base) - base
 
 
 def steady_allocator() -> bool:

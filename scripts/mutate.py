@@ -32,6 +32,9 @@ from dataclasses import dataclass
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = "tests/test_sharding.py"
 BUCKETS = "tests/test_sharding.py::test_buckets_launch_during_backward"
+PP_MEMORY_HAND = ("tests/test_cost.py::test_pipeline_activations_follow_each_stages_micro_"
+                  "batches_in_flight")
+PP_MEMORY = "tests/test_cost.py::test_memory_model_is_the_measured_live_peak_of_pipeline_stages"
 LONG_ROWS = "tests/test_attention.py::test_long_rows_attend_blockwise_without_a_dense_mask"
 
 
@@ -216,10 +219,23 @@ MUTATIONS = [
     Mutation("cost-layer-forgets-rotary-q-k", "evo/sharding/cost.py",
              "(3 * h + 3 * kv + 4 * ffn) / plan.tp", "(h + 2 * kv + 4 * ffn) / plan.tp",
              ("tests/test_cost.py",)),
-    Mutation("sweep-live-peak-ignores-frees", "evo/sweep.py",
-             "live += nbytes if alive.pop(ptr, None) is not None else 0",
-             "live += 0 if alive.pop(ptr, None) is not None else 0",
+    Mutation("sweep-frees-of-the-profiled-threads-only", "evo/sweep.py",
+             "with _frees_of_every_thread(), profile(", "with contextlib.nullcontext(), profile(",
              ("tests/test_sweep.py",)),
+    Mutation("sweep-live-peak-counts-the-earlier-profiles", "evo/sweep.py",
+             "return max(before + inside, default=base) - base",
+             "return max(before + inside, default=base)", ("tests/test_sweep.py",)),
+    Mutation("cost-pipeline-backward-without-its-gradients", "evo/sharding/cost.py",
+             "{s: (0, 0, 0, 0, 0, grads[s]) for s in stages}", "None",
+             (PP_MEMORY_HAND, PP_MEMORY)),
+    Mutation("cost-pipeline-head-gradients-with-the-recompute", "evo/sharding/cost.py",
+             "((0, 0, 0, int(per_stage[s][1] > 0), 0, 0), (0, 0, 0, 0, per_stage[s][2], 0))",
+             "((0, 0, 0, int(per_stage[s][1] > 0), per_stage[s][2], 0),)",
+             (PP_MEMORY_HAND,)),
+    Mutation("pipeline-input-backward-releases-the-forward", "evo/sharding/pipeline.py",
+             'live[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0',
+             'live[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "I") else 0',
+             (PP_MEMORY,)),
     Mutation("sweep-runs-only-dp-tp-zero", "evo/sweep.py",
              'if cost.modelled(cfg, p.plan) == "planner"]',
              'if cost.modelled(cfg, p.plan) == "planner" and p.plan.pp == 1]',
@@ -266,6 +282,11 @@ MUTATIONS = [
     Mutation("cost-pipeline-bubble-of-equal-stages", "evo/sharding/cost.py",
              "return span / busy - 1", "return pipeline_bubble_fraction(plan, wl.micro_num)",
              ("tests/test_cost.py::test_a_pipeline_step_takes_its_busiest_ranks_compute",)),
+    Mutation("sweep-recalibrated-launch-predicted-from-the-first-profile", "evo/sweep.py",
+             "predicted[-1].append(cost.predict(exp.model, pred.plan, pred.workload, again))",
+             "predicted[-1].append(pred)",
+             ("tests/test_sweep.py::test_each_recalibrated_launch_is_predicted_from_the_profile_"
+              "just_before_it",)),
     Mutation("sweep-recalibrated-error-of-the-first-round", "evo/sweep.py",
              '"step_error": statistics.median(errors)}', '"step_error": errors[0]}',
              ("tests/test_sweep.py::test_recalibrated_rounds_each_compare_with_their_own_"
@@ -281,9 +302,6 @@ MUTATIONS = [
              'fastest = min(runs, key=lambda m: m["step_seconds"])',
              'fastest = max(runs, key=lambda m: m["step_seconds"])',
              ("tests/test_sweep.py::test_repeated_launches_count_their_least",)),
-    Mutation("live-peak-keeps-blocks-whose-free-it-missed", "evo/sweep.py",
-             "live += nbytes - alive.pop(ptr, 0)", "live += nbytes",
-             ("tests/test_sweep.py::test_a_block_allocated_again_at_its_address_was_freed",)),
     Mutation("cost-micro-batch-end-without-its-own-gradients", "evo/sharding/cost.py",
              "return 2 * grads + (3 * first", "return grads + (3 * first",
              ("tests/test_cost.py::"

@@ -113,7 +113,7 @@ def test_sweep_recalibrating_with_a_given_profile_is_an_error(tmp_path, capsys):
                    "--profile", "h100-80gb-ib", "--recalibrate", "--repeat", "2"])
     assert rc == 2
     assert capsys.readouterr().err.strip() == (
-        "evo: error: --recalibrate measures this machine before every round: it takes no "
+        "evo: error: --recalibrate measures this machine before every launch: it takes no "
         "--profile (got h100-80gb-ib)")
     assert not (tmp_path / "out").exists()
 

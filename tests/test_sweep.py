@@ -1,7 +1,10 @@
 """evo sweep's pieces that need no process group: the plans it runs (every plan the planner
 accepts), the spread over plan kinds, and the peak of live tensor bytes it measures (against
 allocations of known sizes)."""
+import json
 import os
+import queue
+import threading
 
 import pytest
 import torch
@@ -85,17 +88,34 @@ def test_live_peak_counts_what_is_alive_on_entering():
         sweep.live_peak(prof, "elsewhere")
 
 
-def test_a_block_allocated_again_at_its_address_was_freed():
-    """A free the profiler missed (made on a thread it does not follow): the block allocated
-    next at the same address ends the old one. 4 MiB at A (its free unseen), 2 MiB at B, then
-    4 MiB at A again: 6 MiB at most, not 10; a free of a block the profile never saw allocated
-    changes nothing; the region starts at t=2."""
-    A, B, C = 0x1000, 0x2000, 0x3000
-    events = [(1, 4 * MIB, A), (3, 2 * MIB, B), (4, 4 * MIB, A), (5, -1 * MIB, C),
-              (6, -2 * MIB, B), (7, -4 * MIB, A)]
-    assert sweep.peak_of(events, 2, 10) == 6 * MIB
-    assert sweep.peak_of(events, 5, 10) == 6 * MIB          # alive on entering
-    assert sweep.peak_of([(1, 4 * MIB, A), (2, -4 * MIB, A), (2, 3 * MIB, A)], 0, 9) == 4 * MIB
+def test_a_block_freed_on_another_thread_is_no_longer_counted():
+    """A 4 MiB tensor handed to a thread the profiler does not follow, freed there, then 2 MiB
+    allocated: 4 MiB at most, not 6 — c10's allocator counts every thread's frees while the
+    profile runs."""
+    drop: queue.Queue = queue.Queue()
+    thread = threading.Thread(target=lambda: drop.get())
+    with sweep.allocator_profile() as prof:
+        thread.start()
+        with record_function(sweep.MEASURED):
+            a = torch.empty(4 * MIB // 4)
+            drop.put(a)
+            del a
+            thread.join()
+            b = torch.empty(2 * MIB // 4)
+            del b
+    assert sweep.live_peak(prof) == 4 * MIB
+
+
+def test_peak_of_counts_from_the_allocators_count_before_the_profile():
+    """Events (time, ± bytes, the allocator's count after it): an earlier profile left 100 MiB
+    in the count; 4 MiB, a free of it on an unseen thread (no event: the next count has it), 2
+    MiB, 3 MiB: 5 MiB at most, not 9, nor 105; alive on entering."""
+    events = [(1, 4 * MIB, 104 * MIB), (3, 2 * MIB, 102 * MIB), (4, 3 * MIB, 105 * MIB),
+              (6, -2 * MIB, 103 * MIB), (7, -3 * MIB, 100 * MIB)]
+    assert sweep.peak_of(events, 2, 10) == 5 * MIB
+    assert sweep.peak_of(events, 5, 10) == 5 * MIB          # alive on entering
+    assert sweep.peak_of(events, 7, 10) == 3 * MIB
+    assert sweep.peak_of([], 0, 9) == 0
 
 
 def test_repeated_launches_count_their_least():
@@ -118,6 +138,42 @@ def test_recalibrated_rounds_each_compare_with_their_own_profile():
     assert got["round_step_errors"] == pytest.approx([-0.1, 0.2, 0.25])
     assert got["step_error"] == pytest.approx(0.2)
     assert got["round_predicted_seconds"] == [0.9, 1.2, 1.0] and got["plan"] == "dp=2"
+
+
+def test_each_recalibrated_launch_is_predicted_from_the_profile_just_before_it(tmp_path,
+                                                                             monkeypatch):
+    """--recalibrate --repeat 2 over two plans: the machine measured before every launch but the
+    first (whose profile ranked the plans), each launch predicted from the latest profile. The
+    fake calibration k runs at 1/k of H100's matmul rate; the fake launch records which
+    calibration preceded it and takes that profile's predicted seconds: every error is 0."""
+    from evo import calibrate
+    exp = config.load(os.path.join(ROOT, "experiments", "plan_cpu.py"))
+    made, launched = [], []
+
+    def fake_calibrate(path, nproc):
+        d = json.load(open(os.path.join(ROOT, "evo", "profiles", "h100-80gb-ib.json")))
+        d["device"]["matmul_tflops"] = {k: v / (len(made) + 1)
+                                        for k, v in d["device"]["matmul_tflops"].items()}
+        json.dump(d, open(path, "w"))
+        made.append(os.path.basename(path))
+
+    def fake_launch(exp_, pred, steps, nproc, out, index):
+        prof = cost.load_profile(os.path.join(out, made[-1]))
+        launched.append((index, made[-1]))
+        return {"step_seconds": cost.predict(exp_.model, pred.plan, pred.workload,
+                                             prof).step_seconds,
+                "peak_bytes": [1, 1], "rss_growth_bytes": [1, 1], "comm_bytes_by_rank": []}
+    monkeypatch.setattr(calibrate, "calibrate", fake_calibrate)
+    monkeypatch.setattr(sweep, "run_plan", fake_launch)
+    monkeypatch.setattr(sweep, "chart", lambda *a: False)
+    report = sweep.sweep(exp, top=2, steps=1, nproc=2, out=str(tmp_path), repeat=2,
+                         recalibrate=True)
+    assert made == ["profile.json", "profile.1.0.json", "profile.0.1.json", "profile.1.1.json"]
+    assert launched == [("0.0", "profile.json"), ("1.0", "profile.1.0.json"),
+                        ("0.1", "profile.0.1.json"), ("1.1", "profile.1.1.json")]
+    for row in report["plans"]:
+        assert row["round_step_errors"] == pytest.approx([0.0, 0.0], abs=1e-12)
+        assert row["round_predicted_seconds"][1] > row["round_predicted_seconds"][0]
 
 
 def test_a_layer_faster_than_the_matmul_timing_raises_the_peak(monkeypatch):

@@ -864,12 +864,14 @@ def layer_activation_bytes(cfg, plan: Plan, wl: Workload) -> tuple[float, float]
     return full, h / seq_tp * wl.act_bytes
 
 
-def head_activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
-    """Bytes per token the head keeps: the final norm's input, normalised and weighted input (as
-    a layer half's), the fp32 logits, their softmax and their gradient (split over tp)."""
+def head_activation_bytes(cfg, plan: Plan, wl: Workload) -> tuple[float, float]:
+    """(bytes per token the head keeps from its forward to its backward, bytes its backward
+    adds while it runs): the final norm's input, normalised and weighted input (as a layer
+    half's) and the fp32 log-softmax of the logits; the logits' gradient and softmax (split over
+    tp)."""
     seq_tp = plan.tp if plan.sequence_parallel else 1
-    return (2 * cfg.hidden_size / seq_tp + cfg.hidden_size) * wl.act_bytes + \
-        3 * cfg.vocab_size / plan.tp * 4
+    logits = cfg.vocab_size / plan.tp * 4
+    return (2 * cfg.hidden_size / seq_tp + cfg.hidden_size) * wl.act_bytes + logits, 2 * logits
 
 
 def _held(layers: int, redo: int, full: float, kept: float, head: float) -> float:
@@ -881,8 +883,8 @@ def _held(layers: int, redo: int, full: float, kept: float, head: float) -> floa
 
 def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
     """Activations of the micro-batches in flight on the busiest rank. For a plan the planner
-    accepts: with pipeline stages, each pp rank's in-flight micro-batches under its schedule
-    (``pipeline.in_flight``, what ``pipeline.stage_report`` counts) of its layers; with a sequence
+    accepts: with pipeline stages, each pp rank's micro-batches in flight under its schedule,
+    stage by stage (``_stage_activations``, as ``pipeline.stage_report`` counts); with a sequence
     group, ``context.activation_bytes``. Otherwise (and for plain dp × tp): ``_held`` of the
     layers and the head, on the sequence split over sp · cp; 1F1B's first stage holds ``pp``
     micro-batches (interleaved: × (1 + (p−1)/(p·v)), Megatron's factor)."""
@@ -895,7 +897,7 @@ def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
     tokens = wl.tokens_per_micro / (plan.sp * plan.cp)
     full, kept = layer_activation_bytes(cfg, plan, wl)
     redo = recomputed_layers(plan, layers, wl.remat)
-    head = head_activation_bytes(cfg, plan, wl)
+    head = sum(head_activation_bytes(cfg, plan, wl))
     if plan.pp == 1:
         return tokens * _held(layers, redo, full, kept, head)
     in_flight = min(plan.pp, wl.micro_num)
@@ -906,27 +908,59 @@ def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
 
 
 @functools.lru_cache(maxsize=4096)
-def _in_flight(key: tuple, micro_num: int) -> tuple:
-    """``pipeline.in_flight`` of every pp rank, from one ``pipeline.action_lists``."""
-    lists = pipeline.action_lists(_pp_plan(key), micro_num)
-    return tuple(pipeline.high_water(lists[r]) for r in range(key[0]))
+def _pipeline_held(cfg, key: tuple, micro_num: int, redo: int, tp: int) -> tuple:
+    """Per pp rank, the distinct moments of its action list (``pipeline.held_moments``) as
+    (layers holding their whole set, recomputed layers holding their input, heads, recomputed
+    layers running again, heads running backward, fp32 bytes of weight gradients): each stage's
+    forward in flight holds its own layers and head — the model's first ``redo`` layers
+    recomputed — until its full or weight backward (a zero-bubble input backward retains the
+    graph); while a stage runs backward, the head's gradients, and later one recomputed layer's
+    whole set, besides; when its full or weight backward ends, the gradients of its weights
+    (tensor-parallel pieces: ``_block_bytes``) before they are summed into the earlier ones."""
+    plan = _pp_plan(key)
+    sizes = dict(zip((b.name for b in models.blocks(cfg)), _block_bytes(cfg, tp)))
+    seen, per_stage, grads = 0, [], []
+    for blocks in _split(cfg, key):
+        layers = sum(b.kind == "layer" for b in blocks)
+        redone = max(0, min(layers, redo - seen))
+        seen += layers
+        per_stage.append((layers - redone, redone, sum(b.kind == "head" for b in blocks)))
+        grads.append(sum(sizes[b.name] for b in blocks))
+    lists = pipeline.action_lists(plan, micro_num)
+    out = []
+    for r in range(key[0]):
+        stages = pipeline.rank_stages(plan, r)
+        out.append(_undominated(pipeline.held_moments(
+            lists[r], {s: per_stage[s] + (0, 0, 0) for s in stages},
+            {s: ((0, 0, 0, int(per_stage[s][1] > 0), 0, 0), (0, 0, 0, 0, per_stage[s][2], 0))
+             for s in stages},
+            {s: (0, 0, 0, 0, 0, grads[s]) for s in stages})))
+    return tuple(out)
+
+
+def _undominated(moments: set[tuple]) -> tuple:
+    """The moments no other one holds at least as much of in every part: the only ones whose
+    bytes (non-negative weights of the parts) can be the most."""
+    kept: list[tuple] = []
+    for m in sorted(moments, key=sum, reverse=True):
+        if not any(all(a >= b for a, b in zip(k, m)) for k in kept):
+            kept.append(m)
+    return tuple(kept)
 
 
 def _stage_activations(cfg, plan: Plan, wl: Workload, r: int) -> float:
-    """Pipeline rank ``r``: its in-flight micro-batches (summed over its stages) each holding one
-    stage's share of the rank's layers (``layer_activation_bytes``, recomputed layers their
-    input), the head's tensors on the rank running it; while a recomputed layer runs again, its
-    full set besides (``_held``'s two moments)."""
+    """Pipeline rank ``r``: the most its stages' micro-batches in flight hold at once
+    (``_pipeline_held``), each stage's own layers (``layer_activation_bytes``, a recomputed
+    layer its input) and head (``head_activation_bytes``); while a stage runs backward the
+    head's gradients, then a recomputed layer's whole set, besides; when it ends, its weights'
+    gradients in the compute dtype."""
     redo = recomputed_layers(plan, _layers(cfg), wl.remat)
-    names, layers, redone, _ = _rank_signatures(cfg, _pp_key(plan), redo)[r]
-    stages = len(pipeline.rank_stages(plan, r))
     full, kept = layer_activation_bytes(cfg, plan, wl)
-    tokens = wl.tokens_per_micro
-    per_micro = tokens * ((layers - redone) * full + redone * kept) / stages
-    held = _in_flight(_pp_key(plan), wl.micro_num)[r] * per_micro
-    head = any(n.startswith("head:") for n in names)
-    return held + tokens * max(head_activation_bytes(cfg, plan, wl) if head else 0.0,
-                               full if redone else 0.0)
+    head, grads = head_activation_bytes(cfg, plan, wl)
+    moments = _pipeline_held(cfg, _pp_key(plan), wl.micro_num, redo, plan.tp)[r]
+    return max(wl.tokens_per_micro * (n * full + k * kept + h * head + again * full
+                                      + back * grads) + weights * wl.act_bytes / 4
+               for n, k, h, again, back, weights in moments)
 
 
 def _context_activations(cfg, plan: Plan, wl: Workload) -> float:

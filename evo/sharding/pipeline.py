@@ -263,11 +263,34 @@ def in_flight(plan, micro_num: int, pp_index: int) -> int:
 def high_water(actions) -> int:
     """The most forwards of one rank's action list not yet released by a full (``B``) or weight
     (``W``) backward at any point of the list."""
-    live = peak = 0
+    return max((n for n, in held_moments(actions, dict.fromkeys({a.stage for a in actions},
+                                                                (1,)))), default=0)
+
+
+def held_moments(actions, per_micro: dict, during: dict | None = None,
+                 after: dict | None = None) -> set[tuple]:
+    """What one rank's forwards in flight hold at every point of its action list, the distinct
+    sums: a forward of stage ``s`` not yet released by a full (``B``) or weight (``W``) backward
+    holds ``per_micro[s]`` (a tuple, its parts summed apart); while a backward (``B``, ``I`` or
+    ``W``) of stage ``s`` runs, each of ``during[s]`` besides, one moment each (the head's
+    gradients, then a recomputed layer's tensors); when a ``B`` or ``W`` has released its
+    forward, ``after[s]`` besides (the stage's weight gradients, not yet summed into the
+    earlier micro-batches')."""
+    live = dict.fromkeys(per_micro, 0)
+    width = len(next(iter(per_micro.values()), ()))
+
+    def total(extra=None):
+        out = [sum(live[s] * per_micro[s][i] for s in live) for i in range(width)]
+        return tuple(o + e for o, e in zip(out, extra)) if extra else tuple(out)
+    moments = {total()}
     for a in actions:
-        live += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
-        peak = max(peak, live)
-    return peak
+        if during and a.kind in ("B", "I", "W"):
+            moments.update(total(extra) for extra in during.get(a.stage, ()))
+        live[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
+        if after and a.kind in ("B", "W"):
+            moments.add(total(after.get(a.stage)))
+        moments.add(total())
+    return moments
 
 
 class Timeline(NamedTuple):
@@ -476,12 +499,9 @@ def stage_report(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     split, lists = stage_blocks(cfg, plan), action_lists(plan, micro_num)
     out = []
     for r in range(plan.pp):
-        per_micro = {s: sum(act if b.kind == "layer" else head if b.kind == "head" else 0
-                            for b in split[s]) for s in rank_stages(plan, r)}
-        live, held = dict.fromkeys(per_micro, 0), 0
-        for a in lists[r]:
-            live[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
-            held = max(held, sum(live[s] * per_micro[s] for s in per_micro))
+        per_micro = {s: (sum(act if b.kind == "layer" else head if b.kind == "head" else 0
+                             for b in split[s]),) for s in rank_stages(plan, r)}
+        held = max(n for n, in held_moments(lists[r], per_micro))
         p2p: dict = {}
         count_pp(lambda kind, axis, n, times=1: p2p.__setitem__(kind, p2p.get(kind, 0) + n * times),
                  cfg, plan, r, micro_num=micro_num, sources=0, act_bytes=act)
