@@ -4,9 +4,10 @@ Runs ``--nproc`` processes under torchrun (gloo on a CPU, NCCL on GPUs), one thr
 measuring at once — so each number is what one rank of a sweep at that world size gets:
 
 - dense matmul TFLOP/s per dtype (square matmuls);
-- a transformer layer's forward + backward at four token counts: the fit ``t = overhead +
-  flops / (peak · efficiency)`` gives ``block_overhead_us`` and ``compute_efficiency``; causal
-  SDPA forward + backward gives ``attention_efficiency``;
+- a transformer layer's forward + backward at four token counts, less its causal SDPA forward
+  + backward timed alone: the fit ``t = overhead + matmul flops / (peak · efficiency)`` gives
+  ``block_overhead_us`` and ``compute_efficiency``; the SDPA at 1024 tokens
+  ``attention_efficiency``;
 - evo's AdamW update per parameter; memory bandwidth (a large copy); memory per rank;
 - the share of a collective hidden behind a layer pass when launched before it (``overlap``);
 - every collective kind (all-reduce, all-gather, reduce-scatter, Ulysses' all-to-all, ring
@@ -71,8 +72,11 @@ def _spaced(fn, calls: int, gap: float = 10e-3) -> float:
     return statistics.mean(samples[k:calls - k])
 
 
-def _timed(fn, min_seconds: float = 0.2, repeat: int = 3) -> float:
-    """The median seconds of one call of ``fn`` (each sample loops for ``min_seconds``)."""
+def _timed(fn, min_seconds: float = 0.2, repeat: int = 5) -> float:
+    """The seconds of one call of ``fn``: the least of ``repeat`` samples, each looping for
+    ``min_seconds`` — what the code costs here when nothing else took the core (a shared
+    machine's neighbours slow a sample by a fifth to a half at times; their median swung the
+    layer fit's overhead between 0 and 2.6 ms from one calibration to the next)."""
     fn()
     samples = []
     for _ in range(repeat):
@@ -84,7 +88,7 @@ def _timed(fn, min_seconds: float = 0.2, repeat: int = 3) -> float:
             if elapsed >= min_seconds:
                 break
         samples.append(elapsed / n)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def matmul_tflops(dtype: torch.dtype, n: int = 512) -> float:
@@ -153,21 +157,21 @@ def _reference_config():
 
 def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
     """(overhead per block pass, efficiency) from a reference layer at four token counts (128
-    to 1024: ``_fit``'s least squares in relative error of ``t = overhead + flops / rate``), and
-    the attention's efficiency; ``peak_tflops``: ``tflops``, or the fastest of the rates where
-    one beat it (the short matmul timing was disturbed) — the efficiencies are fractions of it,
-    so that none is clipped at 1 and every rate survives as measured."""
+    to 1024: ``_fit``'s least squares in relative error of ``t = overhead + flops / rate``) less
+    its attention (causal SDPA over the same tokens, timed alone) — the cost model charges a
+    plan's matmuls at ``compute_efficiency`` and its attention, a quarter of the layer's flops at
+    1024 tokens and a thirtieth at 128, at ``attention_efficiency`` (of the SDPA at 1024 tokens);
+    ``peak_tflops``: ``tflops``, or the fastest of the rates where one beat it (the short matmul
+    timing was disturbed) — the efficiencies are fractions of it, so that none is clipped at 1
+    and every rate survives as measured."""
     cfg = _reference_config()
     h, f = cfg.hidden_size, cfg.intermediate_size
-    flops = lambda s: 6 * s * (4 * h * h + 3 * h * f) + 12 * s * h * s / 2  # noqa: E731
-    fit = _fit([(flops(s), _layer_seconds(cfg, s, dtype)) for s in (128, 256, 512, 1024)])
+    matmuls = lambda s: 6 * s * (4 * h * h + 3 * h * f)  # noqa: E731
+    attention = lambda s: 3 * 4 * s * s * h / 2          # noqa: E731  fwd 4·s²·h, bwd twice
+    attn = {s: _attention_seconds(s, dtype) for s in (128, 256, 512, 1024)}
+    fit = _fit([(matmuls(s), _layer_seconds(cfg, s, dtype) - attn[s]) for s in attn])
     rate, overhead = fit["bandwidth_gbs"] * 1e9, fit["latency_us"] * 1e-6
-    q = torch.randn(1, 8, 1024, 32, dtype=dtype, requires_grad=True)
-
-    def sdpa():
-        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
-    t_attn = _timed(sdpa)
-    attn_rate = 3 * 4 * 1024 * 1024 * 256 / 2 / t_attn   # fwd 4·s²·h, bwd twice: causal half
+    attn_rate = attention(1024) / attn[1024]
     rows, seq = 4, 256
     ctx_rate = 3 * 4 * rows * seq * seq * 256 / 2 / _timed(_context_attention(rows, seq, dtype))
     peak = max(tflops * 1e12, rate, attn_rate, ctx_rate)
@@ -175,6 +179,16 @@ def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
             "block_overhead_us": overhead / 3 * 1e6,   # forward + backward ≈ three passes
             "attention_efficiency": attn_rate / peak,
             "context_attention_efficiency": ctx_rate / peak, "peak_tflops": peak / 1e12}
+
+
+def _attention_seconds(tokens: int, dtype: torch.dtype) -> float:
+    """Causal SDPA forward + backward over ``tokens`` tokens of the reference layer's 8 heads of
+    32 (one sequence)."""
+    q = torch.randn(1, 8, tokens, 32, dtype=dtype, requires_grad=True)
+
+    def sdpa():
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    return _timed(sdpa)
 
 
 def _context_attention(rows: int, seq: int, dtype: torch.dtype):
@@ -294,7 +308,8 @@ def profile(m: dict, world: int) -> dict:
                      "collectives": m["collectives"]},
          "sources": {"device.matmul_tflops": f"{where}: 512x512 matmuls",
                      "device.compute_efficiency": f"{where}: a LLaMA layer (h=256) fwd+bwd at "
-                                                  "128, 256, 512 and 1024 tokens, fitted",
+                                                  "128, 256, 512 and 1024 tokens less its "
+                                                  "attention, fitted",
                      "device.block_overhead_us": f"{where}: the same fit's intercept",
                      "device.attention_efficiency": f"{where}: causal SDPA fwd+bwd, s=1024",
                      "device.context_attention_efficiency":

@@ -291,6 +291,13 @@ MUTATIONS = [
              '"step_error": statistics.median(errors)}', '"step_error": errors[0]}',
              ("tests/test_sweep.py::test_recalibrated_rounds_each_compare_with_their_own_"
               "profile",)),
+    Mutation("calibrate-timing-the-median-sample", "evo/calibrate.py",
+             "    return min(samples)\n", "    return statistics.median(samples)\n",
+             ("tests/test_sweep.py::test_a_timing_is_the_least_of_its_samples",)),
+    Mutation("calibrate-layer-fit-with-its-attention", "evo/calibrate.py",
+             "_layer_seconds(cfg, s, dtype) - attn[s]) for s in attn",
+             "_layer_seconds(cfg, s, dtype)) for s in attn",
+             ("tests/test_sweep.py::test_a_layer_faster_than_the_matmul_timing_raises_the_peak",)),
     Mutation("calibrate-efficiency-clipped-at-the-matmul-peak", "evo/calibrate.py",
              "peak = max(tflops * 1e12, rate, attn_rate, ctx_rate)", "peak = tflops * 1e12",
              ("tests/test_sweep.py::test_a_layer_faster_than_the_matmul_timing_raises_the_peak",)),
@@ -303,7 +310,7 @@ MUTATIONS = [
              'fastest = max(runs, key=lambda m: m["step_seconds"])',
              ("tests/test_sweep.py::test_repeated_launches_count_their_least",)),
     Mutation("cost-micro-batch-end-without-its-own-gradients", "evo/sharding/cost.py",
-             "return 2 * grads + (3 * first", "return grads + (3 * first",
+             "return 2 * grads + (2 * first", "return grads + (2 * first",
              ("tests/test_cost.py::"
               "test_memory_of_gathered_blocks_peaks_when_a_micro_batch_backward_ends",)),
     Mutation("cost-micro-batch-end-with-one-micro-batch", "evo/sharding/cost.py",

@@ -435,8 +435,9 @@ def test_memory_of_gathered_blocks_peaks_when_a_micro_batch_backward_ends(plan):
     live tensors there show (experiments/plan_cpu.py, 2 processes, ``evo.sweep`` profile): the
     rank's fp32 weight shard, AdamW's two moments, the gradients' running sum and the micro-batch's
     own gradient shards (``Accumulator.add_grads`` sums them after ``autograd.grad`` returns), and
-    of the embedding — the block backward ends with — its gathered weights, its whole gradient
-    and the reduce-scatter's copy of it. Counted by hand from the model's dimensions: exact.
+    of the embedding — the block backward ends with — its gathered weights and its whole
+    gradient (the reduce-scatter's copy of it is freed on gloo's thread by then). Counted by
+    hand from the model's dimensions: exact.
     With one micro-batch there is no running sum: the peak is below that count."""
     exp_cfg = llama.Config(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8,
                            num_kv_heads=4, intermediate_size=688, max_seq_len=256)
@@ -447,7 +448,7 @@ def test_memory_of_gathered_blocks_peaks_when_a_micro_batch_backward_ends(plan):
     exact = dataclasses.replace(A800, device={**A800.device, "memory_overhead": 0.0})
     plan = plan.resolve(2)
     four = cost.memory_bytes(exp_cfg, plan, cost.Workload(4, 1, 16, "float32"), exact)
-    by_hand = shard + 2 * shard + 2 * shard + 3 * embedding
+    by_hand = shard + 2 * shard + 2 * shard + 2 * embedding
     assert four["total"] == pytest.approx(by_hand, rel=1e-9)
     one = cost.memory_bytes(exp_cfg, plan, cost.Workload(1, 1, 16, "float32"), exact)
     assert one["total"] < by_hand - embedding

@@ -179,19 +179,34 @@ def test_each_recalibrated_launch_is_predicted_from_the_profile_just_before_it(t
 def test_a_layer_faster_than_the_matmul_timing_raises_the_peak(monkeypatch):
     """A disturbed matmul timing below the layer's fitted rate: the profile's peak becomes that
     rate (efficiency 1) instead of clipping the efficiency — the predicted layer time stays the
-    measured one."""
+    measured one. The layer's matmuls at 40 GFLOP/s and its attention at 10: the fit is of the
+    matmuls alone (efficiency 1, no overhead), the attention's a quarter of the peak."""
     from evo import calibrate
     cfg = calibrate._reference_config()
     h, f = cfg.hidden_size, cfg.intermediate_size
-    rate = 40e9                                    # the layer at 40 GFLOP/s, no overhead
+    attention = lambda s: 12 * s * h * s / 2 / 10e9  # noqa: E731
     monkeypatch.setattr(calibrate, "_layer_seconds", lambda c, s, d: (
-        6 * s * (4 * h * h + 3 * h * f) + 12 * s * h * s / 2) / rate)
-    monkeypatch.setattr(calibrate, "_timed", lambda fn, *a: 1.0)   # attention: slow
+        6 * s * (4 * h * h + 3 * h * f)) / 40e9 + attention(s))
+    monkeypatch.setattr(calibrate, "_attention_seconds", lambda s, d: attention(s))
+    monkeypatch.setattr(calibrate, "_timed", lambda fn, *a: 1.0)   # evo's attention: slow
     fit = calibrate.compute_fit(0.02, torch.float32)               # matmuls "at" 20 GFLOP/s
     assert fit["peak_tflops"] == pytest.approx(0.04)
     assert fit["compute_efficiency"] == pytest.approx(1.0)
     assert fit["block_overhead_us"] == pytest.approx(0.0, abs=1e-6)
-    assert 0 < fit["attention_efficiency"] < 1
+    assert fit["attention_efficiency"] == pytest.approx(0.25)
+
+
+def test_a_timing_is_the_least_of_its_samples(monkeypatch):
+    """Five samples of a call taking 1 ms, the first three disturbed to 5 ms (a clock the call
+    advances): 1 ms, not the median's 5."""
+    from evo import calibrate
+    clock = [0.0]
+    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock[0])
+    costs = iter([1e-3] + [5e-3] * 3 + [1e-3] * 4 * 2)   # the warm-up, then the samples
+
+    def call():
+        clock[0] += next(costs)
+    assert calibrate._timed(call, min_seconds=3.5e-3) == pytest.approx(1e-3)
 
 
 def test_collectives_are_timed_apart_and_averaged_without_their_extremes():
