@@ -160,7 +160,7 @@ def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
     to 1024: ``_fit``'s least squares in relative error of ``t = overhead + flops / rate``) less
     its attention (causal SDPA over the same tokens, timed alone) — the cost model charges a
     plan's matmuls at ``compute_efficiency`` and its attention, a quarter of the layer's flops at
-    1024 tokens and a thirtieth at 128, at ``attention_efficiency`` (of the SDPA at 1024 tokens);
+    1024 tokens and a twenty-fifth at 128, at ``attention_efficiency`` (of the SDPA at 1024 tokens);
     ``peak_tflops``: ``tflops``, or the fastest of the rates where one beat it (the short matmul
     timing was disturbed) — the efficiencies are fractions of it, so that none is clipped at 1
     and every rate survives as measured."""

@@ -12,10 +12,11 @@ records:
 - its peak memory: the most bytes of tensors alive at once in the CPU allocator during the
   profiled step (``live_peak``: the allocator's count of live bytes at every allocation and free
   the profiler records, from before the model and its state are built, with the frees of every
-  thread counted — the counterpart of ``torch.cuda.max_memory_allocated``); beside it, reported only, the growth of the peak resident
-  set (``getrusage`` max RSS) over a baseline taken before the model exists (glibc told to map
-  every allocation above 64 KiB, ``MALLOC_MMAP_THRESHOLD_``, so freed tensors leave it), which
-  also counts per-process buffers that are no tensor of the step;
+  thread counted — the counterpart of ``torch.cuda.max_memory_allocated``); beside it, reported
+  only, the growth of the peak resident set (``getrusage`` max RSS) over a baseline taken before
+  the model exists (glibc told to map every allocation above 64 KiB, ``MALLOC_MMAP_THRESHOLD_``,
+  so freed tensors leave it), which also counts per-process buffers that are no tensor of the
+  step;
 - every timed step's wall time (after a barrier), with glibc's allocator set back to keep freed
   memory for reuse (``steady_allocator``): what a training run has after its first step. Mapping
   every allocation afresh costs a page fault per 4 KiB touched — about 10⁵ per step of the CPU
