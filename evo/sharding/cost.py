@@ -753,6 +753,19 @@ def _action_flops(kind: str, stage: int, forward: float, recompute: float) -> fl
 
 
 @functools.lru_cache(maxsize=4096)
+def _stage_parts(cfg, key: tuple, redo: int) -> tuple:
+    """Per pipeline stage: (its layers run once, its recomputed layers — among the model's first
+    ``redo`` —, its heads)."""
+    seen, out = 0, []
+    for blocks in _split(cfg, key):
+        layers = sum(b.kind == "layer" for b in blocks)
+        redone = max(0, min(layers, redo - seen))
+        seen += layers
+        out.append((layers - redone, redone, sum(b.kind == "head" for b in blocks)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
 def _pipeline_timeline(cfg, key: tuple, micro_num: int, seq_len: int,
                        redo: int) -> tuple[float, float, float]:
     """(the busiest pp rank's flops per token of one micro-batch over a step, the step's span in
@@ -766,15 +779,8 @@ def _pipeline_timeline(cfg, key: tuple, micro_num: int, seq_len: int,
     plan = _pp_plan(key)
     head = 6.0 * cfg.hidden_size * cfg.vocab_size
     layer = (_flops_per_token(cfg, seq_len) - head) / _layers(cfg)
-    seen, passes = 0, []
-    for blocks in _split(cfg, key):
-        f = r = 0.0
-        for b in blocks:
-            if b.kind == "layer":
-                f, r, seen = f + layer / 3, r + layer / 3 * (seen < redo), seen + 1
-            elif b.kind == "head":
-                f += head / 3
-        passes.append((f, r))
+    passes = [((kept + redone) * layer / 3 + heads * head / 3, redone * layer / 3)
+              for kept, redone, heads in _stage_parts(cfg, key, redo)]
     lists = pipeline.action_lists(plan, micro_num)
     seconds = {rank: [_action_flops(a.kind, a.stage, *passes[a.stage]) for a in actions]
                for rank, actions in lists.items()}
@@ -919,13 +925,8 @@ def _pipeline_held(cfg, key: tuple, micro_num: int, redo: int, tp: int) -> tuple
     (tensor-parallel pieces: ``_block_bytes``) before they are summed into the earlier ones."""
     plan = _pp_plan(key)
     sizes = dict(zip((b.name for b in models.blocks(cfg)), _block_bytes(cfg, tp)))
-    seen, per_stage, grads = 0, [], []
-    for blocks in _split(cfg, key):
-        layers = sum(b.kind == "layer" for b in blocks)
-        redone = max(0, min(layers, redo - seen))
-        seen += layers
-        per_stage.append((layers - redone, redone, sum(b.kind == "head" for b in blocks)))
-        grads.append(sum(sizes[b.name] for b in blocks))
+    per_stage = _stage_parts(cfg, key, redo)
+    grads = [sum(sizes[b.name] for b in blocks) for blocks in _split(cfg, key)]
     lists = pipeline.action_lists(plan, micro_num)
     out = []
     for r in range(key[0]):
