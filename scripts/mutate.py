@@ -235,7 +235,7 @@ MUTATIONS = [
     Mutation("pipeline-input-backward-releases-the-forward", "evo/sharding/pipeline.py",
              'live[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0',
              'live[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "I") else 0',
-             (PP_MEMORY,)),
+             ("tests/test_pipeline.py",)),
     Mutation("sweep-runs-only-dp-tp-zero", "evo/sweep.py",
              'if cost.modelled(cfg, p.plan) == "planner"]',
              'if cost.modelled(cfg, p.plan) == "planner" and p.plan.pp == 1]',

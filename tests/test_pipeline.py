@@ -349,6 +349,10 @@ def test_plan_report_per_stage_equals_the_formulas(schedule, v):
         assert row["p2p"] == boundaries * 2 * m * act
     assert sum(r["params"] for r in rows) == sum(math.prod(s.shape) for s in specs.values()) * 4
     assert rows[0]["bubble"] == {"1f1b": 1 / 8, "interleaved": 1 / 16, "zbh1": 1 / 24}[schedule]
+    if schedule == "zbh1":   # the input backward keeps its graph until the weight backward
+        last = " ".join(f"{a.kind}{a.micro}" for a in pipeline.action_lists(plan, 2)[1])
+        assert last == "F0 I0 F1 I1 W0 W1"
+        assert pipeline.in_flight(plan, 2, 1) == 2
     if schedule == "1f1b":
         assert [r["in_flight"] for r in rows] == [2, 1]
         layers = [sum(b.kind == "layer" for b in split[r]) for r in (0, 1)]
