@@ -22,7 +22,9 @@ records:
   every allocation afresh costs a page fault per 4 KiB touched — about 10⁵ per step of the CPU
   sweep's plans, a fifth to a third of their step time on a VM.
 
-The step time is the median over timed steps after the first of the slowest rank's time; with
+The step time is the least over timed steps after the first of the slowest rank's time
+(``step_seconds``; the median beside it) — what the calibration's timings are, the least of
+their samples: the plan's cost when nothing else took a core; with
 ``--repeat R`` every plan is launched R times, in rounds over all the plans, and the least of
 its launches counts (``least``). With ``--recalibrate`` (and no ``--profile``) the machine is
 measured again before every launch (``DIR/profile.I.R.json``, the first launch's being the
@@ -167,6 +169,19 @@ def least(runs: list[dict]) -> dict:
     fastest = min(runs, key=lambda m: m["step_seconds"])
     return {**fastest, "peak_bytes": [min(p) for p in zip(*(m["peak_bytes"] for m in runs))],
             "round_seconds": [m["step_seconds"] for m in runs]}
+
+
+def step_seconds(times_by_rank: list[list[float]]) -> dict:
+    """A launch's step time from every rank's timed steps: per step the slowest rank's time
+    (the step ends when its last rank does); of those after the first (the allocator and
+    caches settling), the least as ``step_seconds`` — the statistic of the calibration's
+    timings (``calibrate._timed``: the least of its samples), so that a prediction and its
+    measurement both say what the plan costs when nothing else took a core — and the median
+    as ``median_step_seconds``."""
+    slowest = [max(step) for step in zip(*times_by_rank, strict=True)]
+    timed = slowest[1:] or slowest
+    return {"step_seconds": min(timed), "median_step_seconds": statistics.median(timed),
+            "step_times": slowest}
 
 
 def by_round(row: dict, predicted: list[float], measured: list[float]) -> dict:
@@ -487,10 +502,9 @@ def worker(spec_path: str, out_path: str) -> None:
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     if dist.get_rank() == 0:
-        slowest = [max(e["times"][i] for e in every) for i in range(spec["steps"])]
         with open(out_path, "w", encoding="utf-8") as f:
-            json.dump({"step_seconds": statistics.median(slowest[1:] or slowest),
-                       "step_times": slowest, "peak_bytes": [e["peak"] for e in every],
+            json.dump({**step_seconds([e["times"] for e in every]),
+                       "peak_bytes": [e["peak"] for e in every],
                        "rss_growth_bytes": [e["rss"] for e in every],
                        "comm_bytes": every[0]["comm_bytes"],
                        "comm_bytes_by_rank": [[e["pp"], e["comm_bytes"]] for e in every],

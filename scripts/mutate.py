@@ -305,6 +305,11 @@ MUTATIONS = [
              "k = calls // 10", "k = 0",
              ("tests/test_sweep.py::test_collectives_are_timed_apart_and_averaged_without_"
               "their_extremes",)),
+    Mutation("sweep-step-time-the-median-step", "evo/sweep.py",
+             'return {"step_seconds": min(timed),',
+             'return {"step_seconds": statistics.median(timed),',
+             ("tests/test_sweep.py::test_a_launchs_step_time_is_the_least_of_its_slowest_"
+              "ranks_steps",)),
     Mutation("sweep-repeat-keeps-the-slowest-launch", "evo/sweep.py",
              'fastest = min(runs, key=lambda m: m["step_seconds"])',
              'fastest = max(runs, key=lambda m: m["step_seconds"])',

@@ -118,6 +118,19 @@ def test_peak_of_counts_from_the_allocators_count_before_the_profile():
     assert sweep.peak_of([], 0, 9) == 0
 
 
+def test_a_launchs_step_time_is_the_least_of_its_slowest_ranks_steps():
+    """Per step the slowest rank (rank 1 at steps 2 and 4, rank 0 at 3); the first step left
+    out; the least of the rest (as the calibration's timings are the least of their samples),
+    the median beside it."""
+    times = [[9.0, 1.0, 1.5, 1.2, 1.1],
+             [8.0, 1.3, 1.4, 1.6, 1.0]]
+    got = sweep.step_seconds(times)
+    assert got == {"step_seconds": 1.1, "median_step_seconds": (1.3 + 1.5) / 2,
+                   "step_times": [9.0, 1.3, 1.5, 1.6, 1.1]}
+    assert sweep.step_seconds([[2.0]]) == {"step_seconds": 2.0, "median_step_seconds": 2.0,
+                                           "step_times": [2.0]}
+
+
 def test_repeated_launches_count_their_least():
     """--repeat: the fastest launch's step time and fields, each rank's least peak (an upper
     bound), every launch's time kept."""
