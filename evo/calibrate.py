@@ -5,9 +5,9 @@ measuring at once — so each number is what one rank of a sweep at that world s
 
 - dense matmul TFLOP/s per dtype (square matmuls);
 - a transformer layer's forward + backward at four token counts, less its causal SDPA forward
-  + backward timed alone: the fit ``t = overhead + matmul flops / (peak · efficiency)`` gives
-  ``block_overhead_us`` and ``compute_efficiency``; the SDPA at 1024 tokens
-  ``attention_efficiency``;
+  + backward and its norms and residual adds (``norm_ns_per_value``) timed alone: the fit
+  ``t = overhead + matmul flops / (peak · efficiency)`` gives ``block_overhead_us`` and
+  ``compute_efficiency``; the SDPA at 1024 tokens ``attention_efficiency``;
 - evo's AdamW update per parameter; memory bandwidth (a large copy); memory per rank;
 - the share of a collective hidden behind a layer pass when launched before it (``overlap``);
 - every collective kind (all-reduce, all-gather, reduce-scatter, Ulysses' all-to-all, ring
@@ -158,9 +158,12 @@ def _reference_config():
 def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
     """(overhead per block pass, efficiency) from a reference layer at four token counts (128
     to 1024: ``_fit``'s least squares in relative error of ``t = overhead + flops / rate``) less
-    its attention (causal SDPA over the same tokens, timed alone) — the cost model charges a
-    plan's matmuls at ``compute_efficiency`` and its attention, a quarter of the layer's flops at
-    1024 tokens and a twenty-fifth at 128, at ``attention_efficiency`` (of the SDPA at 1024 tokens);
+    its attention (causal SDPA over the same tokens, timed alone) and its norms and residual
+    adds (timed alone: ``norm_ns_per_value``, their seconds over the four counts' values) — the
+    cost model charges a plan's matmuls at ``compute_efficiency``, its norms per value where the
+    sequence splits (not under tensor parallelism alone), and its attention, a quarter of the
+    layer's flops at 1024 tokens and a twenty-fifth at 128, at ``attention_efficiency`` (of the
+    SDPA at 1024 tokens);
     ``peak_tflops``: ``tflops``, or the fastest of the rates where one beat it (the short matmul
     timing was disturbed) — the efficiencies are fractions of it, so that none is clipped at 1
     and every rate survives as measured."""
@@ -169,7 +172,9 @@ def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
     matmuls = lambda s: 6 * s * (4 * h * h + 3 * h * f)  # noqa: E731
     attention = lambda s: 3 * 4 * s * s * h / 2          # noqa: E731  fwd 4·s²·h, bwd twice
     attn = {s: _attention_seconds(s, dtype) for s in (128, 256, 512, 1024)}
-    fit = _fit([(matmuls(s), _layer_seconds(cfg, s, dtype) - attn[s]) for s in attn])
+    norms = {s: _norm_seconds(s, h, dtype) for s in attn}
+    fit = _fit([(matmuls(s), _layer_seconds(cfg, s, dtype) - attn[s] - norms[s])
+                for s in attn])
     rate, overhead = fit["bandwidth_gbs"] * 1e9, fit["latency_us"] * 1e-6
     attn_rate = attention(1024) / attn[1024]
     rows, seq = 4, 256
@@ -178,7 +183,9 @@ def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
     return {"compute_efficiency": rate / peak,
             "block_overhead_us": overhead / 3 * 1e6,   # forward + backward ≈ three passes
             "attention_efficiency": attn_rate / peak,
-            "context_attention_efficiency": ctx_rate / peak, "peak_tflops": peak / 1e12}
+            "context_attention_efficiency": ctx_rate / peak,
+            "norm_ns_per_value": sum(norms.values()) / sum(s * h for s in norms) * 1e9,
+            "peak_tflops": peak / 1e12}
 
 
 def _attention_seconds(tokens: int, dtype: torch.dtype) -> float:
@@ -189,6 +196,21 @@ def _attention_seconds(tokens: int, dtype: torch.dtype) -> float:
     def sdpa():
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
     return _timed(sdpa)
+
+
+def _norm_seconds(tokens: int, hidden: int, dtype: torch.dtype) -> float:
+    """A layer's two RMSNorms (the torch ops a training step runs) and two residual adds,
+    forward + backward, over ``tokens`` tokens of ``hidden`` values."""
+    from evo.models.layers import rms_norm
+    x = torch.randn(1, tokens, hidden, dtype=dtype, requires_grad=True)
+    w = torch.ones(hidden, dtype=dtype, requires_grad=True)
+
+    def run():
+        y = x
+        for _ in range(2):
+            y = y + rms_norm(y, w, 1e-5)
+        y.float().sum().backward()
+    return _timed(run)
 
 
 def _context_attention(rows: int, seq: int, dtype: torch.dtype):
@@ -312,6 +334,8 @@ def profile(m: dict, world: int) -> dict:
                                                   "attention, fitted",
                      "device.block_overhead_us": f"{where}: the same fit's intercept",
                      "device.attention_efficiency": f"{where}: causal SDPA fwd+bwd, s=1024",
+                     "device.norm_ns_per_value": f"{where}: two RMSNorms and two residual adds "
+                                                 "fwd+bwd (h=256) at 128 to 1024 tokens",
                      "device.context_attention_efficiency":
                          f"{where}: evo's attention with log-sum-exp fwd + its gradients "
                          "(Ulysses' and ring's), 4 × 256 tokens",

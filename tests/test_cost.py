@@ -169,6 +169,26 @@ def test_compute_time_is_flops_at_the_profiles_efficiency():
     assert c["total"] == pytest.approx(want)
 
 
+def test_norms_split_only_where_the_sequence_is_split():
+    """``device.norm_ns_per_value``: a layer's norms and residual adds per hidden value, charged
+    beside the matmuls — whole on each rank of tp=2 (every rank normalises every token), halved
+    by tp=2 with sequence parallelism, by Ulysses and by ring attention; absent, nothing."""
+    cfg = MODELS["llama"]
+    d = copy.deepcopy(json.load(open(f"{cost.PROFILE_DIR}/a800-80gb-roce.json")))
+    d["device"]["norm_ns_per_value"] = 10.0
+    normed = cost.profile_from_dict(d)
+    wl = cost.Workload(4, 2, 32, "bfloat16", 0.0)
+    whole = 10e-9 * 2 * cfg.hidden_size * 4 * 2 * 32     # two layers, every token
+    for plan, share in ((Plan(dp=1, tp=2), 1), (Plan(dp=1, tp=2, sequence_parallel=True), 2),
+                        (Plan(dp=1, sp=2), 2), (Plan(dp=1, cp=2), 2), (Plan(dp=2), 1)):
+        plan = plan.resolve(2)
+        a, b = (cost.compute_seconds(cfg, plan, wl, p)["total"] for p in (A800, normed))
+        assert b - a == pytest.approx(whole / share), plan
+    d["device"]["norm_ns_per_value"] = -1
+    with pytest.raises(cost.ProfileError, match=r"device.norm_ns_per_value must be a number >= 0"):
+        cost.profile_from_dict(d)
+
+
 def test_a_pipeline_step_takes_its_busiest_ranks_compute():
     """ZB-V over two ranks of embed | 2 layers | 2 layers | head: rank 0 runs the embedding and
     the head, rank 1 all four layers — the step waits for rank 1 (4 layers of the model's

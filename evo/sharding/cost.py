@@ -71,7 +71,12 @@ SCHEMA = {
 }
 # Optional fields, checked when present: the attention of plans splitting the sequence (Ulysses,
 # ring: log-sum-exp attention and its gradients), ``device.attention_efficiency`` when absent.
-OPTIONAL = {"device.context_attention_efficiency": "fraction"}
+# ``device.norm_ns_per_value``: a layer's two RMSNorms and two residual adds, forward + backward,
+# per hidden value (token × hidden) — charged apart from the matmuls, split only where the
+# sequence is (tensor parallelism without sequence parallelism runs them whole on every rank);
+# when absent, 0: folded into ``compute_efficiency``, as the bundled profiles measure it.
+OPTIONAL = {"device.context_attention_efficiency": "fraction",
+            "device.norm_ns_per_value": "number0"}
 
 
 @dataclass(frozen=True)
@@ -692,11 +697,16 @@ def _flops_per_token(cfg, seq_len: int) -> float:
 
 def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, float]:
     """Forward + backward (+ recomputation) seconds of one rank per step, and of the attention
-    and one micro-batch's backward (what overlaps can hide behind)."""
+    and one micro-batch's backward (what overlaps can hide behind): the matmuls and the
+    attention split over every axis that splits a layer's work (tp, sp, cp; a pipeline rank's
+    share), the norms and residual adds (``device.norm_ns_per_value``) only over the axes that
+    split the sequence — whole on each rank of tensor parallelism without sequence
+    parallelism."""
     layers = _layers(cfg)
     attn_per_token = 12.0 * layers * cfg.num_heads * _head_dim(cfg) * wl.seq_len
     total_per_token = _flops_per_token(cfg, wl.seq_len)
-    split = plan.tp * plan.sp * plan.cp / pp_compute_share(cfg, plan, wl)
+    share = pp_compute_share(cfg, plan, wl)
+    split = plan.tp * plan.sp * plan.cp / share
     tokens = wl.micro_num * wl.tokens_per_micro
     redo = 1 + recomputed_layers(plan, layers, wl.remat) / layers / 3
     peak = profile.tflops(wl.compute_dtype) * 1e12
@@ -704,9 +714,12 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
     matmul = (total_per_token - attn_per_token) * tokens / split / (peak
                                                                    * dev["compute_efficiency"])
     attention = attn_per_token * tokens / split / (peak * attention_efficiency(plan, profile))
+    seq_split = plan.sp * plan.cp * (plan.tp if plan.sequence_parallel else 1)
+    norms = dev.get("norm_ns_per_value", 0.0) * 1e-9 * layers * cfg.hidden_size * tokens \
+        * share / seq_split
     blocks = _facts(cfg)[1] / plan.pp
     overhead = wl.micro_num * blocks * (3 + wl.remat) * dev["block_overhead_us"] * 1e-6
-    total = (matmul + attention) * redo + overhead
+    total = (matmul + attention + norms) * redo + overhead
     return {"total": total, "attention": attention * redo,
             "backward_micro": total * 2 / 3 / wl.micro_num, "forward": total / 3}
 
