@@ -193,8 +193,12 @@ def by_round(row: dict, predicted: list[float], measured: list[float]) -> dict:
             "step_error": statistics.median(errors)}
 
 
-def run_plan(exp, pred, steps: int, nproc: int, out: str, index: int | str) -> dict:
-    """One plan under torchrun; the rank-0 JSON of every rank's measurements."""
+def run_plan(exp, pred, steps: int, nproc: int, out: str, index: int | str,
+             tries: int = 2) -> dict:
+    """One plan under torchrun; the rank-0 JSON of every rank's measurements. A launch that
+    fails is said and launched once more (a sweep is half an hour of launches; one rank of one
+    launch in a few hundred has died in gloo on this shared machine, not to be reproduced), and
+    one that fails ``tries`` times raises with its workers' output."""
     from evo import models
     fam = models.family_of(exp.model)
     spec = {"family": fam.name, "model": fam.config_to_dict(exp.model),
@@ -204,12 +208,18 @@ def run_plan(exp, pred, steps: int, nproc: int, out: str, index: int | str) -> d
     result_path = os.path.join(out, f"plan{index}.measured.json")
     with open(spec_path, "w", encoding="utf-8") as f:
         json.dump(spec, f)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", str(nproc), "-m", "evo.sweep", spec_path,
-                        result_path], env={**os.environ, **WORKER_ENV}, capture_output=True,
-                       text=True)
-    if r.returncode:
-        raise RuntimeError(f"evo sweep: plan {spec['plan']} failed:\n{r.stderr[-3000:]}")
+    for attempt in range(1, tries + 1):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", str(nproc), "-m", "evo.sweep", spec_path,
+                            result_path], env={**os.environ, **WORKER_ENV},
+                           capture_output=True, text=True)
+        if not r.returncode:
+            break
+        if attempt == tries:
+            raise RuntimeError(f"evo sweep: plan {spec['plan']} failed {tries} times; the "
+                               f"last:\n{r.stderr[-3000:]}")
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        print(f"evo: plan {index} failed ({last[-200:]}); launching it once more", flush=True)
     with open(result_path, encoding="utf-8") as f:
         return json.load(f)
 

@@ -313,6 +313,9 @@ MUTATIONS = [
              "k = calls // 10", "k = 0",
              ("tests/test_sweep.py::test_collectives_are_timed_apart_and_averaged_without_"
               "their_extremes",)),
+    Mutation("sweep-failed-launch-not-launched-again", "evo/sweep.py",
+             "             tries: int = 2) -> dict:", "             tries: int = 1) -> dict:",
+             ("tests/test_sweep.py::test_a_failed_launch_is_launched_once_more_then_raises",)),
     Mutation("sweep-step-time-the-median-step", "evo/sweep.py",
              'return {"step_seconds": min(timed),',
              'return {"step_seconds": statistics.median(timed),',

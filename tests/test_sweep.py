@@ -131,6 +131,30 @@ def test_a_launchs_step_time_is_the_least_of_its_slowest_ranks_steps():
                                            "step_times": [2.0]}
 
 
+def test_a_failed_launch_is_launched_once_more_then_raises(tmp_path, monkeypatch, capsys):
+    """A launch whose workers die is said and run again (the second's measurements count); one
+    that fails twice raises with the workers' output."""
+    import subprocess
+    import types
+    exp = config.load(os.path.join(ROOT, "experiments", "plan_cpu.py"))
+    pred = types.SimpleNamespace(plan=Plan(dp=2).resolve(2),
+                                 workload=cost.Workload(1, 1, 8, "float32", 0.0))
+    outcomes = iter([1, 0, 1, 1])
+
+    def fake_run(cmd, **kw):
+        rc = next(outcomes)
+        if not rc:
+            with open(cmd[-1], "w") as f:
+                json.dump({"step_seconds": 1.0}, f)
+        return subprocess.CompletedProcess(cmd, rc, "", "gloo: Connection reset by peer\n")
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    assert sweep.run_plan(exp, pred, 2, 2, str(tmp_path), 0) == {"step_seconds": 1.0}
+    assert "plan 0 failed (gloo: Connection reset by peer); launching it once more" in \
+        capsys.readouterr().out
+    with pytest.raises(RuntimeError, match=r"failed 2 times; the last:\ngloo: Connection reset"):
+        sweep.run_plan(exp, pred, 2, 2, str(tmp_path), 1)
+
+
 def test_repeated_launches_count_their_least():
     """--repeat: the fastest launch's step time and fields, each rank's least peak (an upper
     bound), every launch's time kept."""
