@@ -551,7 +551,7 @@ def pipeline_bytes(cfg, plan: Plan, wl: Workload) -> dict[str, float]:
     micro-batch and stage boundary (``pp_virtual`` boundaries per rank when interleaved)."""
     if plan.pp == 1:
         return {}
-    act = wl.tokens_per_micro // (plan.sp * plan.cp * (plan.tp if plan.sequence_parallel else 1))
+    act = wl.tokens_per_micro // plan.sequence_split
     return {"send_recv/pp": 2.0 * wl.micro_num * plan.pp_virtual * act * cfg.hidden_size
             * wl.act_bytes}
 
@@ -714,7 +714,7 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
     matmul = (total_per_token - attn_per_token) * tokens / split / (peak
                                                                    * dev["compute_efficiency"])
     attention = attn_per_token * tokens / split / (peak * attention_efficiency(plan, profile))
-    seq_split = plan.sp * plan.cp * (plan.tp if plan.sequence_parallel else 1)
+    seq_split = plan.sequence_split
     norms = dev.get("norm_ns_per_value", 0.0) * 1e-9 * layers * cfg.hidden_size * tokens \
         * share / seq_split
     blocks = _facts(cfg)[1] / plan.pp
@@ -878,7 +878,7 @@ def layer_activation_bytes(cfg, plan: Plan, wl: Workload) -> tuple[float, float]
     attention keep no attention matrix. A recomputed layer keeps its input."""
     h, kv = cfg.hidden_size, _kv_dim(cfg)
     ffn = getattr(cfg, "intermediate_size", 4 * h)
-    seq_tp = plan.tp if plan.sequence_parallel else 1
+    seq_tp = plan.sequence_tp
     full = (4 * h / seq_tp + 2 * h + (3 * h + 3 * kv + 4 * ffn) / plan.tp) * wl.act_bytes
     return full, h / seq_tp * wl.act_bytes
 
@@ -888,7 +888,7 @@ def head_activation_bytes(cfg, plan: Plan, wl: Workload) -> tuple[float, float]:
     adds while it runs): the final norm's input, normalised and weighted input (as a layer
     half's) and the fp32 log-softmax of the logits; the logits' gradient and softmax (split over
     tp)."""
-    seq_tp = plan.tp if plan.sequence_parallel else 1
+    seq_tp = plan.sequence_tp
     logits = cfg.vocab_size / plan.tp * 4
     return (2 * cfg.hidden_size / seq_tp + cfg.hidden_size) * wl.act_bytes + logits, 2 * logits
 

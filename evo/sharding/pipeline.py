@@ -494,7 +494,7 @@ def stage_report(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     from evo.sharding import planner
     size = torch.empty((), dtype=compute_dtype).element_size()
     act = tokens_per_micro * cfg.hidden_size * size
-    act //= plan.tp if plan.sequence_parallel else 1
+    act //= plan.sequence_tp
     head = tokens_per_micro * (cfg.hidden_size + 2 * cfg.vocab_size // plan.tp) * size
     split, lists = stage_blocks(cfg, plan), action_lists(plan, micro_num)
     out = []

@@ -132,6 +132,17 @@ class Plan:
         return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
     @property
+    def sequence_tp(self) -> int:
+        """The tensor-parallel degree a layer's sequence is split over outside its attention and
+        MLP: ``tp`` under sequence parallelism, else 1."""
+        return self.tp if self.sequence_parallel else 1
+
+    @property
+    def sequence_split(self) -> int:
+        """Processes one micro-batch's sequence is split over: ``sp · cp · sequence_tp``."""
+        return self.sp * self.cp * self.sequence_tp
+
+    @property
     def model_parallel(self) -> int:
         """Processes that share one data shard: ``pp · cp · sp · tp``."""
         return self.pp * self.cp * self.sp * self.tp

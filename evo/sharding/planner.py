@@ -744,7 +744,7 @@ def expected_comm_bytes(cfg, plan, *, micro_num: int, tokens_per_micro: int,
     if plan.pp > 1:
         pipeline.count_pp(add, cfg, plan, pp_index, micro_num=micro_num, sources=sources,
                           act_bytes=tokens_per_micro * cfg.hidden_size * act
-                          // (plan.tp if plan.sequence_parallel else 1))
+                          // plan.sequence_tp)
     return dict(out)
 
 
