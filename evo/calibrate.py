@@ -7,7 +7,8 @@ measuring at once — so each number is what one rank of a sweep at that world s
 - a transformer layer's forward + backward at four token counts, less its causal SDPA forward
   + backward and its norms and residual adds (``norm_ns_per_value``) timed alone: the fit
   ``t = overhead + matmul flops / (peak · efficiency)`` gives ``block_overhead_us`` and
-  ``compute_efficiency``; the SDPA at 1024 tokens ``attention_efficiency``;
+  ``compute_efficiency``; the SDPA's own fit over the same counts ``attention_efficiency`` and
+  ``attention_overhead_us``;
 - evo's AdamW update per parameter; memory bandwidth (a large copy); memory per rank;
 - the share of a collective hidden behind a layer pass when launched before it (``overlap``);
 - every collective kind (all-reduce, all-gather, reduce-scatter, Ulysses' all-to-all, ring
@@ -162,8 +163,8 @@ def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
     adds (timed alone: ``norm_ns_per_value``, their seconds over the four counts' values) — the
     cost model charges a plan's matmuls at ``compute_efficiency``, its norms per value where the
     sequence splits (not under tensor parallelism alone), and its attention, a quarter of the
-    layer's flops at 1024 tokens and a twenty-fifth at 128, at ``attention_efficiency`` (of the
-    SDPA at 1024 tokens);
+    layer's flops at 1024 tokens and a twenty-fifth at 128, as the SDPA's own fit over the four
+    counts: ``attention_overhead_us`` per call and causal flops at ``attention_efficiency``;
     ``peak_tflops``: ``tflops``, or the fastest of the rates where one beat it (the short matmul
     timing was disturbed) — the efficiencies are fractions of it, so that none is clipped at 1
     and every rate survives as measured."""
@@ -176,13 +177,15 @@ def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
     fit = _fit([(matmuls(s), _layer_seconds(cfg, s, dtype) - attn[s] - norms[s])
                 for s in attn])
     rate, overhead = fit["bandwidth_gbs"] * 1e9, fit["latency_us"] * 1e-6
-    attn_rate = attention(1024) / attn[1024]
+    attn_fit = _fit([(attention(s), attn[s]) for s in attn])
+    attn_rate = attn_fit["bandwidth_gbs"] * 1e9
     rows, seq = 4, 256
     ctx_rate = 3 * 4 * rows * seq * seq * 256 / 2 / _timed(_context_attention(rows, seq, dtype))
     peak = max(tflops * 1e12, rate, attn_rate, ctx_rate)
     return {"compute_efficiency": rate / peak,
             "block_overhead_us": overhead / 3 * 1e6,   # forward + backward ≈ three passes
             "attention_efficiency": attn_rate / peak,
+            "attention_overhead_us": attn_fit["latency_us"],
             "context_attention_efficiency": ctx_rate / peak,
             "norm_ns_per_value": sum(norms.values()) / sum(s * h for s in norms) * 1e9,
             "peak_tflops": peak / 1e12}
@@ -333,7 +336,10 @@ def profile(m: dict, world: int) -> dict:
                                                   "128, 256, 512 and 1024 tokens less its "
                                                   "attention, fitted",
                      "device.block_overhead_us": f"{where}: the same fit's intercept",
-                     "device.attention_efficiency": f"{where}: causal SDPA fwd+bwd, s=1024",
+                     "device.attention_efficiency": f"{where}: causal SDPA fwd+bwd at 128, "
+                                                    "256, 512 and 1024 tokens, fitted (causal "
+                                                    "flops)",
+                     "device.attention_overhead_us": f"{where}: the same fit's intercept",
                      "device.norm_ns_per_value": f"{where}: two RMSNorms and two residual adds "
                                                  "fwd+bwd (h=256) at 128 to 1024 tokens",
                      "device.context_attention_efficiency":

@@ -160,13 +160,34 @@ def test_compute_time_is_flops_at_the_profiles_efficiency():
     plan, wl = Plan(dp=1, tp=2).resolve(2), cost.Workload(4, 2, 32, "bfloat16", 0.5)
     c = cost.compute_seconds(cfg, plan, wl, A800)
     dev = A800.device
-    total = models.flops_per_token(cfg, 32)
-    attn = 12 * 2 * 8 * 4 * 32
+    attn = 12 * 2 * 8 * 4 * 32 / 2      # causal: half the scores the MFU count takes
+    total = models.flops_per_token(cfg, 32) - 2 * attn + attn
     tokens = 4 * 2 * 32 / 2
     redo = 1 + 1 / 2 / 3  # one of two layers run forward twice
     want = ((total - attn) / dev["compute_efficiency"] + attn / dev["attention_efficiency"]) \
         * tokens / 312e12 * redo + 4 * 4 * 3.5 * 40e-6
     assert c["total"] == pytest.approx(want)
+
+
+def test_the_attention_call_costs_its_overhead_per_layer_and_micro_batch():
+    """``device.attention_overhead_us``: an SDPA / flash call's fixed cost, forward + backward,
+    once per layer and micro-batch on every rank — not split by tp (each rank calls it on its
+    heads), a pipeline rank's layers only, once more for a recomputed layer's forward (a third
+    of the pass); not charged where the sequence is split (Ulysses, ring: their attention's
+    rate is calibrated whole at one shape); absent, nothing."""
+    cfg = MODELS["llama"]
+    d = copy.deepcopy(json.load(open(f"{cost.PROFILE_DIR}/a800-80gb-roce.json")))
+    d["device"]["attention_overhead_us"] = 100.0
+    slow = cost.profile_from_dict(d)
+    for plan, remat, want in ((Plan(dp=1, tp=2), 0.0, 4 * 2 * 100e-6),
+                              (Plan(dp=2), 0.5, 4 * 2 * 100e-6 * (1 + 1 / 2 / 3)),
+                              (Plan(dp=1, pp=2), 0.0, None),
+                              (Plan(dp=1, sp=2), 0.0, 0.0), (Plan(dp=1, cp=2), 0.0, 0.0)):
+        plan, wl = plan.resolve(2), cost.Workload(4, 2, 32, "bfloat16", remat)
+        a, b = (cost.compute_seconds(cfg, plan, wl, p)["attention"] for p in (A800, slow))
+        if want is None:     # a pipeline rank: its share of the layers
+            want = 4 * 2 * 100e-6 * cost.pp_compute_share(cfg, plan, wl)
+        assert b - a == pytest.approx(want), plan
 
 
 def test_norms_split_only_where_the_sequence_is_split():
@@ -203,7 +224,8 @@ def test_a_pipeline_step_takes_its_busiest_ranks_compute():
                    intermediate_size=688, max_seq_len=256)
     wl = cost.Workload(4, 2, 128, "float32", 0.0)
     head = 6 * 256 * 4096
-    layer = (models.flops_per_token(cfg, 128) - head) / 4
+    masked = 12 * 4 * 256 * 128 / 2        # causal: half the scores the MFU count takes
+    layer = (models.flops_per_token(cfg, 128) - head - masked) / 4
     zbv = Plan(dp=1, pp=2, pp_schedule="zbv", pp_virtual=2, pp_layers=(1, 2, 2, 1)).resolve(2)
     assert cost.pp_compute_share(cfg, zbv, wl) == pytest.approx(
         4 / 3 * 4 * layer / (4 * layer + head))

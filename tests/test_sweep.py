@@ -216,13 +216,14 @@ def test_each_recalibrated_launch_is_predicted_from_the_profile_just_before_it(t
 def test_a_layer_faster_than_the_matmul_timing_raises_the_peak(monkeypatch):
     """A disturbed matmul timing below the layer's fitted rate: the profile's peak becomes that
     rate (efficiency 1) instead of clipping the efficiency — the predicted layer time stays the
-    measured one. The layer's matmuls at 40 GFLOP/s, its attention at 10, its norms and
-    residual adds 20 ns per value: the fit is of the matmuls alone (efficiency 1, no overhead),
-    the attention's a quarter of the peak, the norms 20 ns."""
+    measured one. The layer's matmuls at 40 GFLOP/s, its attention 0.5 ms per call and its
+    causal flops at 10 GFLOP/s, its norms and residual adds 20 ns per value: the fit is of the
+    matmuls alone (efficiency 1, no overhead), the attention's a quarter of the peak and 500 µs,
+    the norms 20 ns."""
     from evo import calibrate
     cfg = calibrate._reference_config()
     h, f = cfg.hidden_size, cfg.intermediate_size
-    attention = lambda s: 12 * s * h * s / 2 / 10e9  # noqa: E731
+    attention = lambda s: 0.5e-3 + 12 * s * h * s / 2 / 10e9  # noqa: E731
     norms = lambda s: s * h * 20e-9                  # noqa: E731
     monkeypatch.setattr(calibrate, "_layer_seconds", lambda c, s, d: (
         6 * s * (4 * h * h + 3 * h * f)) / 40e9 + attention(s) + norms(s))
@@ -234,6 +235,7 @@ def test_a_layer_faster_than_the_matmul_timing_raises_the_peak(monkeypatch):
     assert fit["compute_efficiency"] == pytest.approx(1.0)
     assert fit["block_overhead_us"] == pytest.approx(0.0, abs=1e-6)
     assert fit["attention_efficiency"] == pytest.approx(0.25)
+    assert fit["attention_overhead_us"] == pytest.approx(500.0)
     assert fit["norm_ns_per_value"] == pytest.approx(20.0)
 
 

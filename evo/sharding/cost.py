@@ -75,8 +75,12 @@ SCHEMA = {
 # per hidden value (token × hidden) — charged apart from the matmuls, split only where the
 # sequence is (tensor parallelism without sequence parallelism runs them whole on every rank);
 # when absent, 0: folded into ``compute_efficiency``, as the bundled profiles measure it.
+# ``device.attention_overhead_us``: the fixed cost of one layer's attention call, forward +
+# backward (SDPA / flash; the intercept of its fit over token counts), charged per layer and
+# micro-batch beside ``attention_efficiency``'s flops; when absent, 0.
 OPTIONAL = {"device.context_attention_efficiency": "fraction",
-            "device.norm_ns_per_value": "number0"}
+            "device.norm_ns_per_value": "number0",
+            "device.attention_overhead_us": "number0"}
 
 
 @dataclass(frozen=True)
@@ -691,8 +695,18 @@ def recomputed_layers(plan: Plan, layers: int, remat: float) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
+def _attention_flops_per_token(cfg, seq_len: int) -> float:
+    """Forward + backward flops per token of causal attention's scores and weighted sums: half
+    of what ``models.flops_per_token`` counts (the MFU convention takes every query against
+    every key) — causal kernels skip the masked half, and the calibration (``calibrate``) and
+    the bundled flash-attention figures rate ``attention_efficiency`` by the half."""
+    return (models.flops_per_token(cfg, seq_len) - models.flops_per_token(cfg, 0)) / 2
+
+
+@functools.lru_cache(maxsize=1024)
 def _flops_per_token(cfg, seq_len: int) -> float:
-    return models.flops_per_token(cfg, seq_len)
+    """What a token costs the cost model: the matmuls and causal attention."""
+    return models.flops_per_token(cfg, 0) + _attention_flops_per_token(cfg, seq_len)
 
 
 def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, float]:
@@ -701,9 +715,10 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
     attention split over every axis that splits a layer's work (tp, sp, cp; a pipeline rank's
     share), the norms and residual adds (``device.norm_ns_per_value``) only over the axes that
     split the sequence — whole on each rank of tensor parallelism without sequence
-    parallelism."""
+    parallelism —, the attention call's fixed cost (``device.attention_overhead_us``, SDPA /
+    flash) once per layer and micro-batch on every rank."""
     layers = _layers(cfg)
-    attn_per_token = 12.0 * layers * cfg.num_heads * _head_dim(cfg) * wl.seq_len
+    attn_per_token = _attention_flops_per_token(cfg, wl.seq_len)
     total_per_token = _flops_per_token(cfg, wl.seq_len)
     share = pp_compute_share(cfg, plan, wl)
     split = plan.tp * plan.sp * plan.cp / share
@@ -714,9 +729,10 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
     matmul = (total_per_token - attn_per_token) * tokens / split / (peak
                                                                    * dev["compute_efficiency"])
     attention = attn_per_token * tokens / split / (peak * attention_efficiency(plan, profile))
-    seq_split = plan.sequence_split
+    if plan.sp * plan.cp == 1:
+        attention += wl.micro_num * layers * share * dev.get("attention_overhead_us", 0.0) * 1e-6
     norms = dev.get("norm_ns_per_value", 0.0) * 1e-9 * layers * cfg.hidden_size * tokens \
-        * share / seq_split
+        * share / plan.sequence_split
     blocks = _facts(cfg)[1] / plan.pp
     overhead = wl.micro_num * blocks * (3 + wl.remat) * dev["block_overhead_us"] * 1e-6
     total = (matmul + attention + norms) * redo + overhead
