@@ -152,7 +152,9 @@ def main() -> None:
     c.add_argument("--top", type=int, default=14)
     c.add_argument("--steps", type=int, default=6)
     c.add_argument("--nproc", type=int, default=2, help="2 on a 2-core machine: a core per rank")
-    c.add_argument("--repeat", type=int, default=2, help="launches per plan; the least counts")
+    c.add_argument("--repeat", type=int, default=2,
+                   help="rounds: each plan launched once per round, each launch after its own "
+                        "calibration; a plan's error is the median of its rounds'")
     c.add_argument("--docs", action="store_true", help="copy the chart to docs/img")
     s = sub.add_parser("search")
     s.add_argument("--out", default=None)

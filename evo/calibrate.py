@@ -9,6 +9,7 @@ measuring at once — so each number is what one rank of a sweep at that world s
   ``t = overhead + matmul flops / (peak · efficiency)`` gives ``block_overhead_us`` and
   ``compute_efficiency``; the SDPA's own fit over the same counts ``attention_efficiency`` and
   ``attention_overhead_us``;
+- the loss's cross-entropy over 1024 × 4096 logits, forward + backward (``logit_ns_per_value``);
 - evo's AdamW update per parameter; memory bandwidth (a large copy); memory per rank;
 - the share of a collective hidden behind a layer pass when launched before it (``overlap``);
 - every collective kind (all-reduce, all-gather, reduce-scatter, Ulysses' all-to-all, ring
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 SIZES = (1 << 12, 1 << 17, 1 << 20, 1 << 22)    # bytes handed to a collective
+LOGITS = (1024, 4096)                           # tokens × vocabulary the loss is timed over
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 
@@ -165,6 +167,7 @@ def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
     sequence splits (not under tensor parallelism alone), and its attention, a quarter of the
     layer's flops at 1024 tokens and a twenty-fifth at 128, as the SDPA's own fit over the four
     counts: ``attention_overhead_us`` per call and causal flops at ``attention_efficiency``;
+    ``logit_ns_per_value``: the loss over the head's logits (``_logit_seconds``) per logit;
     ``peak_tflops``: ``tflops``, or the fastest of the rates where one beat it (the short matmul
     timing was disturbed) — the efficiencies are fractions of it, so that none is clipped at 1
     and every rate survives as measured."""
@@ -188,6 +191,8 @@ def compute_fit(tflops: float, dtype: torch.dtype) -> dict:
             "attention_overhead_us": attn_fit["latency_us"],
             "context_attention_efficiency": ctx_rate / peak,
             "norm_ns_per_value": sum(norms.values()) / sum(s * h for s in norms) * 1e9,
+            "logit_ns_per_value": _logit_seconds(LOGITS[0], LOGITS[1], dtype)
+            / (LOGITS[0] * LOGITS[1]) * 1e9,
             "peak_tflops": peak / 1e12}
 
 
@@ -213,6 +218,18 @@ def _norm_seconds(tokens: int, hidden: int, dtype: torch.dtype) -> float:
         for _ in range(2):
             y = y + rms_norm(y, w, 1e-5)
         y.float().sum().backward()
+    return _timed(run)
+
+
+def _logit_seconds(tokens: int, vocab: int, dtype: torch.dtype) -> float:
+    """The loss over ``tokens`` tokens' logits of a ``vocab``-entry head (evo's cross-entropy:
+    fp32 log-softmax and the labels' entries), forward + backward."""
+    from evo.models.layers import cross_entropy_sum
+    x = torch.randn(tokens, vocab, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+
+    def run():
+        cross_entropy_sum(x, labels)[0].backward()
     return _timed(run)
 
 
@@ -340,6 +357,8 @@ def profile(m: dict, world: int) -> dict:
                                                     "256, 512 and 1024 tokens, fitted (causal "
                                                     "flops)",
                      "device.attention_overhead_us": f"{where}: the same fit's intercept",
+                     "device.logit_ns_per_value": f"{where}: evo's cross-entropy fwd+bwd over "
+                                                  f"{LOGITS[0]} × {LOGITS[1]} fp32 logits",
                      "device.norm_ns_per_value": f"{where}: two RMSNorms and two residual adds "
                                                  "fwd+bwd (h=256) at 128 to 1024 tokens",
                      "device.context_attention_efficiency":

@@ -273,8 +273,9 @@ MUTATIONS = [
              ("tests/test_cost.py::"
               "test_sequence_split_plans_run_the_context_attentions_efficiency",)),
     Mutation("cost-pipeline-compute-split-evenly", "evo/sharding/cost.py",
-             "return max(sum(v) for v in seconds.values()), span, whole",
-             "return sum(sum(v) for v in seconds.values()) / len(seconds), span, whole",
+             "return sum(seconds[busiest]), span, whole, head_here",
+             "return sum(sum(v) for v in seconds.values()) / len(seconds), span, whole, "
+             "head_here",
              ("tests/test_cost.py::test_a_pipeline_step_takes_its_busiest_ranks_compute",)),
     Mutation("cost-zero-bubble-backward-once", "evo/sharding/cost.py",
              "return forward + recompute if stage > 0 else 0.0", "return 0.0",
@@ -310,6 +311,20 @@ MUTATIONS = [
              'attn_rate = attn_fit["bandwidth_gbs"] * 1e9',
              "attn_rate = attention(1024) / attn[1024]",
              ("tests/test_sweep.py::test_a_layer_faster_than_the_matmul_timing_raises_the_peak",)),
+    Mutation("cost-logits-charged-on-every-pipeline-rank", "evo/sharding/cost.py",
+             "wl.micro_num, wl.seq_len, redo)[3]", "wl.micro_num, wl.seq_len, redo)[3] or True",
+             ("tests/test_cost.py::test_the_loss_over_the_logits_is_charged_where_the_head_"
+              "runs",)),
+    Mutation("cost-logits-whole-under-tensor-parallelism", "evo/sharding/cost.py",
+             "cfg.vocab_size / (plan.tp * plan.sp * plan.cp)",
+             "cfg.vocab_size / (plan.sp * plan.cp)",
+             ("tests/test_cost.py::test_the_loss_over_the_logits_is_charged_where_the_head_"
+              "runs",)),
+    Mutation("cost-accumulation-of-the-zero-shards", "evo/sharding/cost.py",
+             'grads = rank_state(cfg, _unsharded(plan))["grads"]',
+             'grads = rank_state(cfg, plan)["grads"]',
+             ("tests/test_cost.py::test_the_micro_batches_gradients_are_summed_at_memory_"
+              "bandwidth",)),
     Mutation("calibrate-layer-fit-with-its-norms", "evo/calibrate.py",
              "_layer_seconds(cfg, s, dtype) - attn[s] - norms[s])",
              "_layer_seconds(cfg, s, dtype) - attn[s])",

@@ -165,7 +165,8 @@ def test_compute_time_is_flops_at_the_profiles_efficiency():
     tokens = 4 * 2 * 32 / 2
     redo = 1 + 1 / 2 / 3  # one of two layers run forward twice
     want = ((total - attn) / dev["compute_efficiency"] + attn / dev["attention_efficiency"]) \
-        * tokens / 312e12 * redo + 4 * 4 * 3.5 * 40e-6
+        * tokens / 312e12 * redo + 4 * 4 * 3.5 * 40e-6 \
+        + cost.accumulation_seconds(cfg, plan, wl, A800)      # the gradients' sums: below
     assert c["total"] == pytest.approx(want)
 
 
@@ -188,6 +189,47 @@ def test_the_attention_call_costs_its_overhead_per_layer_and_micro_batch():
         if want is None:     # a pipeline rank: its share of the layers
             want = 4 * 2 * 100e-6 * cost.pp_compute_share(cfg, plan, wl)
         assert b - a == pytest.approx(want), plan
+
+
+def test_the_loss_over_the_logits_is_charged_where_the_head_runs():
+    """``device.logit_ns_per_value``: the cross-entropy over every token's vocabulary — split by
+    tp (vocabulary-parallel), by Ulysses and ring (the sequence); on a pipeline only where the
+    busiest rank runs the head: 1F1B's second rank holds two layers and the head, ZB-V's second
+    rank all four layers and its first the embedding and the head."""
+    from evo.models import llama as L
+    cfg = L.Config(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
+                   intermediate_size=688, max_seq_len=256)
+    d = copy.deepcopy(json.load(open(f"{cost.PROFILE_DIR}/a800-80gb-roce.json")))
+    d["device"]["logit_ns_per_value"] = 10.0
+    lossy = cost.profile_from_dict(d)
+    wl = cost.Workload(4, 2, 128, "float32", 0.0)
+    whole = 10e-9 * 4 * 2 * 128 * 4096
+    for plan, share in ((Plan(dp=2), 1), (Plan(dp=1, tp=2), 2), (Plan(dp=1, sp=2), 2),
+                        (Plan(dp=1, cp=2), 2), (Plan(dp=1, pp=2), 1),
+                        (Plan(dp=1, pp=2, pp_schedule="zbv", pp_virtual=2,
+                              pp_layers=(1, 2, 2, 1)), None)):
+        plan = plan.resolve(2)
+        a, b = (cost.compute_seconds(cfg, plan, wl, p)["total"] for p in (A800, lossy))
+        assert b - a == pytest.approx(0.0 if share is None else whole / share), plan
+
+
+def test_the_micro_batches_gradients_are_summed_at_memory_bandwidth():
+    """``train.Accumulator``: ``micro_num − 1`` passes over the rank's gradients, each reading
+    the running sum and the new gradients and writing the sum (3 × 4 bytes per fp32 gradient)
+    at ``device.memory_bandwidth_gbs`` — whole gradients under ZeRO-2 too (each backward hands
+    them whole; the shards come after); none with one micro-batch."""
+    cfg = MODELS["llama"]
+    n = sum(v.numel() for v in models.init(cfg, 0).values())
+    bw = A800.device["memory_bandwidth_gbs"] * 1e9
+    for plan in (Plan(dp=2), Plan(dp=2, zero=2)):
+        plan = plan.resolve(2)
+        got = cost.accumulation_seconds(cfg, plan, cost.Workload(4, 2, 32, "bfloat16", 0.0), A800)
+        assert got == pytest.approx(3 * 3 * 4 * n / bw), plan
+        assert cost.accumulation_seconds(cfg, plan, cost.Workload(1, 8, 32, "bfloat16", 0.0),
+                                         A800) == 0.0
+    tp = Plan(dp=1, tp=2).resolve(2)     # each rank's pieces
+    got = cost.accumulation_seconds(cfg, tp, cost.Workload(2, 2, 32, "bfloat16", 0.0), A800)
+    assert got == pytest.approx(3 * cost.rank_state(cfg, tp)["grads"] / bw)
 
 
 def test_norms_split_only_where_the_sequence_is_split():

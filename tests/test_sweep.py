@@ -236,6 +236,7 @@ def test_a_layer_faster_than_the_matmul_timing_raises_the_peak(monkeypatch):
     assert fit["block_overhead_us"] == pytest.approx(0.0, abs=1e-6)
     assert fit["attention_efficiency"] == pytest.approx(0.25)
     assert fit["attention_overhead_us"] == pytest.approx(500.0)
+    assert fit["logit_ns_per_value"] == pytest.approx(1e9 / (1024 * 4096))  # 1 s: _timed's
     assert fit["norm_ns_per_value"] == pytest.approx(20.0)
 
 

@@ -78,9 +78,13 @@ SCHEMA = {
 # ``device.attention_overhead_us``: the fixed cost of one layer's attention call, forward +
 # backward (SDPA / flash; the intercept of its fit over token counts), charged per layer and
 # micro-batch beside ``attention_efficiency``'s flops; when absent, 0.
+# ``device.logit_ns_per_value``: the loss's log-softmax and cross-entropy over the head's fp32
+# logits, forward + backward, per logit (token × vocabulary entry) — charged to the rank running
+# the head, split over tp (vocabulary-parallel) and the sequence's split; when absent, 0.
 OPTIONAL = {"device.context_attention_efficiency": "fraction",
             "device.norm_ns_per_value": "number0",
-            "device.attention_overhead_us": "number0"}
+            "device.attention_overhead_us": "number0",
+            "device.logit_ns_per_value": "number0"}
 
 
 @dataclass(frozen=True)
@@ -735,9 +739,39 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
         * share / plan.sequence_split
     blocks = _facts(cfg)[1] / plan.pp
     overhead = wl.micro_num * blocks * (3 + wl.remat) * dev["block_overhead_us"] * 1e-6
-    total = (matmul + attention + norms) * redo + overhead
+    total = (matmul + attention + norms) * redo + overhead + logit_seconds(cfg, plan, wl, profile) \
+        + accumulation_seconds(cfg, plan, wl, profile)
     return {"total": total, "attention": attention * redo,
             "backward_micro": total * 2 / 3 / wl.micro_num, "forward": total / 3}
+
+
+def logit_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> float:
+    """The loss over the head's logits (``device.logit_ns_per_value`` per logit): every token's
+    vocabulary, split over tp (vocabulary-parallel cross-entropy) and the axes splitting the
+    sequence; on a pipeline, only where the busiest rank runs the head."""
+    ns = profile.device.get("logit_ns_per_value", 0.0)
+    if not ns or not _head_on_busiest_rank(cfg, plan, wl):
+        return 0.0
+    tokens = wl.micro_num * wl.tokens_per_micro
+    return ns * 1e-9 * tokens * cfg.vocab_size / (plan.tp * plan.sp * plan.cp)
+
+
+def _head_on_busiest_rank(cfg, plan: Plan, wl: Workload) -> bool:
+    if plan.pp == 1 or modelled(cfg, plan) != "planner":
+        return True
+    redo = recomputed_layers(plan, _layers(cfg), wl.remat)
+    return _pipeline_timeline(cfg, _pp_key(plan), wl.micro_num, wl.seq_len, redo)[3]
+
+
+def accumulation_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> float:
+    """Summing the micro-batches' gradients (``train.Accumulator.add_grads``; a pipeline stage's
+    the same): ``micro_num − 1`` passes over the rank's gradients as its backward hands them —
+    whole, ZeRO shards them after —, each reading the running sum and the new gradients and
+    writing the sum, at the device's memory bandwidth."""
+    if wl.micro_num < 2:
+        return 0.0
+    grads = rank_state(cfg, _unsharded(plan))["grads"]
+    return (wl.micro_num - 1) * 3 * grads / (profile.device["memory_bandwidth_gbs"] * 1e9)
 
 
 def pp_compute_share(cfg, plan: Plan, wl: Workload) -> float:
@@ -753,7 +787,7 @@ def pp_compute_share(cfg, plan: Plan, wl: Workload) -> float:
     if modelled(cfg, plan) != "planner":
         zb = plan.pp_schedule in ("zbh1", "zbv")
         return (zero_bubble_factor(redo / layers) if zb else 1.0) / plan.pp
-    busy, _, whole = _pipeline_timeline(cfg, _pp_key(plan), wl.micro_num, wl.seq_len, redo)
+    busy, _, whole, _ = _pipeline_timeline(cfg, _pp_key(plan), wl.micro_num, wl.seq_len, redo)
     return busy / whole
 
 
@@ -796,9 +830,10 @@ def _stage_parts(cfg, key: tuple, redo: int) -> tuple:
 
 @functools.lru_cache(maxsize=4096)
 def _pipeline_timeline(cfg, key: tuple, micro_num: int, seq_len: int,
-                       redo: int) -> tuple[float, float, float]:
+                       redo: int) -> tuple[float, float, float, bool]:
     """(the busiest pp rank's flops per token of one micro-batch over a step, the step's span in
-    the same unit, the whole model's step): the schedule's action lists
+    the same unit, the whole model's step, whether that rank runs the head): the schedule's
+    action lists
     (``pipeline.action_lists``) replayed (``pipeline.replay``) with each action's flops
     (``_action_flops``) of its stage — a layer's forward a third of its flops, the head's
     ``2·h·V``, the embedding none; the model's first ``redo`` layers recomputed. The span holds
@@ -815,7 +850,10 @@ def _pipeline_timeline(cfg, key: tuple, micro_num: int, seq_len: int,
                for rank, actions in lists.items()}
     span = pipeline.replay(lists, seconds, plan.stages).span
     whole = micro_num * sum(3 * f + r for f, r in passes)
-    return max(sum(v) for v in seconds.values()), span, whole
+    busiest = max(seconds, key=lambda rank: sum(seconds[rank]))
+    parts = _stage_parts(cfg, key, redo)
+    head_here = any(parts[a.stage][2] for a in lists[busiest])
+    return sum(seconds[busiest]), span, whole, head_here
 
 
 def bubble_fraction(cfg, plan: Plan, wl: Workload) -> float:
@@ -824,8 +862,8 @@ def bubble_fraction(cfg, plan: Plan, wl: Workload) -> float:
     (``pipeline_bubble_fraction``)."""
     if plan.pp == 1 or modelled(cfg, plan) != "planner":
         return pipeline_bubble_fraction(plan, wl.micro_num)
-    busy, span, _ = _pipeline_timeline(cfg, _pp_key(plan), wl.micro_num, wl.seq_len,
-                                       recomputed_layers(plan, _layers(cfg), wl.remat))
+    busy, span, _, _ = _pipeline_timeline(cfg, _pp_key(plan), wl.micro_num, wl.seq_len,
+                                          recomputed_layers(plan, _layers(cfg), wl.remat))
     return span / busy - 1
 
 
