@@ -4,9 +4,10 @@
                                                              --repeat 2]
         evo sweep --recalibrate of plans spread over the kinds of the ranking of
         experiments/plan_cpu.py (at 2 processes: 14 kinds, ZeRO 0-3, tp ± sequence parallel, pp
-        under four schedules, sp, cp, weight parallel), --repeat rounds each after its own
-        evo calibrate with --nproc processes: predicted against measured step time (each round
-        against its calibration, the median error) and peak memory per rank, Spearman of the
+        under four schedules, sp, cp, weight parallel), --repeat rounds, evo calibrate with
+        --nproc processes before every launch: predicted (the median of a plan's predictions
+        from all the calibrations) against measured step time (the median of the rounds' errors)
+        and peak memory per rank, Spearman of the
         ranking, and the table of docs/plans.md; the chart is also copied to
         docs/img/plan_sweep_cpu.png with --docs.
     python benchmarks/plan_accuracy.py search [--out DIR]
@@ -48,19 +49,20 @@ def cpu(args) -> None:
 def markdown(report: dict) -> str:
     """The sweep as the table of docs/plans.md ("How right it is here")."""
     pct = lambda x: f"{x:+.0%}".replace("-", "−").replace("%", " %")  # noqa: E731
-    rows = ["| plan | mb | remat | predicted s, each round | measured s, each round | "
-            "error, each round | error (median) | predicted MiB | measured MiB | error | "
-            "RSS growth MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| plan | mb | remat | predicted s | measured s, each round | "
+            "error, each round | error (median) | each launch's own profile: predicted s | "
+            "predicted MiB | measured MiB | error | RSS growth MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["plans"]:
         m = r["measured"]
         each = ", ".join(f"{t:.2f}" for t in m.get("round_seconds", [m["step_seconds"]]))
-        pred = ", ".join(f"{t:.2f}" for t in r.get("round_predicted_seconds",
-                                                     [r["predicted"]["step_seconds"]]))
+        pred = sweep.predicted_seconds(r)
+        own = ", ".join(f"{t:.2f}" for t in r.get("launch_predicted_seconds", [pred]))
         errors = ", ".join(pct(e) for e in r.get("round_step_errors", [r["step_error"]]))
         rows.append(f"| {r['plan']} | {r['micro_batch']} | "
-                    f"{REMAT_TEXT.get(r['remat'], r['remat'])} | {pred} | {each} | {errors} | "
-                    f"{pct(r['step_error'])} | {r['predicted']['peak_gib'] * 1024:.1f} | "
+                    f"{REMAT_TEXT.get(r['remat'], r['remat'])} | {pred:.2f} | {each} | "
+                    f"{errors} | {pct(r['step_error'])} | {own} | "
+                    f"{r['predicted']['peak_gib'] * 1024:.1f} | "
                     f"{max(m['peak_bytes']) / 2**20:.1f} | {pct(r['memory_error'])} | "
                     f"{max(m['rss_growth_bytes']) / 2**20:.1f} |")
     return "\n".join(rows)

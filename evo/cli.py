@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launches per plan, in rounds over all the plans; the least counts")
     w.add_argument("--recalibrate", action="store_true",
                    help="measure this machine before every launch (no --profile): each "
-                        "launch is predicted from the profile measured just before it, a plan's "
-                        "error is the median of its rounds'")
+                        "plan is predicted as the median of its predictions from all of them, "
+                        "a plan's error is the median of its rounds'")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     w.set_defaults(fn=_sweep)
 

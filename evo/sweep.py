@@ -28,10 +28,10 @@ their samples: the plan's cost when nothing else took a core; with
 ``--repeat R`` every plan is launched R times, in rounds over all the plans, and the least of
 its launches counts (``least``). With ``--recalibrate`` (and no ``--profile``) the machine is
 measured again before every launch (``DIR/profile.I.R.json``, the first launch's being the
-ranking's ``DIR/profile.json``) and each launch is predicted from the profile measured just
-before it: a plan's error is the median of its rounds' (``by_round``) — on a shared machine
-whose speed drifts by half within minutes, what the model says about the machine as it was, not
-as it was ten minutes earlier.
+ranking's ``DIR/profile.json``) and every plan is predicted as the median of its predictions
+from all of them (``typical``): a plan's error is the median of its rounds' (``by_round``) —
+on a shared machine one calibration is disturbed by a fifth and more, the median of a sweep's
+calibrations is the machine's usual state.
 ``DIR/sweep.json`` holds predicted and measured side by side (and every rank's measured
 communication bytes against ``planner.expected_comm_bytes`` of its pipeline stage);
 ``DIR/sweep.png`` charts them (needs matplotlib).
@@ -126,17 +126,13 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
     result = search.search(exp.model, nproc, base_of(exp, nproc), prof, every_remat=True)
     ok, skipped = runnable(exp.model, result, nproc, top)
     chosen = choose(ok, top, spread, plan_kind)
-    rounds, predicted = [], []
+    rounds, profiles = [], [prof]      # profiles: the one measured before each launch
     for r in range(repeat):
         rounds.append([])
-        predicted.append([])
         for i, pred in enumerate(chosen):
             name = i if repeat == 1 else f"{i}.{r}"
             if recalibrate and (r or i):     # the first launch has the ranking's profile
-                again = measured_profile(os.path.join(out, f"profile.{name}.json"))
-                predicted[-1].append(cost.predict(exp.model, pred.plan, pred.workload, again))
-            else:
-                predicted[-1].append(pred)
+                profiles.append(measured_profile(os.path.join(out, f"profile.{name}.json")))
             print(f"evo: [{i + 1}/{top}{f', round {r + 1}/{repeat}' if repeat > 1 else ''}] "
                   f"{search.plan_fields(pred.plan)} mb={pred.workload.micro_batch}"
                   f" remat={pred.workload.remat}", flush=True)
@@ -144,8 +140,12 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
     rows = [compare(exp.model, pred, least([rd[i] for rd in rounds]))
             for i, pred in enumerate(chosen)]
     if recalibrate:
-        rows = [by_round(row, [p[i].step_seconds for p in predicted],
-                         [rd[i]["step_seconds"] for rd in rounds]) for i, row in enumerate(rows)]
+        rows = [by_round(row, [typical(exp.model, pred, profiles)] * repeat,
+                         [rd[i]["step_seconds"] for rd in rounds],
+                         [cost.predict(exp.model, pred.plan, pred.workload,
+                                       profiles[r * len(chosen) + i]).step_seconds
+                          for r in range(repeat)])
+                for i, (row, pred) in enumerate(zip(rows, chosen))]
     report = {"experiment": exp.run_dir, "profile": prof.name, "nproc": nproc, "steps": steps,
               "repeat": repeat, "recalibrate": recalibrate,
               "fit": len(result.ranked), "runnable": len(ok),
@@ -184,13 +184,29 @@ def step_seconds(times_by_rank: list[list[float]]) -> dict:
             "step_times": slowest}
 
 
-def by_round(row: dict, predicted: list[float], measured: list[float]) -> dict:
-    """A compared plan (``compare``) whose every launch was predicted from the profile measured
-    just before it (``--recalibrate``): each round's predicted and measured seconds and error,
-    and the median of the errors as the plan's ``step_error``."""
+def typical(cfg, pred, profiles: list) -> float:
+    """A plan's step seconds on the machine as the sweep's calibrations found it: the median of
+    its predictions from every profile measured during the sweep (``--recalibrate``: one before
+    each launch). On a shared machine one calibration's own disturbance moves a prediction by a
+    fifth and more (a small all-gather's latency 1.0 to 4.0 ms, the layer's efficiency 0.5 to
+    1.0, in calibrations minutes apart) while the launches stay put; the median of them all is
+    the machine's usual state, as a launch's least step is the plan's cost when nothing else
+    took a core. No profile saw a launch."""
+    from evo.sharding import cost
+    return statistics.median(cost.predict(cfg, pred.plan, pred.workload, p).step_seconds
+                             for p in profiles)
+
+
+def by_round(row: dict, predicted: list[float], measured: list[float],
+             launch_predicted: list[float] | None = None) -> dict:
+    """A compared plan (``compare``) launched once per round (``--recalibrate``): each round's
+    predicted and measured seconds and error, the median of the errors as the plan's
+    ``step_error``; beside them (``launch_predicted_seconds``), what the profile measured just
+    before each launch alone predicted."""
     errors = [p / m - 1 for p, m in zip(predicted, measured, strict=True)]
     return {**row, "round_predicted_seconds": predicted, "round_step_errors": errors,
-            "step_error": statistics.median(errors)}
+            "step_error": statistics.median(errors),
+            **({"launch_predicted_seconds": launch_predicted} if launch_predicted else {})}
 
 
 def run_plan(exp, pred, steps: int, nproc: int, out: str, index: int | str,

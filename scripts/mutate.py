@@ -283,13 +283,17 @@ MUTATIONS = [
     Mutation("cost-pipeline-bubble-of-equal-stages", "evo/sharding/cost.py",
              "return span / busy - 1", "return pipeline_bubble_fraction(plan, wl.micro_num)",
              ("tests/test_cost.py::test_a_pipeline_step_takes_its_busiest_ranks_compute",)),
-    Mutation("sweep-recalibrated-launch-predicted-from-the-first-profile", "evo/sweep.py",
-             "predicted[-1].append(cost.predict(exp.model, pred.plan, pred.workload, again))",
-             "predicted[-1].append(pred)",
-             ("tests/test_sweep.py::test_each_recalibrated_launch_is_predicted_from_the_profile_"
-              "just_before_it",)),
+    Mutation("sweep-recalibrated-plan-predicted-from-the-first-profile", "evo/sweep.py",
+             "step_seconds\n                             for p in profiles)",
+             "step_seconds\n                             for p in profiles[:1])",
+             ("tests/test_sweep.py::test_recalibrated_plans_are_predicted_from_the_median_of_"
+              "every_calibration",)),
+    Mutation("sweep-recalibrated-launch-beside-the-wrong-profile", "evo/sweep.py",
+             "profiles[r * len(chosen) + i]", "profiles[i]",
+             ("tests/test_sweep.py::test_recalibrated_plans_are_predicted_from_the_median_of_"
+              "every_calibration",)),
     Mutation("sweep-recalibrated-error-of-the-first-round", "evo/sweep.py",
-             '"step_error": statistics.median(errors)}', '"step_error": errors[0]}',
+             '"step_error": statistics.median(errors),', '"step_error": errors[0],',
              ("tests/test_sweep.py::test_recalibrated_rounds_each_compare_with_their_own_"
               "profile",)),
     Mutation("calibrate-timing-the-median-sample", "evo/calibrate.py",

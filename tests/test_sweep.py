@@ -177,28 +177,37 @@ def test_recalibrated_rounds_each_compare_with_their_own_profile():
     assert got["round_predicted_seconds"] == [0.9, 1.2, 1.0] and got["plan"] == "dp=2"
 
 
-def test_each_recalibrated_launch_is_predicted_from_the_profile_just_before_it(tmp_path,
-                                                                             monkeypatch):
+def test_recalibrated_plans_are_predicted_from_the_median_of_every_calibration(tmp_path,
+                                                                              monkeypatch):
     """--recalibrate --repeat 2 over two plans: the machine measured before every launch but the
-    first (whose profile ranked the plans), each launch predicted from the latest profile. The
-    fake calibration k runs at 1/k of H100's matmul rate; the fake launch records which
-    calibration preceded it and takes that profile's predicted seconds: every error is 0."""
+    first (whose profile ranked the plans): four calibrations, the k-th at 1/(k+1) of H100's
+    matmul rate. Every plan is predicted as the median of its four predictions — halfway
+    between the second and the third profile's —, and what each launch's own profile said is
+    kept beside it; the fake launch takes that median: every error is 0."""
     from evo import calibrate
     exp = config.load(os.path.join(ROOT, "experiments", "plan_cpu.py"))
-    made, launched = [], []
+    made, launched, preds = [], [], {}
+
+    def profile_k(k):
+        d = json.load(open(os.path.join(ROOT, "evo", "profiles", "h100-80gb-ib.json")))
+        d["device"]["matmul_tflops"] = {n: v / (k + 1)
+                                        for n, v in d["device"]["matmul_tflops"].items()}
+        return cost.profile_from_dict(d)
 
     def fake_calibrate(path, nproc):
         d = json.load(open(os.path.join(ROOT, "evo", "profiles", "h100-80gb-ib.json")))
-        d["device"]["matmul_tflops"] = {k: v / (len(made) + 1)
-                                        for k, v in d["device"]["matmul_tflops"].items()}
+        d["device"]["matmul_tflops"] = {n: v / (len(made) + 1)
+                                        for n, v in d["device"]["matmul_tflops"].items()}
         json.dump(d, open(path, "w"))
         made.append(os.path.basename(path))
 
+    def seconds(pred, k):
+        return cost.predict(exp.model, pred.plan, pred.workload, profile_k(k)).step_seconds
+
     def fake_launch(exp_, pred, steps, nproc, out, index):
-        prof = cost.load_profile(os.path.join(out, made[-1]))
         launched.append((index, made[-1]))
-        return {"step_seconds": cost.predict(exp_.model, pred.plan, pred.workload,
-                                             prof).step_seconds,
+        preds[index] = pred
+        return {"step_seconds": (seconds(pred, 1) + seconds(pred, 2)) / 2,
                 "peak_bytes": [1, 1], "rss_growth_bytes": [1, 1], "comm_bytes_by_rank": []}
     monkeypatch.setattr(calibrate, "calibrate", fake_calibrate)
     monkeypatch.setattr(sweep, "run_plan", fake_launch)
@@ -208,9 +217,11 @@ def test_each_recalibrated_launch_is_predicted_from_the_profile_just_before_it(t
     assert made == ["profile.json", "profile.1.0.json", "profile.0.1.json", "profile.1.1.json"]
     assert launched == [("0.0", "profile.json"), ("1.0", "profile.1.0.json"),
                         ("0.1", "profile.0.1.json"), ("1.1", "profile.1.1.json")]
-    for row in report["plans"]:
+    for i, row in enumerate(report["plans"]):
         assert row["round_step_errors"] == pytest.approx([0.0, 0.0], abs=1e-12)
-        assert row["round_predicted_seconds"][1] > row["round_predicted_seconds"][0]
+        pred = preds[f"{i}.0"]
+        assert row["launch_predicted_seconds"] == pytest.approx(
+            [seconds(pred, i), seconds(pred, 2 + i)])
 
 
 def test_a_layer_faster_than_the_matmul_timing_raises_the_peak(monkeypatch):
