@@ -739,10 +739,11 @@ def compute_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str
         * share / plan.sequence_split
     blocks = _facts(cfg)[1] / plan.pp
     overhead = wl.micro_num * blocks * (3 + wl.remat) * dev["block_overhead_us"] * 1e-6
-    total = (matmul + attention + norms) * redo + overhead + logit_seconds(cfg, plan, wl, profile) \
+    passes = (matmul + attention + norms) * redo + overhead     # the blocks' forward + backward
+    total = passes + logit_seconds(cfg, plan, wl, profile) \
         + accumulation_seconds(cfg, plan, wl, profile)
     return {"total": total, "attention": attention * redo,
-            "backward_micro": total * 2 / 3 / wl.micro_num, "forward": total / 3}
+            "backward_micro": passes * 2 / 3 / wl.micro_num, "forward": passes / 3}
 
 
 def logit_seconds(cfg, plan: Plan, wl: Workload, profile: Profile) -> float:
