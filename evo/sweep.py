@@ -140,12 +140,12 @@ def sweep(exp, *, top: int, steps: int, nproc: int, out: str, profile: str | Non
     rows = [compare(exp.model, pred, least([rd[i] for rd in rounds]))
             for i, pred in enumerate(chosen)]
     if recalibrate:
-        rows = [by_round(row, [typical(exp.model, pred, profiles)] * repeat,
+        each = [[cost.predict(exp.model, pred.plan, pred.workload, p).step_seconds
+                 for p in profiles] for pred in chosen]
+        rows = [by_round(row, [typical(each[i])] * repeat,
                          [rd[i]["step_seconds"] for rd in rounds],
-                         [cost.predict(exp.model, pred.plan, pred.workload,
-                                       profiles[r * len(chosen) + i]).step_seconds
-                          for r in range(repeat)])
-                for i, (row, pred) in enumerate(zip(rows, chosen))]
+                         [each[i][r * len(chosen) + i] for r in range(repeat)])
+                for i, row in enumerate(rows)]
     report = {"experiment": exp.run_dir, "profile": prof.name, "nproc": nproc, "steps": steps,
               "repeat": repeat, "recalibrate": recalibrate,
               "fit": len(result.ranked), "runnable": len(ok),
@@ -184,7 +184,7 @@ def step_seconds(times_by_rank: list[list[float]]) -> dict:
             "step_times": slowest}
 
 
-def typical(cfg, pred, profiles: list) -> float:
+def typical(seconds: list[float]) -> float:
     """A plan's step seconds on the machine as the sweep's calibrations found it: the median of
     its predictions from every profile measured during the sweep (``--recalibrate``: one before
     each launch). On a shared machine one calibration's own disturbance moves a prediction by a
@@ -192,9 +192,7 @@ def typical(cfg, pred, profiles: list) -> float:
     1.0, in calibrations minutes apart) while the launches stay put; the median of them all is
     the machine's usual state, as a launch's least step is the plan's cost when nothing else
     took a core. No profile saw a launch."""
-    from evo.sharding import cost
-    return statistics.median(cost.predict(cfg, pred.plan, pred.workload, p).step_seconds
-                             for p in profiles)
+    return statistics.median(seconds)
 
 
 def by_round(row: dict, predicted: list[float], measured: list[float],

@@ -284,12 +284,11 @@ MUTATIONS = [
              "return span / busy - 1", "return pipeline_bubble_fraction(plan, wl.micro_num)",
              ("tests/test_cost.py::test_a_pipeline_step_takes_its_busiest_ranks_compute",)),
     Mutation("sweep-recalibrated-plan-predicted-from-the-first-profile", "evo/sweep.py",
-             "step_seconds\n                             for p in profiles)",
-             "step_seconds\n                             for p in profiles[:1])",
+             "    return statistics.median(seconds)\n", "    return seconds[0]\n",
              ("tests/test_sweep.py::test_recalibrated_plans_are_predicted_from_the_median_of_"
               "every_calibration",)),
     Mutation("sweep-recalibrated-launch-beside-the-wrong-profile", "evo/sweep.py",
-             "profiles[r * len(chosen) + i]", "profiles[i]",
+             "each[i][r * len(chosen) + i]", "each[i][i]",
              ("tests/test_sweep.py::test_recalibrated_plans_are_predicted_from_the_median_of_"
               "every_calibration",)),
     Mutation("sweep-recalibrated-error-of-the-first-round", "evo/sweep.py",
