@@ -226,11 +226,11 @@ MUTATIONS = [
              "return max(before + inside, default=base) - base",
              "return max(before + inside, default=base)", ("tests/test_sweep.py",)),
     Mutation("cost-pipeline-backward-without-its-gradients", "evo/sharding/cost.py",
-             "{s: (0, 0, 0, 0, 0, grads[s]) for s in stages}", "None",
+             "{s: (0, 0, 0, 0, 0, grads[s], 0) for s in stages}", "None",
              (PP_MEMORY_HAND, PP_MEMORY)),
     Mutation("cost-pipeline-head-gradients-with-the-recompute", "evo/sharding/cost.py",
-             "((0, 0, 0, int(per_stage[s][1] > 0), 0, 0), (0, 0, 0, 0, per_stage[s][2], 0))",
-             "((0, 0, 0, int(per_stage[s][1] > 0), per_stage[s][2], 0),)",
+             "{s: ((0, 0, 0, int(per_stage[s][1] > 0), 0, 0, 0),\n                 (0, 0, 0, 0, per_stage[s][2], 0, 0))",
+             "{s: ((0, 0, 0, int(per_stage[s][1] > 0), per_stage[s][2], 0, 0),)",
              (PP_MEMORY_HAND,)),
     Mutation("pipeline-input-backward-releases-the-forward", "evo/sharding/pipeline.py",
              'live[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0',
@@ -328,6 +328,16 @@ MUTATIONS = [
              'grads = rank_state(cfg, plan)["grads"]',
              ("tests/test_cost.py::test_the_micro_batches_gradients_are_summed_at_memory_"
               "bandwidth",)),
+    Mutation("pipeline-gradient-sum-held-from-the-start", "evo/sharding/pipeline.py",
+             "summing: set = set()", "summing: set = set(summed or ())",
+             ("tests/test_pipeline.py::test_held_moments_count_the_gradient_sum_from_a_stages_"
+              "first_weight_backward",
+              "tests/test_cost.py::test_memory_model_is_the_measured_live_peak_of_pipeline_"
+              "stages")),
+    Mutation("cost-pipeline-gradient-sum-beside-every-moment", "evo/sharding/cost.py",
+             "        accumulated = 0\n", "        accumulated = grads\n",
+             ("tests/test_cost.py::test_memory_model_is_the_measured_live_peak_of_pipeline_"
+              "stages",)),
     Mutation("calibrate-layer-fit-with-its-norms", "evo/calibrate.py",
              "_layer_seconds(cfg, s, dtype) - attn[s] - norms[s])",
              "_layer_seconds(cfg, s, dtype) - attn[s])",

@@ -54,6 +54,28 @@ def test_tied_embedding_lives_on_the_first_and_last_stage():
     assert pipeline.tied_params(CFG, plan) == []
 
 
+def test_held_moments_count_the_gradient_sum_from_a_stages_first_weight_backward():
+    """One stage, parts (activations, new gradients, their sum): ZB-H1's last stage ``F0 I0 F1
+    I1 W0 W1`` holds both forwards (and the input backward's transient) before any gradient
+    exists; ``W0`` leaves its gradients (5), which become the running sum; ``W1``'s arrive
+    beside it. Without ``summed``, the sum is in no moment. 1F1B's ``F0 F1 B0 B1``: the sum
+    from ``B0`` on, beside ``B1``'s transient."""
+    A = pipeline.Action
+    per_micro, during = {0: (1, 0, 0)}, {0: ((3, 0, 0),)}
+    after, summed = {0: (0, 5, 0)}, {0: (0, 0, 5)}
+    zb = [A("F", 0, 0), A("I", 0, 0), A("F", 0, 1), A("I", 0, 1), A("W", 0, 0), A("W", 0, 1)]
+    assert pipeline.held_moments(zb, per_micro, during, after, summed) == {
+        (0, 0, 0), (1, 0, 0), (4, 0, 0), (2, 0, 0), (5, 0, 0),   # forwards, input backwards
+        (5, 0, 0), (1, 5, 0), (1, 0, 5), (4, 0, 5), (0, 5, 5), (0, 0, 5)}
+    assert pipeline.held_moments(zb, per_micro, during, after) == {
+        (0, 0, 0), (1, 0, 0), (4, 0, 0), (2, 0, 0), (5, 0, 0), (1, 5, 0), (4, 0, 0),
+        (0, 5, 0)}
+    ofob = [A("F", 0, 0), A("F", 0, 1), A("B", 0, 0), A("B", 0, 1)]
+    assert pipeline.held_moments(ofob, per_micro, during, after, summed) == {
+        (0, 0, 0), (1, 0, 0), (2, 0, 0), (5, 0, 0), (1, 5, 0), (1, 0, 5), (4, 0, 5),
+        (0, 5, 5), (0, 0, 5)}
+
+
 @pytest.mark.parametrize("schedule, v", [("1f1b", 1), ("interleaved", 2), ("zbh1", 1),
                                          ("zbv", 2)])
 @pytest.mark.parametrize("pp, m", [(2, 4), (4, 4), (4, 8)])

@@ -15,7 +15,8 @@ micro-batches one data-parallel rank runs per step) and a ``Profile`` (what the 
   cost per block and pass, AdamW per parameter; each collective from its bytes, its group's
   placement (inside a node or across nodes, from ``mesh_shape(plan)``) and the profile, exposed
   where the planner does not overlap it; the pipeline bubble of the schedule; recomputation.
-- **memory**: weights, gradients (the full accumulation buffer while backward runs), AdamW state,
+- **memory**: weights, gradients (the full accumulation buffer while backward runs; on a
+  pipeline, each stage's running sum from its first full or weight backward on), AdamW state,
   and the largest of backward's activations (by recomputation and sequence split, the schedule's
   in-flight micro-batches) with its gather and bucket buffers, the update's temporaries, and a
   micro-batch's gradients beside their running sum when its backward ends.
@@ -985,12 +986,13 @@ def activation_bytes(cfg, plan: Plan, wl: Workload) -> float:
 def _pipeline_held(cfg, key: tuple, micro_num: int, redo: int, tp: int) -> tuple:
     """Per pp rank, the distinct moments of its action list (``pipeline.held_moments``) as
     (layers holding their whole set, recomputed layers holding their input, heads, recomputed
-    layers running again, heads running backward, fp32 bytes of weight gradients): each stage's
-    forward in flight holds its own layers and head — the model's first ``redo`` layers
-    recomputed — until its full or weight backward (a zero-bubble input backward retains the
-    graph); while a stage runs backward, the head's gradients, and later one recomputed layer's
-    whole set, besides; when its full or weight backward ends, the gradients of its weights
-    (tensor-parallel pieces: ``_block_bytes``) before they are summed into the earlier ones."""
+    layers running again, heads running backward, fp32 bytes of weight gradients, fp32 bytes of
+    summed weight gradients): each stage's forward in flight holds its own layers and head —
+    the model's first ``redo`` layers recomputed — until its full or weight backward (a
+    zero-bubble input backward retains the graph); while a stage runs backward, the head's
+    gradients, and later one recomputed layer's whole set, besides; when its full or weight
+    backward ends, the gradients of its weights (tensor-parallel pieces: ``_block_bytes``)
+    before they are summed into the earlier ones, and from then on their running sum."""
     plan = _pp_plan(key)
     sizes = dict(zip((b.name for b in models.blocks(cfg)), _block_bytes(cfg, tp)))
     per_stage = _stage_parts(cfg, key, redo)
@@ -1000,10 +1002,11 @@ def _pipeline_held(cfg, key: tuple, micro_num: int, redo: int, tp: int) -> tuple
     for r in range(key[0]):
         stages = pipeline.rank_stages(plan, r)
         out.append(_undominated(pipeline.held_moments(
-            lists[r], {s: per_stage[s] + (0, 0, 0) for s in stages},
-            {s: ((0, 0, 0, int(per_stage[s][1] > 0), 0, 0), (0, 0, 0, 0, per_stage[s][2], 0))
-             for s in stages},
-            {s: (0, 0, 0, 0, 0, grads[s]) for s in stages})))
+            lists[r], {s: per_stage[s] + (0, 0, 0, 0) for s in stages},
+            {s: ((0, 0, 0, int(per_stage[s][1] > 0), 0, 0, 0),
+                 (0, 0, 0, 0, per_stage[s][2], 0, 0)) for s in stages},
+            {s: (0, 0, 0, 0, 0, grads[s], 0) for s in stages},
+            {s: (0, 0, 0, 0, 0, 0, grads[s]) for s in stages})))
     return tuple(out)
 
 
@@ -1017,19 +1020,23 @@ def _undominated(moments: set[tuple]) -> tuple:
     return tuple(kept)
 
 
-def _stage_activations(cfg, plan: Plan, wl: Workload, r: int) -> float:
+def _stage_activations(cfg, plan: Plan, wl: Workload, r: int, summed: bool = False
+                       ) -> float:
     """Pipeline rank ``r``: the most its stages' micro-batches in flight hold at once
     (``_pipeline_held``), each stage's own layers (``layer_activation_bytes``, a recomputed
     layer its input) and head (``head_activation_bytes``); while a stage runs backward the
     head's gradients, then a recomputed layer's whole set, besides; when it ends, its weights'
-    gradients in the compute dtype."""
+    gradients in the compute dtype. ``summed``: with the running sum of the weights' gradients
+    (fp32) where it exists at that moment — the rank's peak beside its weights and optimizer
+    state."""
     redo = recomputed_layers(plan, _layers(cfg), wl.remat)
     full, kept = layer_activation_bytes(cfg, plan, wl)
     head, grads = head_activation_bytes(cfg, plan, wl)
     moments = _pipeline_held(cfg, _pp_key(plan), wl.micro_num, redo, plan.tp)[r]
     return max(wl.tokens_per_micro * (n * full + k * kept + h * head + again * full
                                       + back * grads) + weights * wl.act_bytes / 4
-               for n, k, h, again, back, weights in moments)
+               + (total if summed else 0)
+               for n, k, h, again, back, weights, total in moments)
 
 
 def _context_activations(cfg, plan: Plan, wl: Workload) -> float:
@@ -1071,6 +1078,10 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
     # micro-batch: its gradients appear as its activations are freed; ZeRO-3 keeps its shards)
     accumulated = grads if wl.micro_num > 1 or plan.zero == 3 else 0
     during, after = out["activations"] + out["buffers"], 0.0
+    if plan.pp > 1 and modelled(cfg, plan) == "planner":   # each stage's sum, when it exists
+        accumulated = 0
+        during = out["buffers"] + max(_stage_activations(cfg, plan, wl, r, summed=True)
+                                      for r in pp_ranks(cfg, plan, wl.remat))
     if bucketed and local <= plan.bucket_mb * 2**20:
         # one bucket holds every gradient: complete, and reduced, once backward is done, with
         # the gradients alive once more when they were accumulated (the running sum and the

@@ -268,19 +268,23 @@ def high_water(actions) -> int:
 
 
 def held_moments(actions, per_micro: dict, during: dict | None = None,
-                 after: dict | None = None) -> set[tuple]:
+                 after: dict | None = None, summed: dict | None = None) -> set[tuple]:
     """What one rank's forwards in flight hold at every point of its action list, the distinct
     sums: a forward of stage ``s`` not yet released by a full (``B``) or weight (``W``) backward
     holds ``per_micro[s]`` (a tuple, its parts summed apart); while a backward (``B``, ``I`` or
     ``W``) of stage ``s`` runs, each of ``during[s]`` besides, one moment each (the head's
     gradients, then a recomputed layer's tensors); when a ``B`` or ``W`` has released its
     forward, ``after[s]`` besides (the stage's weight gradients, not yet summed into the
-    earlier micro-batches')."""
+    earlier micro-batches'); from then on, ``summed[s]`` in every moment (the running sum those
+    gradients become: none before a stage's first ``B`` or ``W`` ends — zero-bubble schedules
+    defer their ``W`` past forwards and input backwards)."""
     live = dict.fromkeys(per_micro, 0)
     width = len(next(iter(per_micro.values()), ()))
+    summing: set = set()
 
     def total(extra=None):
-        out = [sum(live[s] * per_micro[s][i] for s in live) for i in range(width)]
+        out = [sum(live[s] * per_micro[s][i] for s in live)
+               + sum(summed[s][i] for s in summing) for i in range(width)]
         return tuple(o + e for o, e in zip(out, extra)) if extra else tuple(out)
     moments = {total()}
     for a in actions:
@@ -289,6 +293,8 @@ def held_moments(actions, per_micro: dict, during: dict | None = None,
         live[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
         if after and a.kind in ("B", "W"):
             moments.add(total(after.get(a.stage)))
+        if summed and a.kind in ("B", "W"):
+            summing.add(a.stage)
         moments.add(total())
     return moments
 
