@@ -694,9 +694,16 @@ def pipeline_bubble_fraction(plan: Plan, micro_num: int) -> float:
 
 
 def recomputed_layers(plan: Plan, layers: int, remat: float) -> int:
-    """Layers run forward twice: every layer under ZeRO-3 (the planner recomputes a gathered
-    block), else the first ``floor(remat · layers)``."""
-    return layers if plan.zero == 3 else math.floor(remat * layers)
+    """Layers run forward twice: every layer under ZeRO-3 and weight parallelism (the planner
+    recomputes a gathered block: ``ShardedRegions.checkpoint_layers``), else the first
+    ``floor(remat · layers)``."""
+    return layers if _gathered(plan) else math.floor(remat * layers)
+
+
+def _gathered(plan: Plan) -> bool:
+    """Whether the weights are stored sharded and gathered per block (ZeRO-3 over ``zero``,
+    weight parallelism over the sequence group: ``planner.stored_shard_axis``)."""
+    return plan.zero == 3 or plan.weight_parallel
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1040,14 +1047,21 @@ def _stage_activations(cfg, plan: Plan, wl: Workload, r: int, summed: bool = Fal
 
 
 def _context_activations(cfg, plan: Plan, wl: Workload) -> float:
-    """``context.activation_bytes`` per row, times the rows of a micro-batch; a recomputed layer
-    keeps its input alone (one layer recomputed at a time)."""
+    """``context.activation_bytes`` per row, times the rows of a micro-batch, with the head as
+    ``_held`` counts it; a recomputed layer keeps its input alone (one layer recomputed at a
+    time, after the head's backward)."""
     one = context.activation_bytes(_with_layers(cfg, 1), plan, wl.seq_len, wl.act_bytes)["total"]
     two = context.activation_bytes(_with_layers(cfg, 2), plan, wl.seq_len, wl.act_bytes)["total"]
     layer, layers = two - one, _layers(cfg)
     redo = recomputed_layers(plan, layers, wl.remat)
-    kept = wl.seq_len // (plan.sp * plan.cp) * cfg.hidden_size * wl.act_bytes
-    row = one - layer + (layers - redo) * layer + redo * kept + (layer if redo else 0)
+    local = wl.seq_len // (plan.sp * plan.cp)
+    kept = local * cfg.hidden_size * wl.act_bytes
+    # the head as ``_held`` counts it (its forward's tensors and, while its backward runs, the
+    # logits' gradient and softmax) in place of ``context``'s forward-only count; freed before
+    # a recomputed layer runs again
+    base = one - layer - local * (cfg.hidden_size + cfg.vocab_size // plan.tp) * wl.act_bytes
+    head = local * sum(head_activation_bytes(cfg, plan, wl))
+    row = redo * kept + max(base + head + (layers - redo) * layer, base + layer if redo else 0)
     return wl.micro_batch * row
 
 
@@ -1065,9 +1079,10 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
     grads = b["grads"] if plan.zero == 3 else local
     cast = (params if plan.zero < 3 else 0) * wl.act_bytes / 4 if wl.act_bytes < 4 else 0
     update = opt / 2 + (opt / 2 if plan.zero in (1, 2) else 0)   # sqrt(v) and the shard copy
-    # ZeRO-3: a block's gathered weights and the next one's (prefetched), and its gradient
+    # ZeRO-3, weight parallelism: the gathered weights of the block backward runs (gathered on
+    # demand: the next block's are prefetched in forward only, when the activations are fewer)
     largest = _largest_block_bytes(cfg, plan) / plan.pp
-    gather = (2 * largest * wl.act_bytes / 4 + largest) if plan.zero == 3 else 0
+    gather = largest * wl.act_bytes / 4 if _gathered(plan) else 0
     # a bucket's gradients concatenated, and the reduction's result (at most all of them)
     bucketed = _bucketed(plan)
     buckets = 2 * min(plan.bucket_mb * 2**20, local) if bucketed else 0
@@ -1075,8 +1090,9 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
            "update": update, "activations": activation_bytes(cfg, plan, wl),
            "buffers": gather + buckets}
     # backward starts with the accumulated gradients of the earlier micro-batches (none with one
-    # micro-batch: its gradients appear as its activations are freed; ZeRO-3 keeps its shards)
-    accumulated = grads if wl.micro_num > 1 or plan.zero == 3 else 0
+    # micro-batch: its gradients — ZeRO-3's and weight parallelism's reduce-scattered shards —
+    # appear as its activations are freed)
+    accumulated = grads if wl.micro_num > 1 else 0
     during, after = out["activations"] + out["buffers"], 0.0
     if plan.pp > 1 and modelled(cfg, plan) == "planner":   # each stage's sum, when it exists
         accumulated = 0
