@@ -15,8 +15,9 @@ measuring at once — so each number is what one rank of a sweep at that world s
 - every collective kind (all-reduce, all-gather, reduce-scatter, Ulysses' all-to-all, ring
   attention's shift as ``send_recv``) over every group size the processes form (2, 4, ... up to
   ``--nproc``, the groups of a size all running at once), at several sizes, each call after a
-  little compute as in a step (``_spaced``): a least-squares fit of
-  ``t = latency + bytes / bandwidth`` per kind and size.
+  little compute as in a step (``_spaced``: 1 ms and 10 ms): a least-squares fit of
+  ``t = latency + bytes / bandwidth`` per kind, size and gap, and the mean of a kind's two
+  lines as its fit (``collectives``).
 
 Rank 0 writes the profile; ``sources`` says that each value was measured here, when, and how.
 """
@@ -36,6 +37,7 @@ import torch.distributed as dist
 
 SIZES = (1 << 12, 1 << 17, 1 << 20, 1 << 22)    # bytes handed to a collective
 LOGITS = (1024, 4096)                           # tokens × vocabulary the loss is timed over
+GAPS = (1e-3, 10e-3)       # seconds of compute before each timed collective (``collectives``)
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 
@@ -297,23 +299,39 @@ def _fit(points: list[tuple[int, float]]) -> dict:
     return {"bandwidth_gbs": 1 / slope / 1e9, "latency_us": max(0.0, my - slope * mx) * 1e6}
 
 
+def _mean_line(fits: list[dict]) -> dict:
+    """The mean of ``seconds = latency + bytes / bandwidth`` lines: their mean latency and mean
+    seconds per byte."""
+    return {"bandwidth_gbs": len(fits) / sum(1 / f["bandwidth_gbs"] for f in fits),
+            "latency_us": sum(f["latency_us"] for f in fits) / len(fits)}
+
+
 def collectives(world: int, rank: int) -> dict:
-    """Fits per kind and group size; the groups of one size (consecutive ranks) run at once."""
+    """Fits per kind and group size, after 1 ms and after 10 ms of compute (``GAPS``), and the
+    mean of the two lines, which the cost model charges: a step's collectives come anywhere
+    between — ZeRO-3's per-parameter gathers and reduce-scatters and tensor parallelism's region
+    crossings a millisecond or two apart, a layer's pass before an attention's or MLP's exit —
+    and a collective's latency rises with the compute before it (``_spaced``); timed inside the
+    steps of the CPU sweep, their calls cost 0.5-0.9 of the fit after 10 ms. The groups of one
+    size (consecutive ranks) run at once."""
     out = {k: {} for k in KINDS}
     size = 2
     while size <= world:
         groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world, size)]
         group = groups[rank // size] if rank < world // size * size else None
         for kind in KINDS:
-            points = []
+            points = {gap: [] for gap in GAPS}
             for nbytes in SIZES:
                 dist.barrier()
                 if group is not None:
                     calls = 20 if nbytes < 1 << 20 else 10
-                    t = _spaced(_collective(kind, nbytes, group, size), calls)
-                    points.append((nbytes, t))
-            if points:
-                out[kind][str(size)] = _fit(points)
+                    for gap in GAPS:
+                        t = _spaced(_collective(kind, nbytes, group, size), calls, gap)
+                        points[gap].append((nbytes, t))
+            if group is not None:
+                fits = {gap: _fit(p) for gap, p in points.items()}
+                out[kind][str(size)] = {**_mean_line(list(fits.values())),
+                                        **{f"after_{gap * 1e3:g}ms": f for gap, f in fits.items()}}
         size *= 2
     return out
 
@@ -338,7 +356,8 @@ def profile(m: dict, world: int) -> dict:
     where = f"measured by evo calibrate on {platform.node()} at {now}, {world} processes at once"
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     largest = str(max(int(s) for s in m["collectives"]["all_reduce"]) if world > 1 else 1)
-    ar = m["collectives"]["all_reduce"].get(largest, {"bandwidth_gbs": 1.0, "latency_us": 0.0})
+    fit = m["collectives"]["all_reduce"].get(largest, {"bandwidth_gbs": 1.0, "latency_us": 0.0})
+    ar = {k: fit[k] for k in ("bandwidth_gbs", "latency_us")}
     d = {"name": f"{platform.node()} ({platform.processor() or platform.machine()}, "
                  f"{world} processes)",
          "device": {"name": platform.processor() or platform.machine(),
@@ -370,7 +389,9 @@ def profile(m: dict, world: int) -> dict:
                      "device.memory_overhead": "the sweep measures tensors (mmap'd allocations)",
                      "cluster.collectives": f"{where}: latency + bytes/bandwidth fits at "
                                             f"{', '.join(str(s) for s in SIZES)} bytes, each "
-                                            "call after 10 ms of compute",
+                                            "call after 1 ms (after_1ms) and after 10 ms "
+                                            "(after_10ms) of compute; the mean of the two "
+                                            "lines",
                      "cluster.intra_node": f"the all_reduce fit of the largest group ({largest})",
                      "cluster.inter_node": "one host: the same as intra_node",
                      "cluster.overlap": f"{where}: a 4 MiB all-reduce launched before a layer "

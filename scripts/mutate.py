@@ -339,7 +339,8 @@ MUTATIONS = [
              ("tests/test_cost.py::test_memory_model_is_the_measured_live_peak_of_pipeline_"
               "stages",)),
     Mutation("cost-weight-parallel-layers-kept-whole", "evo/sharding/cost.py",
-             "return layers if _gathered(plan) else", "return layers if plan.zero == 3 else",
+             "return layers if planner.stored_shard_axis(plan) else",
+             "return layers if plan.zero == 3 else",
              ("tests/test_cost.py::test_memory_of_gathered_blocks_in_one_micro_batch_is_the_measured_"
               "live_peak",)),
     Mutation("cost-gradient-shards-beside-the-one-micro-batch", "evo/sharding/cost.py",
@@ -348,14 +349,19 @@ MUTATIONS = [
              ("tests/test_cost.py::test_memory_of_gathered_blocks_in_one_micro_batch_is_the_measured_"
               "live_peak",)),
     Mutation("cost-gathered-block-prefetched-and-its-gradient-in-backward", "evo/sharding/cost.py",
-             "gather = largest * wl.act_bytes / 4 if _gathered(plan) else 0",
-             "gather = (2 * largest * wl.act_bytes / 4 + largest) if _gathered(plan) else 0",
+             "gather = largest * wl.act_bytes / 4 if planner.stored_shard_axis(plan) else 0",
+             "gather = (2 * largest * wl.act_bytes / 4 + largest) if planner.stored_shard_axis("
+             "plan) else 0",
              ("tests/test_cost.py::test_memory_of_gathered_blocks_in_one_micro_batch_is_the_measured_"
               "live_peak",)),
     Mutation("cost-sequence-plans-head-forward-only", "evo/sharding/cost.py",
              "head = local * sum(head_activation_bytes(cfg, plan, wl))",
              "head = local * (cfg.hidden_size + cfg.vocab_size // plan.tp) * wl.act_bytes",
              ("tests/test_cost.py::test_sequence_activations_are_the_context_models",)),
+    Mutation("calibrate-collectives-after-10-ms-alone", "evo/calibrate.py",
+             "**_mean_line(list(fits.values()))", "**fits[GAPS[-1]]",
+             ("tests/test_sweep.py::test_collectives_are_charged_the_mean_of_their_fits_after_1_"
+              "and_10_ms",)),
     Mutation("calibrate-layer-fit-with-its-norms", "evo/calibrate.py",
              "_layer_seconds(cfg, s, dtype) - attn[s] - norms[s])",
              "_layer_seconds(cfg, s, dtype) - attn[s])",

@@ -278,6 +278,28 @@ def test_collectives_are_timed_apart_and_averaged_without_their_extremes():
     assert calibrate._spaced(fn, 10, gap=0.0) == pytest.approx(0.002, rel=0.5, abs=1e-3)
 
 
+def test_collectives_are_charged_the_mean_of_their_fits_after_1_and_10_ms(monkeypatch):
+    """``calibrate.collectives`` times every kind and size after 1 ms and after 10 ms of compute
+    and keeps both fits; the fit the cost model reads is their mean line: the mean latency and
+    the mean seconds per byte (here 1.0 ms + bytes / 1 GB/s after 1 ms, 2.0 ms + bytes /
+    0.5 GB/s after 10 ms: 1.5 ms and 1.5 ns per byte, 0.667 GB/s)."""
+    from evo import calibrate
+    lines = {1e-3: (1e-3, 1e9), 10e-3: (2e-3, 0.5e9)}
+    monkeypatch.setattr(calibrate.dist, "new_group", lambda ranks: tuple(ranks))
+    monkeypatch.setattr(calibrate.dist, "barrier", lambda: None)
+    monkeypatch.setattr(calibrate, "_collective", lambda kind, nbytes, group, size: nbytes)
+    monkeypatch.setattr(calibrate, "_spaced", lambda nbytes, calls, gap=10e-3:
+                        lines[gap][0] + nbytes / lines[gap][1])
+    out = calibrate.collectives(2, 0)
+    assert set(out) == set(calibrate.KINDS)
+    for kind in calibrate.KINDS:
+        fit = out[kind]["2"]
+        assert fit["latency_us"] == pytest.approx(1500.0)
+        assert fit["bandwidth_gbs"] == pytest.approx(2 / 3)
+        assert fit["after_1ms"]["latency_us"] == pytest.approx(1000.0)
+        assert fit["after_10ms"]["bandwidth_gbs"] == pytest.approx(0.5)
+
+
 def test_calibrate_fits_latency_and_bandwidth_in_relative_error():
     """t = 50 µs + bytes / 1 GB/s at 4 KiB ... 4 MiB is recovered exactly; with the largest
     size 20 % slow (a noisy sample) the latency stays within 10 % — plain least squares, which

@@ -697,13 +697,7 @@ def recomputed_layers(plan: Plan, layers: int, remat: float) -> int:
     """Layers run forward twice: every layer under ZeRO-3 and weight parallelism (the planner
     recomputes a gathered block: ``ShardedRegions.checkpoint_layers``), else the first
     ``floor(remat · layers)``."""
-    return layers if _gathered(plan) else math.floor(remat * layers)
-
-
-def _gathered(plan: Plan) -> bool:
-    """Whether the weights are stored sharded and gathered per block (ZeRO-3 over ``zero``,
-    weight parallelism over the sequence group: ``planner.stored_shard_axis``)."""
-    return plan.zero == 3 or plan.weight_parallel
+    return layers if planner.stored_shard_axis(plan) else math.floor(remat * layers)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1068,11 +1062,11 @@ def _context_activations(cfg, plan: Plan, wl: Workload) -> float:
 def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, float]:
     """Peak bytes per rank: weights, AdamW state, the compute-dtype copy of the weights, and the
     largest of four moments' gradients and transients: backward (the gradients accumulated so
-    far — the whole buffer below ZeRO-3 —, the activations, ZeRO-3's gather buffers, the
-    gradient buckets); the one bucket's reduction after backward; the update (the gradients and
-    AdamW's temporaries, once backward has freed the activations); the end of a micro-batch's
-    backward (``_accumulation_bytes``: the running sum and that micro-batch's gradients). Times
-    the profile's allocator overhead."""
+    far — the whole buffer below ZeRO-3 —, the activations, the block ZeRO-3 or weight
+    parallelism has gathered, the gradient buckets); the one bucket's reduction after backward;
+    the update (the gradients and AdamW's temporaries, once backward has freed the
+    activations); the end of a micro-batch's backward (``_accumulation_bytes``: the running sum
+    and that micro-batch's gradients). Times the profile's allocator overhead."""
     b = rank_state(cfg, plan)
     params, opt = b["params"], b["optimizer"]
     local = rank_state(cfg, _unsharded(plan))["params"]
@@ -1082,7 +1076,7 @@ def memory_bytes(cfg, plan: Plan, wl: Workload, profile: Profile) -> dict[str, f
     # ZeRO-3, weight parallelism: the gathered weights of the block backward runs (gathered on
     # demand: the next block's are prefetched in forward only, when the activations are fewer)
     largest = _largest_block_bytes(cfg, plan) / plan.pp
-    gather = largest * wl.act_bytes / 4 if _gathered(plan) else 0
+    gather = largest * wl.act_bytes / 4 if planner.stored_shard_axis(plan) else 0
     # a bucket's gradients concatenated, and the reduction's result (at most all of them)
     bucketed = _bucketed(plan)
     buckets = 2 * min(plan.bucket_mb * 2**20, local) if bucketed else 0
@@ -1135,7 +1129,7 @@ def _accumulation_bytes(plan: Plan, wl: Workload, grads: float, first: float) ->
     pipeline schedules accumulate in their own order (``_stage_activations``)."""
     if plan.pp > 1 or wl.micro_num < 2 + _bucketed(plan):
         return 0.0
-    gathered = plan.zero == 3 or plan.weight_parallel
+    gathered = planner.stored_shard_axis(plan) is not None
     return 2 * grads + (2 * first * wl.act_bytes / 4 if gathered else 0.0)
 
 
