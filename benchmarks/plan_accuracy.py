@@ -10,6 +10,12 @@
         and peak memory per rank, Spearman of the
         ranking, and the table of docs/plans.md; the chart is also copied to
         docs/img/plan_sweep_cpu.png with --docs.
+    python benchmarks/plan_accuracy.py memory [--kinds pipeline,gathered,sequence] [--nproc 2]
+        every plan evo runs of those kinds (pipeline stages; ZeRO-3 and weight parallelism;
+        Ulysses and ring) that fits --nproc processes, at every micro-batch size and
+        recomputation, launched once (one step, ``evo.sweep``'s worker): the memory model's
+        peak per rank (no allocator overhead) against the busiest rank's measured live peak,
+        a table and each kind's range of errors.
     python benchmarks/plan_accuracy.py search [--out DIR]
         evo plan --search for LLaMA 7B and 70B at worlds 8, 64 and 1024 on the bundled A800 and
         H100 profiles: time to answer, best plan, tokens/s per GPU, scaling efficiency against
@@ -44,6 +50,40 @@ def cpu(args) -> None:
     if args.docs:
         shutil.copyfile(os.path.join(args.out, "sweep.png"),
                         os.path.join(ROOT, "docs", "img", "plan_sweep_cpu.png"))
+
+
+KINDS = {"pipeline": lambda p: p.pp > 1,
+         "gathered": lambda p: p.zero == 3 or p.weight_parallel,
+         "sequence": lambda p: p.sp * p.cp > 1 and not p.weight_parallel}
+
+
+def memory(args) -> None:
+    import dataclasses
+    import tempfile
+    exp = config.load(os.path.join(ROOT, "experiments", "plan_cpu.py"))
+    a800 = cost.load_profile("a800-80gb-roce")
+    exact = dataclasses.replace(a800, device={**a800.device, "memory_overhead": 0.0})
+    result = search.search(exp.model, args.nproc, sweep.base_of(exp, args.nproc), exact,
+                           every_remat=True)
+    runnable, _ = sweep.runnable(exp.model, result, args.nproc, 1)
+    pct = lambda x: f"{x:+.1%}".replace("-", "−").replace("%", " %")  # noqa: E731
+    print("| kind | plan | mb | remat | predicted MiB | measured MiB | error |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
+    errors = {}
+    for kind in args.kinds.split(","):
+        if kind not in KINDS:
+            raise SystemExit(f"--kinds: {kind!r} is not one of {', '.join(KINDS)}")
+        for i, pred in enumerate(p for p in runnable if KINDS[kind](p.plan)):
+            with tempfile.TemporaryDirectory() as d:
+                measured = max(sweep.run_plan(exp, pred, 1, args.nproc, d, i)["peak_bytes"])
+            err = pred.memory["total"] / measured - 1
+            errors.setdefault(kind, []).append(err)
+            print(f"| {kind} | {search.plan_fields(pred.plan)} | {pred.workload.micro_batch} | "
+                  f"{REMAT_TEXT.get(pred.workload.remat, pred.workload.remat)} | "
+                  f"{pred.memory['total'] / 2**20:.1f} | {measured / 2**20:.1f} | {pct(err)} |",
+                  flush=True)
+    for kind, e in errors.items():
+        print(f"{kind}: {len(e)} plans, {pct(min(e))} to {pct(max(e))}")
 
 
 def markdown(report: dict) -> str:
@@ -158,10 +198,13 @@ def main() -> None:
                    help="rounds: each plan launched once per round, each launch after its own "
                         "calibration; a plan's error is the median of its rounds'")
     c.add_argument("--docs", action="store_true", help="copy the chart to docs/img")
+    m = sub.add_parser("memory")
+    m.add_argument("--kinds", default="pipeline,gathered,sequence")
+    m.add_argument("--nproc", type=int, default=2)
     s = sub.add_parser("search")
     s.add_argument("--out", default=None)
     args = p.parse_args()
-    (cpu if args.what == "cpu" else scale)(args)
+    {"cpu": cpu, "memory": memory, "search": scale}[args.what](args)
 
 
 if __name__ == "__main__":
