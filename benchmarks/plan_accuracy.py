@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from evo import config, sweep  # noqa: E402
-from evo.sharding import cost, search  # noqa: E402
+from evo.sharding import cost, planner, search  # noqa: E402
 
 PROFILES = ("a800-80gb-roce", "h100-80gb-ib")
 REMAT_TEXT = {0.0: "0", 0.5: "½", 1.0: "1"}
@@ -53,7 +53,7 @@ def cpu(args) -> None:
 
 
 KINDS = {"pipeline": lambda p: p.pp > 1,
-         "gathered": lambda p: p.zero == 3 or p.weight_parallel,
+         "gathered": lambda p: planner.stored_shard_axis(p) is not None,
          "sequence": lambda p: p.sp * p.cp > 1 and not p.weight_parallel}
 
 
