@@ -6,6 +6,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 # Triton kernels run on a CPU under Triton's interpreter, which must be chosen before anything
 # imports triton (transformers does, through torch._dynamo), so it is set here, first.
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -28,9 +29,15 @@ LONGEST_FIRST = ("test_demo.py", "test_docs.py", "test_sharding.py", "test_check
 
 def pytest_collection_modifyitems(config, items):
     """The longest files first, the rest in their usual order (a stable sort: each file's tests
-    keep theirs)."""
+    keep theirs). Without a GPU, a test marked ``cuda`` is skipped unless ``cuda(cpu=True)``."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            mark = item.get_closest_marker("cuda")
+            if mark is not None and not mark.kwargs.get("cpu", False):
+                item.add_marker(skip)
 
 
 def repo_env(**extra: str) -> dict[str, str]:

@@ -51,7 +51,7 @@ def test_auto_on_cpu_trains_through_the_reference():
     assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), dy)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("window", [None, 7])
 def test_flex_forward_and_grads_on_gpu(window):
     q, k, v, cu = inputs("cuda", torch.bfloat16, requires_grad=True)

@@ -256,7 +256,7 @@ def test_evo_plan_long_context_table():
     assert one < 65536**2 and sp2 <= one / 2 and cp4 < one / 3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_flex_lse_on_gpu_equals_the_reference():
     """The CUDA backend (flex attention with return_lse): output, lse and the gradients of q, k, v
     through both, against the fp32 reference on the same bf16 inputs (2e-2: bf16 rounding)."""

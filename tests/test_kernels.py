@@ -30,6 +30,9 @@ if not triton_ops.available():
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run this file alone, or "
                 "set the variable before any import (conftest.py)", allow_module_level=True)
 
+# On a GPU every kernel runs there (scripts/gpu_check.sh selects `-m cuda`); elsewhere under the
+# interpreter.
+pytestmark = pytest.mark.cuda(cpu=True)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # max|a - b| / max|b| allowed, per dtype. Under the interpreter bf16 errors run higher than on a
 # GPU (up to 1.3e-2 here, the fused residual case): it casts fp32 to bf16 by truncation, the
