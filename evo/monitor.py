@@ -317,18 +317,42 @@ class Alerts:
         self._posts.clear()
 
 
+def top_ops(prof, cuda: bool, n: int = 20) -> list[dict]:
+    """The ``n`` entries of a finished ``torch.profiler.profile`` with the most self time, most
+    first: on CUDA the GPU's (kernels, copies), elsewhere the CPU's (operators). Each: ``name``,
+    ``ms`` (summed over its ``calls``) and ``share`` of all the self time recorded."""
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [{"name": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total,
+             "calls": e.count} for e in events[:n]]
+
+
+def ops_table(rows: list[dict]) -> str:
+    """``top_ops``' rows as a Markdown table."""
+    lines = ["| kernel / operator | ms | share | calls |", "|---|---|---|---|"]
+    lines += [f"| `{r['name'][:90]}` | {r['ms']:.2f} | {100 * r['share']:.1f} % | {r['calls']} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 class Profiler:
     """torch.profiler over steps ``first..last`` (1-based, inclusive): a Chrome trace
-    (``trace_rank{r}.json``, open in chrome://tracing or Perfetto) and the memory picture — on CUDA
-    a memory snapshot (``memory_snapshot_rank{r}.pickle``, for pytorch.org/memory_viz), on a CPU
-    the operators' memory table (``memory_rank{r}.txt``). ``steps=None`` does nothing."""
+    (``trace_rank{r}.json``, open in chrome://tracing or Perfetto), the entries with the most self
+    time (``ops_rank{r}.md``: GPU kernels on CUDA, operators on a CPU; also kept as ``top``) and,
+    where ``memory``, the memory picture — on CUDA a memory snapshot
+    (``memory_snapshot_rank{r}.pickle``, for pytorch.org/memory_viz), on a CPU the operators'
+    memory table (``memory_rank{r}.txt``). ``steps=None`` does nothing."""
 
     def __init__(self, steps: tuple[int, int] | None, out_dir: str, *, rank: int, device,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, memory: bool = True):
         self.steps, self.out_dir, self.rank = steps, out_dir, rank
         self.cuda = getattr(device, "type", device) == "cuda"
         self.log = log or (lambda s: None)
+        self.memory = memory
         self.prof = None
+        self.top: list[dict] = []
 
     def before(self, step: int) -> None:
         if self.steps is None or step != self.steps[0] or self.prof is not None:
@@ -336,9 +360,9 @@ class Profiler:
         import torch
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        if self.cuda:
+        if self.cuda and self.memory:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
-        self.prof = profile(activities=activities, record_shapes=True, profile_memory=True)
+        self.prof = profile(activities=activities, record_shapes=True, profile_memory=self.memory)
         self.prof.__enter__()
 
     def after(self, step: int) -> None:
@@ -354,13 +378,18 @@ class Profiler:
         os.makedirs(self.out_dir, exist_ok=True)
         trace = os.path.join(self.out_dir, f"trace_rank{self.rank}.json")
         prof.export_chrome_trace(trace)
-        if self.cuda:
-            memory = os.path.join(self.out_dir, f"memory_snapshot_rank{self.rank}.pickle")
-            torch.cuda.memory._dump_snapshot(memory)
+        self.top = top_ops(prof, self.cuda)
+        ops = os.path.join(self.out_dir, f"ops_rank{self.rank}.md")
+        with open(ops, "w", encoding="utf-8") as f:
+            f.write(ops_table(self.top) + "\n")
+        written = [trace, ops]
+        if self.memory and self.cuda:
+            written.append(os.path.join(self.out_dir, f"memory_snapshot_rank{self.rank}.pickle"))
+            torch.cuda.memory._dump_snapshot(written[-1])
             torch.cuda.memory._record_memory_history(enabled=None)
-        else:
-            memory = os.path.join(self.out_dir, f"memory_rank{self.rank}.txt")
-            with open(memory, "w", encoding="utf-8") as f:
+        elif self.memory:
+            written.append(os.path.join(self.out_dir, f"memory_rank{self.rank}.txt"))
+            with open(written[-1], "w", encoding="utf-8") as f:
                 f.write(prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=40))
         first, last = self.steps
-        self.log(f"evo: profiled steps {first}..{last}: {trace}, {memory}")
+        self.log(f"evo: profiled steps {first}..{last}: {', '.join(written)}")

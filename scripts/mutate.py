@@ -397,6 +397,15 @@ MUTATIONS = [
              "wl.micro_num < 2 + _bucketed(plan)", "wl.micro_num < 1 + _bucketed(plan)",
              ("tests/test_cost.py::"
               "test_memory_of_gathered_blocks_peaks_when_a_micro_batch_backward_ends",)),
+    # --- profiling
+    Mutation("monitor-top-ops-least-time-first", "evo/monitor.py",
+             "events.sort(key=lambda e: getattr(e, key), reverse=True)",
+             "events.sort(key=lambda e: getattr(e, key))",
+             ("tests/test_monitor.py::test_top_ops_ranks_self_time",)),
+    Mutation("monitor-top-ops-total-time", "evo/monitor.py",
+             'key = "self_device_time_total" if cuda else "self_cpu_time_total"',
+             'key = "device_time_total" if cuda else "cpu_time_total"',
+             ("tests/test_monitor.py::test_top_ops_ranks_self_time",)),
 ]
 
 

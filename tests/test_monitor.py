@@ -254,3 +254,24 @@ def test_profiler_writes_a_chrome_trace(folders, tmp_path):
     assert any("aten::mm" in n for n in names)         # the model's matmuls were recorded
     assert "Self CPU Mem" in (prof / "memory_rank0.txt").read_text()
     assert "profiled steps 2..3" in out.getvalue()
+    ops = (prof / "ops_rank0.md").read_text().splitlines()
+    assert ops[0] == "| kernel / operator | ms | share | calls |" and len(ops) == 22
+
+
+def test_top_ops_ranks_self_time():
+    """One 512³ matmul among a few small adds: the matmul tops the list, its time is the
+    profiler's own figure for it, the rows run from most to least and the shares sum to at most
+    one."""
+    from torch.profiler import ProfilerActivity, profile
+    a, b, c = torch.randn(512, 512), torch.randn(512, 512), torch.randn(8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            c = c + 1
+        a @ b
+    rows = monitor.top_ops(prof, cuda=False, n=5)
+    mm = [e for e in prof.key_averages() if e.key == "aten::mm"][0]
+    assert rows[0]["name"] == "aten::mm" and rows[0]["calls"] == 1
+    assert rows[0]["ms"] == mm.self_cpu_time_total / 1e3 and rows[0]["share"] > 0.5
+    assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
+    assert {"aten::add"} <= {r["name"] for r in rows} and sum(r["share"] for r in rows) <= 1 + 1e-9
+    assert monitor.ops_table(rows).splitlines()[2].startswith("| `aten::mm` |")
