@@ -11,7 +11,10 @@ One process, one GPU, installs nothing; writes ``gpu_step.json`` and ``gpu_step.
    (sdpa, bf16 autocast, fp32 master, fused AdamW, clip 1.0, ``torch.compile(model)``) and evo
    (bf16 compute, fp32 master, donated and compiled step, packed documents of random lengths):
    tokens/s, TFLOPS (``6·N_nonembed + 12·L·h·s`` per token), % of the measured peak, peak memory;
-4. the loss of evo and HF from the same weights on the same tokens over the measured steps.
+4. the loss of evo and HF from the same weights on the same tokens over the measured steps;
+5. with ``--profile``, one more evo step per shape under ``torch.profiler``
+   (``monitor.Profiler``): its Chrome trace under ``profile_<shape>/`` and its top kernels by GPU
+   time in the JSON and the Markdown.
 
 ``--smoke`` runs tiny shapes on whatever device is there (a CPU included, kernels under Triton's
 interpreter), without compiling, to check the script end to end.
@@ -33,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evo import hf, models, optim, train  # noqa: E402
+from evo import hf, models, monitor, optim, train  # noqa: E402
 from evo.models import llama  # noqa: E402
 
 SHAPES = {
@@ -195,7 +198,10 @@ def run_hf(cfg, batch, seq, device, steps, warm, compile_, tokens):
     return {**out, "tokens_per_s": batch * seq / out["step_s"]}
 
 
-def run_evo(cfg, batch, seq, device, steps, warm, compile_, batches, kernels="torch"):
+def run_evo(cfg, batch, seq, device, steps, warm, compile_, batches, kernels="torch",
+            profile_dir=None):
+    """evo's step timed over ``batches``; with ``profile_dir``, one more step profiled there
+    (``top``: its kernels with the most GPU time, or operators with the most CPU time)."""
     opt = optim.adamw(lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0, clip_norm=1.0)
     params = {k: v.to(device) for k, v in llama.init(cfg, seed=0).items()}
     holder = [train.init_state(params, opt)]
@@ -206,8 +212,53 @@ def run_evo(cfg, batch, seq, device, steps, warm, compile_, batches, kernels="to
         holder[0], m = step_fn(holder[0], b)
         return m["loss"]
     out = measure(step, batches, device, steps, warm)
+    if profile_dir is not None:
+        prof = monitor.Profiler((1, 1), profile_dir, rank=0, device=device, memory=False)
+        prof.before(1)
+        step(batches[-1])
+        timer(device)()
+        prof.after(1)
+        out["profile"] = prof.top
     del holder
     return {**out, "tokens_per_s": batch * seq / out["step_s"]}
+
+
+def write(res: dict, out: str, cuda: bool) -> str:
+    """``gpu_step.json`` and ``gpu_step.md`` under ``out`` from the results so far (written after
+    each shape, so that a run cut short keeps what it measured); returns the Markdown."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_step.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    lines = [f"{res['device']}, torch {res['torch']}, {res['date']}; bf16 matmul peak "
+             f"{res['matmul_tflops']:.1f} TFLOP/s", "",
+             "| shape | who | tokens/s | TFLOPS | % peak | peak GB | evo/HF |", "|---|---|---|---|---|---|---|"]
+    for name, r in res["shapes"].items():
+        for who in ("hf", "evo", "evo_triton"):
+            o = r.get(who)
+            if o is None:
+                continue
+            if "error" in o:
+                lines.append(f"| {name} | {who} | error | | | | |")
+                continue
+            ratio = f"{o['tokens_per_s'] / r['hf']['tokens_per_s']:.3f}" \
+                if who != "hf" and "tokens_per_s" in r["hf"] else ""
+            lines.append(f"| {name} | {who} | {o['tokens_per_s']:.0f} | {o['tflops']:.1f} | "
+                         f"{o['pct_peak']:.1f} | {o['peak_gb']:.1f} | {ratio} |")
+    lines += ["", "| shape | evo/HF tokens/s | evo/HF peak memory | loss, evo vs HF on the same "
+              "weights and tokens (max relative difference) |", "|---|---|---|---|"]
+    for name, r in res["shapes"].items():
+        cells = [r.get("ratio"), r.get("memory_ratio"), r.get("loss_max_rel_diff")]
+        lines.append(f"| {name} | " + " | ".join(
+            "" if v is None else f"{v:{f}}" for v, f in zip(cells, (".3f", ".3f", ".2e"))) + " |")
+    for name, r in res["shapes"].items():
+        if r.get("evo", {}).get("profile"):
+            lines += ["", f"One evo step of {name}, the most "
+                      f"{'GPU' if cuda else 'CPU'} time first:", "",
+                      monitor.ops_table(r["evo"]["profile"][:12])]
+    table = "\n".join(lines)
+    with open(os.path.join(out, "gpu_step.md"), "w") as f:
+        f.write(table + "\n")
+    return table
 
 
 def main(argv=None):
@@ -219,6 +270,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any device, no compile")
     p.add_argument("--triton", action="store_true",
                    help="also time evo with the Triton elementwise kernels (kernels='triton')")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more evo step per shape: top kernels, Chrome trace")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = SMOKE if a.smoke else {k: SHAPES[k] for k in a.shapes.split(",")}
@@ -245,7 +298,9 @@ def main(argv=None):
         r = {}
         for who, fn, data in (
                 ("hf", run_hf, rows),
-                ("evo", run_evo, [packed_batch(cfg, batch, seq, device, g) for _ in range(n)]),
+                ("evo", functools.partial(run_evo, profile_dir=os.path.join(
+                    a.out, f"profile_{name}") if a.profile else None),
+                 [packed_batch(cfg, batch, seq, device, g) for _ in range(n)]),
                 ("evo_same_tokens", run_evo, [{"tokens": x[None], "labels": torch.cat(
                     [x[:, 1:], torch.full_like(x[:, :1], -100)], 1)[None]} for x in rows]),
                 *((("evo_triton", functools.partial(run_evo, kernels="triton"),
@@ -262,36 +317,18 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             r[who] = out
-            print(name, who, json.dumps({k: v for k, v in out.items() if k != "losses"}),
-                  flush=True)
+            print(name, who, json.dumps({k: v for k, v in out.items()
+                                         if k not in ("losses", "profile")}), flush=True)
         if "tokens_per_s" in r["hf"] and "tokens_per_s" in r["evo"]:
             r["ratio"] = r["evo"]["tokens_per_s"] / r["hf"]["tokens_per_s"]
-            r["memory_ratio"] = r["evo"]["peak_gb"] / max(r["hf"]["peak_gb"], 1e-9)
+            r["memory_ratio"] = (r["evo"]["peak_gb"] / r["hf"]["peak_gb"]
+                                 if r["hf"]["peak_gb"] else None)   # None: no CUDA peak
         if "losses" in r["hf"] and "losses" in r.get("evo_same_tokens", {}):
             r["loss_max_rel_diff"] = max(abs(x - y) / abs(y) for x, y in
                                          zip(r["evo_same_tokens"]["losses"], r["hf"]["losses"]))
         res["shapes"][name] = r
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "gpu_step.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    lines = [f"{res['device']}, torch {res['torch']}, {res['date']}; bf16 matmul peak "
-             f"{res['matmul_tflops']:.1f} TFLOP/s", "",
-             "| shape | who | tokens/s | TFLOPS | % peak | peak GB | evo/HF |", "|---|---|---|---|---|---|---|"]
-    for name, r in res["shapes"].items():
-        for who in ("hf", "evo", "evo_triton"):
-            o = r.get(who)
-            if o is None:
-                continue
-            if "error" in o:
-                lines.append(f"| {name} | {who} | error | | | | |")
-                continue
-            ratio = f"{o['tokens_per_s'] / r['hf']['tokens_per_s']:.3f}" \
-                if who != "hf" and "tokens_per_s" in r["hf"] else ""
-            lines.append(f"| {name} | {who} | {o['tokens_per_s']:.0f} | {o['tflops']:.1f} | "
-                         f"{o['pct_peak']:.1f} | {o['peak_gb']:.1f} | {ratio} |")
-    table = "\n".join(lines)
-    with open(os.path.join(a.out, "gpu_step.md"), "w") as f:
-        f.write(table + "\n")
+        write(res, a.out, device.type == "cuda")
+    table = write(res, a.out, device.type == "cuda")
     print(table)
     return res
 
