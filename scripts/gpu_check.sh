@@ -45,11 +45,11 @@ else
     tests=(-q -rA -n 4 --junitxml "$OUT/cuda_tests.xml")
     bench=()
 fi
-timeout "${GPU_CHECK_TESTS_S:-150}" "$PY" -m pytest -m cuda -p no:cacheprovider "${tests[@]}" \
+timeout "${GPU_CHECK_TESTS_S:-110}" "$PY" -m pytest -m cuda -p no:cacheprovider "${tests[@]}" \
     > "$OUT/cuda_tests.txt" 2>&1
 tests_rc=$?
 # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS: words on purpose
-timeout "${GPU_CHECK_BENCH_S:-200}" "$PY" benchmarks/gpu_step.py --profile "${bench[@]}" \
+timeout "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/gpu_step.py --profile "${bench[@]}" \
     ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT" > "$OUT/gpu_step.log" 2>&1
 bench_rc=$?
 
