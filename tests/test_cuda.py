@@ -25,6 +25,7 @@ from evo import Experiment, checkpoint, data, generate, optim, run, train
 from evo.models import llama
 from evo.sharding import Plan
 from evo.sharding.mesh import Mesh
+from test_train import packed_batch
 
 CFG = llama.Config(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=96, max_seq_len=128)
@@ -33,19 +34,9 @@ DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=p
 CUDA = pytest.mark.cuda
 
 
-def packed(micro_num=2, total=128, seed=0):
-    """One packed row per micro-batch, 3 documents each, no label across a boundary."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, CFG.vocab_size, (micro_num, 1, total), generator=g)
-    labels = torch.roll(tokens, -1, dims=-1)
-    cus = []
-    for i in range(micro_num):
-        cuts = sorted(torch.randperm(total - 1, generator=g)[:2].add(1).tolist())
-        cu = [0, *cuts, total]
-        for end in cu[1:]:
-            labels[i, 0, end - 1] = -100
-        cus.append(cu)
-    return {"tokens": tokens, "labels": labels, "cu_seqlens": torch.tensor(cus, dtype=torch.int32)}
+def packed():
+    """Two packed rows of 128 tokens, 4 documents each (test_train's batch at this vocabulary)."""
+    return packed_batch(2, 128, vocab_size=CFG.vocab_size)
 
 
 def on(tree, device):

@@ -24,10 +24,10 @@ def dense_batch(micro_num, rows, seq, seed=0):
     return {"tokens": tokens, "labels": labels}
 
 
-def packed_batch(micro_num, total, seed=0):
+def packed_batch(micro_num, total, seed=0, vocab_size=CFG.vocab_size):
     """One packed row per micro-batch, documents of random lengths, boundaries padded to K."""
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, CFG.vocab_size, (micro_num, total), generator=g)
+    tokens = torch.randint(0, vocab_size, (micro_num, total), generator=g)
     labels = torch.roll(tokens, -1, dims=-1)
     cus = []
     for i in range(micro_num):
